@@ -1,0 +1,174 @@
+"""``python -m parrun demo`` runs real parallel work and prints what it measured;
+``python -m parrun info`` describes the machine and what parrun would use on it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import parrun
+
+TILE = 65536
+
+
+def _chain_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = tanh(1.7 x + 0.3)**2 - 0.5 x, through one tile-sized temporary."""
+    tmp = np.multiply(x, 1.7)
+    np.add(tmp, 0.3, out=tmp)
+    np.tanh(tmp, out=tmp)
+    np.square(tmp, out=tmp)
+    np.multiply(x, 0.5, out=out)
+    np.subtract(tmp, out, out=out)
+    return out
+
+
+def _uneven(idx: np.ndarray) -> np.ndarray:
+    """Work that grows with the index: item i sums sqrt over i * 200 numbers."""
+    out = np.empty(len(idx))
+    for j, i in enumerate(idx):
+        out[j] = np.sqrt(np.arange(1 + int(i) * 200, dtype=np.float64)).sum()
+    return out
+
+
+def _median_time(fn, repeat: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def machine_info() -> dict:
+    """The machine and what parrun would use by default."""
+    import psutil
+
+    info = {
+        "cpu": _cpu_model(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "parrun": parrun.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        st = os.statvfs("/dev/shm")
+        info["dev_shm_free_gib"] = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture",
+                                                "num_threads")} for i in threadpool_info()]
+    except Exception:
+        info["blas"] = "threadpoolctl could not inspect"
+    from ._pool import default_start_method
+
+    info["default_workers"] = parrun.default_workers()
+    info["start_method"] = default_start_method()
+    info["blas_threads_per_worker"] = 1
+    info["openblas_env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE",
+                                                           "OPENBLAS_L2_SIZE")}
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    for k, v in machine_info().items():
+        print(f"{k:>24}: {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    n = args.n
+    workers = args.workers or parrun.default_workers()
+    print(f"parrun {parrun.__version__} demo: {workers} workers, numpy {np.__version__}, "
+          f"{n:,} float32 elements ({n * 4 / 2**20:.0f} MiB)")
+    t0 = time.perf_counter()
+    pool = parrun.Pool(workers)
+    print(f"pool start-up: {(time.perf_counter() - t0) * 1e3:.0f} ms "
+          f"({pool.start_method}), worker pids {pool.pids}")
+    try:
+        rng = np.random.default_rng(0)
+        x = parrun.asshared(rng.standard_normal(n, dtype=np.float32))
+        out = parrun.empty(n, np.float32)
+        ref = np.empty(n, np.float32)
+
+        def serial():
+            for lo in range(0, n, TILE):
+                _chain_into(x[lo:lo + TILE], ref[lo:lo + TILE])
+
+        def natural():
+            return np.tanh(1.7 * x + 0.3) ** 2 - 0.5 * x
+
+        print("\n1. y = tanh(1.7 x + 0.3)**2 - 0.5 x over the whole array "
+              f"(median of {args.repeat})")
+        t_nat = _median_time(natural, args.repeat)
+        t_ser = _median_time(serial, args.repeat)
+        t_par = _median_time(lambda: pool.map(_chain_into, x, out=out), args.repeat)
+        err = float(np.max(np.abs(out - ref)))
+        st = pool.last_stats
+        print(f"   plain NumPy, whole array        {t_nat:8.4f} s")
+        print(f"   serial NumPy, 64K tiles         {t_ser:8.4f} s")
+        print(f"   parrun.map, {workers} workers          {t_par:8.4f} s   "
+              f"{t_ser / t_par:.2f}x serial tiles, {t_nat / t_par:.2f}x plain NumPy, "
+              f"{2 * n * 4 / t_par / 1e9:.1f} GB/s")
+        print(f"   max |parrun - serial| = {err:.2e}; {st.pieces} pieces, {st.steals} steals")
+
+        m = args.tasks
+        idx = parrun.asshared(np.arange(m))
+        print(f"\n2. uneven work: {m} items, item i costs ~i (work stealing balances it)")
+        t_ser2 = _median_time(lambda: _uneven(idx), 1)
+        t_par2 = _median_time(lambda: pool.map(_uneven, idx), 1)
+        ok = np.allclose(pool.map(_uneven, idx), _uneven(idx))
+        st = pool.last_stats
+        print(f"   serial {t_ser2:.3f} s, parrun {t_par2:.3f} s: {t_ser2 / t_par2:.2f}x, "
+              f"efficiency {t_ser2 / (workers * t_par2):.2f}, results match: {ok}")
+        print("   " + str(st).replace("\n", "\n   "))
+        x.release()
+        out.release()
+        idx.release()
+        return 0 if err < 1e-5 and ok else 1
+    finally:
+        pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parrun", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="run real parallel work and print what it measured")
+    d.add_argument("--n", type=int, default=2**25, help="array elements (default 2**25)")
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--repeat", type=int, default=5)
+    d.add_argument("--tasks", type=int, default=600, help="items of the uneven workload")
+    d.set_defaults(func=cmd_demo)
+    i = sub.add_parser("info", help="describe this machine and parrun's defaults")
+    i.set_defaults(func=cmd_info)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,787 @@
+"""``Pool``: warm worker processes that run jobs by work stealing over shared memory.
+
+Data flow of ``pool.map(fn, x, out=out)``::
+
+    parent                                  worker k (one of N, started once)
+    ------                                  --------
+    x, out -> handles (name, offset, ...)   maps each segment once, caches it
+    fn -> cloudpickle bytes, key = hash  -> Function(key, bytes), only if k lacks key
+    control block: ranges, abort = 0
+    Job(key, handles, grain)             -> loop: take a piece of its range (or steal half
+                                                 of the fullest other range); out[lo:hi] =
+                                                 fn(x[lo:hi]); count it
+    wait for Done from every worker      <- Done(error or None, partial)
+    read counters -> last_stats
+
+Who does what:
+
+* the parent starts a job, waits, and reacts to deaths (process sentinels); it never hands out
+  pieces;
+* workers split the work among themselves through the control block (``_scheduler``);
+* ``_shm`` owns every segment; only handles and small records cross the pipes (``_protocol``).
+
+A worker that dies mid-job is seen at once through its sentinel. The others finish the job
+(stealing what the dead worker had left); the parent then re-runs the piece the dead worker
+held (map pieces are idempotent), starts a replacement in its slot, and returns normally. A
+reduction cannot re-run a lost partial, so it raises ``WorkerCrashed`` instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import inspect
+import math
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait as _wait
+from typing import Any
+
+import numpy as np
+
+from . import _protocol as P
+from . import _shm
+from ._errors import PoolClosedError, WorkerCrashed, describe_exit
+from ._scheduler import ControlBlock, control_size, initial_ranges
+
+# Bytes of input per piece. Smaller pieces pay the ~5 us of per-piece bookkeeping too often;
+# larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
+TILE_BYTES = 256 * 1024
+# Rows of the first piece, run in the caller to learn the output's shape, dtype and the cost
+# per row when map allocates ``out``. More delays the start of the parallel part.
+PROBE_ROWS = 64
+# A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
+# ~30-60 us, so smaller shares make a job slower, not faster.
+MIN_SHARE_S = 100e-6
+# Functions a pool keeps cached in its workers; the oldest are dropped beyond this.
+FN_CACHE_SIZE = 256
+# Seconds to wait for a worker to start, to stop, or to leave an aborted job.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 5.0
+# Seconds a worker may take to finish its current piece after Ctrl-C before it is killed and
+# replaced. Longer keeps the caller waiting; shorter kills workers in healthy long pieces.
+INTERRUPT_GRACE = 0.5
+# Seconds the caller polls for workers' replies before it sleeps. Longer burns a core that a
+# worker may need; shorter pays a sleep and a wake-up (~30 us) on every short call.
+SPIN_S = float(os.environ.get("PARRUN_TEST_PSPIN", "100e-6"))
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """``PARRUN_NUM_WORKERS`` if set, else the number of usable cores."""
+    env = os.environ.get("PARRUN_NUM_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"PARRUN_NUM_WORKERS must be a positive integer, got {env!r}") \
+                from None
+        if n < 1:
+            raise ValueError(f"PARRUN_NUM_WORKERS must be a positive integer, got {env!r}")
+        return n
+    return usable_cores()
+
+
+def default_start_method() -> str:
+    """'forkserver' where available: safe with threads in the parent, fast after the first
+    start. 'spawn' elsewhere."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker's share of a job."""
+
+    slot: int
+    pid: int
+    items: int
+    pieces: int
+    steals: int
+    busy_s: float
+    idle_s: float
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """What the last job did: ``pool.last_stats``.
+
+    ``items`` counts every index of the job; ``probe_items`` of them ran in the parent to
+    learn the output's shape and dtype.
+    """
+
+    items: int
+    pieces: int
+    steals: int
+    wall_s: float
+    workers: tuple[WorkerStats, ...]
+    probe_items: int = 0
+    recovered: int = 0
+
+    @property
+    def busy_s(self) -> tuple[float, ...]:
+        return tuple(w.busy_s for w in self.workers)
+
+    def __str__(self) -> str:
+        lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
+                 f"{self.wall_s * 1e3:.2f} ms wall"
+                 + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")]
+        for w in self.workers:
+            lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
+                         f"pieces, {w.steals} steals, busy {w.busy_s * 1e3:.2f} ms, "
+                         f"idle {w.idle_s * 1e3:.2f} ms")
+        return "\n".join(lines)
+
+
+class _WorkerHandle:
+    __slots__ = (
+        "cmd",
+        "fn_keys",
+        "forget_fns",
+        "forget_segments",
+        "pid",
+        "process",
+        "slot",
+        "status",
+    )
+
+    def __init__(self, slot: int, process: Any, cmd: Any, status: Any):
+        self.slot = slot
+        self.process = process
+        self.cmd = cmd
+        self.status = status
+        self.pid = process.pid
+        self.fn_keys: set[bytes] = set()
+        # What this worker must drop, told with the next job it gets.
+        self.forget_segments: list[str] = []
+        self.forget_fns: list[bytes] = []
+
+
+class Pool:
+    """A pool of warm worker processes that run NumPy work over shared memory.
+
+    Args:
+        workers: number of worker processes; default ``PARRUN_NUM_WORKERS`` or the number of
+            usable cores.
+        blas_threads: BLAS threads per worker (threadpoolctl); None leaves BLAS alone.
+        pin: pin worker k to the k-th usable core (psutil).
+        start_method: 'forkserver' (default on Linux) or 'spawn'.
+
+    The pool is a context manager; ``close()`` stops the workers and frees the pool's segments.
+    One job runs at a time; calls from several threads queue.
+    """
+
+    def __init__(self, workers: int | None = None, *, blas_threads: int | None = 1,
+                 pin: bool = False, start_method: str | None = None):
+        if workers is None:
+            workers = default_workers()
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, got {type(workers).__name__}")
+        if workers < 1:
+            raise ValueError(f"workers must be greater than 0, got {workers}")
+        if blas_threads is not None and blas_threads < 1:
+            raise ValueError(f"blas_threads must be None or greater than 0, got {blas_threads}")
+        self.workers = workers
+        self.blas_threads = blas_threads
+        self.start_method = start_method or default_start_method()
+        self._ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            # Workers fork from a server that has imported numpy and parrun already; leaving
+            # out '__main__' keeps the user's script from being imported a second time.
+            self._ctx.set_forkserver_preload(["parrun._worker"])
+        self._cpus = sorted(os.sched_getaffinity(0)) if (pin and hasattr(
+            os, "sched_getaffinity")) else None
+        self._lock = threading.RLock()
+        self._closed = False
+        self._job_id = 0
+        self._fn_lru: OrderedDict[bytes, None] = OrderedDict()
+        # fn key -> nanoseconds per item measured on the last job: sizes pieces and decides
+        # how many workers a small job is worth waking.
+        self._cost: OrderedDict[bytes, float] = OrderedDict()
+        self._released = _shm.ReleaseLog()
+        seg, raw = _shm.create_segment(control_size(workers))
+        self._control_name = seg.name
+        self._control_raw = raw
+        self._cb = ControlBlock(raw, -1, workers)  # the parent never takes locks
+        self._workers: list[_WorkerHandle | None] = [None] * workers
+        self.last_stats: JobStats | None = None
+        t0 = time.perf_counter()
+        try:
+            for k in range(workers):
+                self._workers[k] = self._launch(k)
+            for k in range(workers):
+                self._await_ready(self._workers[k])
+        except BaseException:
+            self._terminate_all()
+            _shm.release_segment(self._control_name)
+            raise
+        self.startup_s = time.perf_counter() - t0
+        _live_pools.add(self)
+
+    # -- processes ------------------------------------------------------------------------
+    def _launch(self, slot: int) -> _WorkerHandle:
+        from . import _worker
+
+        cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
+        st_r, st_w = self._ctx.Pipe(duplex=False)
+        cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
+        proc = self._ctx.Process(
+            target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
+            args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu))
+        proc.start()
+        cmd_r.close()
+        st_w.close()
+        return _WorkerHandle(slot, proc, cmd_w, st_r)
+
+    def _await_ready(self, w: _WorkerHandle) -> None:
+        ready = _wait([w.status, w.process.sentinel], timeout=START_TIMEOUT)
+        if w.status in ready:
+            try:
+                msg = pickle.loads(w.status.recv_bytes())
+                if isinstance(msg, P.Ready):
+                    return
+            except EOFError:
+                pass
+        w.process.join(0.5)
+        raise WorkerCrashed(
+            f"worker {w.slot} (pid {w.pid}) failed to start: "
+            f"{describe_exit(w.process.exitcode) if ready else 'timed out'}",
+            pid=w.pid, exitcode=w.process.exitcode)
+
+    def _replace(self, slot: int) -> None:
+        old = self._workers[slot]
+        if old is not None:
+            _close_handle(old)
+        w = self._launch(slot)
+        self._workers[slot] = w
+        self._await_ready(w)
+
+    def _terminate_all(self) -> None:
+        for w in self._workers:
+            if w is not None and w.process.is_alive():
+                w.process.kill()
+        for w in self._workers:
+            if w is not None:
+                w.process.join(STOP_TIMEOUT)
+                _close_handle(w)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        return [w.pid for w in self._workers if w is not None]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the workers and free the pool's own segments. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            stop = pickle.dumps(P.Stop())
+            for w in self._workers:
+                if w is not None:
+                    try:
+                        w.cmd.send_bytes(stop)
+                    except OSError:
+                        pass
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for w in self._workers:
+                if w is not None:
+                    w.process.join(max(0.0, deadline - time.monotonic()))
+            self._terminate_all()
+            _shm.release_segment(self._control_name)
+            _live_pools.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and not sys.is_finalizing():
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<parrun.Pool workers={self.workers} start_method={self.start_method!r} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("this parrun.Pool is closed; create a new Pool (or use "
+                                  "parrun.default_pool())")
+
+    # -- functions ------------------------------------------------------------------------
+    def _register(self, fn: Callable[..., Any], what: str = "fn") -> tuple[bytes, bytes, bool]:
+        """Pickle ``fn`` (cached), note it in the pool's LRU; return (key, bytes, takes_out)."""
+        key, data, takes_out = _pickle_function(fn, what)
+        lru = self._fn_lru
+        if key in lru:
+            lru.move_to_end(key)
+        else:
+            lru[key] = None
+            while len(lru) > FN_CACHE_SIZE:
+                old, _ = lru.popitem(last=False)
+                for w in self._workers:
+                    if w is not None and old in w.fn_keys:
+                        w.fn_keys.discard(old)
+                        w.forget_fns.append(old)
+        return key, data, takes_out
+
+    # -- jobs -----------------------------------------------------------------------------
+    def map(self, fn: Callable[..., Any], *arrays: Any, out: np.ndarray | None = None,
+            grain: int | None = None) -> np.ndarray:
+        """Apply ``fn`` to pieces of ``arrays`` along axis 0, in parallel, into ``out``.
+
+        Args:
+            fn: called as ``fn(*(a[lo:hi] for a in arrays))`` in the workers; returns an array
+                of ``hi - lo`` rows. Any picklable callable (NumPy code, BLAS, numba kernels).
+            arrays: arrays of the same length along axis 0. Shared arrays are used in place;
+                others are copied into shared memory once for this call.
+            out: where results go; shape ``(n, ...)``. If None, one is allocated (a shared
+                array) from what ``fn`` returns on the first piece, which runs in the caller.
+            grain: items per piece; default about 256 KiB of input, and at least
+                ``MIN_PIECES_PER_WORKER`` pieces per worker.
+
+        Returns:
+            ``out``. Pieces run in any order on any worker; each index exactly once.
+
+        Raises:
+            TypeError / ValueError: bad arguments (the message names which).
+            Exception: the first exception ``fn`` raised, with the worker's traceback as
+                ``__cause__``; the other workers stop at their next piece.
+            WorkerCrashed: never for map: lost pieces are re-run after a worker dies.
+        """
+        return self._run(fn, arrays, out=out, grain=grain, reduce=None)
+
+    def map_reduce(self, fn: Callable[..., Any], reduce: Callable[[Any, Any], Any],
+                   *arrays: Any, initial: Any = P.NOTHING, grain: int | None = None) -> Any:
+        """Fold ``fn`` over pieces of ``arrays`` with ``reduce``, in parallel.
+
+        Each worker folds the results of its pieces, ``acc = reduce(acc, fn(*pieces))``,
+        and the caller folds the workers' partial results (and ``initial``, if given) in
+        worker order. Pieces are taken in no fixed order, so ``reduce`` must be associative
+        and commutative: ``operator.add`` on sums or histograms, ``np.maximum``, ...
+
+        Raises:
+            ValueError: empty input and no ``initial``.
+            WorkerCrashed: a worker died (its partial result is lost); the pool recovers.
+        """
+        if not callable(reduce):
+            raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
+        return self._run(fn, arrays, out=None, grain=grain, reduce=reduce, initial=initial)
+
+    def _run(self, fn, arrays, *, out, grain, reduce, initial=P.NOTHING):
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        arrs = _check_arrays(arrays)
+        n = arrs[0].shape[0]
+        if grain is not None:
+            if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
+                raise TypeError(f"grain must be an int, got {type(grain).__name__}")
+            if grain < 1:
+                raise ValueError(f"grain must be greater than 0, got {grain}")
+            grain, adaptive = int(grain), False
+        else:
+            grain, adaptive = self.default_grain(n, arrs), True
+        if out is not None:
+            out = _check_out(out, n)
+        fn_key, fn_data, takes_out = self._register(fn)
+        red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
+        temps: list[np.ndarray] = []
+        try:
+            ins = []
+            for a in arrs:
+                h = _shm.handle_of(a)
+                if h is None:
+                    a = _shm.asshared(a)
+                    temps.append(a)
+                    h = _shm.handle_of(a)
+                ins.append(h)
+            target, start, copy_back, out_h = out, 0, None, None
+            probe_ns = 0
+            if reduce is None:
+                if target is None:
+                    start = min(n, grain if not adaptive else PROBE_ROWS)
+                    target, probe_ns = _allocate_from_probe(fn, arrs, start, n)
+                out_h = _shm.handle_of(target)
+                if out_h is None:
+                    copy_back, target = target, _shm.empty(target.shape, target.dtype)
+                    temps.append(target)
+                    out_h = _shm.handle_of(target)
+            with self._lock:
+                self._check_open()
+                if adaptive and probe_ns and fn_key not in self._cost:
+                    self._cost[fn_key] = probe_ns / start
+                result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
+                                       adaptive, takes_out, red, initial)
+            if reduce is not None:
+                return result
+            if copy_back is not None:
+                np.copyto(copy_back, target)
+                return copy_back
+            return target
+        finally:
+            for t in temps:
+                t.release()
+
+    def default_grain(self, n: int, arrays: list[np.ndarray]) -> int:
+        """The largest piece by default: about ``TILE_BYTES`` of input rows."""
+        row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
+        return max(1, min(n, TILE_BYTES // max(1, row_bytes)))
+
+    def _engaged(self, items: int, grain: int, ns_per_item: float) -> int:
+        """How many workers to wake for ``items`` items: no more than there are pieces, and,
+        when the function's cost is known, none that would get less than ``MIN_SHARE_S``."""
+        if items <= 0:
+            return 0
+        k = min(self.workers, -(-items // grain) if not ns_per_item else items)
+        if ns_per_item:
+            k = min(k, max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
+        return k
+
+    def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
+                 initial):
+        t0 = time.perf_counter()
+        self._job_id += 1
+        cost = self._cost.get(fn_key, 0.0) if adaptive else 0.0
+        job = P.Job(job_id=self._job_id, fn_key=fn_key, inputs=ins, out=out, grain=grain,
+                    reduce_key=None if red is None else red[0], adaptive=adaptive,
+                    pass_out=out is not None and takes_out,
+                    ns_per_item=cost)
+        released = self._released.drain()
+        if released:
+            for w in self._workers:
+                w.forget_segments += released
+        fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
+        totals = [[0, 0, 0, 0] for _ in range(self.workers)]
+        partials: list[Any] = []
+        phase = initial_ranges(n, start, self._engaged(n - start, grain, cost))
+        lost: list[tuple[int, int]] = []
+        recovered = 0
+        crashed: list[tuple[int, int, int | None]] = []
+        error = None
+        while True:
+            self._cb.start_job(phase)
+            result = self._run_phase(job, fns, len(phase))
+            for k, row in enumerate(totals):
+                for i, v in enumerate(self._cb.slot_stats(k)):
+                    row[i] += v
+            partials += result.partials
+            error = error or result.error
+            for slot in result.dead:
+                lost += self._cb.unfinished(slot)
+                old = self._workers[slot]
+                crashed.append((slot, old.pid, old.process.exitcode))
+                self._replace(slot)
+            if result.interrupted is not None:
+                raise result.interrupted
+            if error is not None or red is not None or not lost:
+                break
+            # Re-run what dead workers left (map pieces are idempotent), one range per slot
+            # and phase; the others steal from it as usual.
+            phase, lost = lost[:self.workers], lost[self.workers:]
+            recovered += len(phase)
+        wall = time.perf_counter() - t0
+        items_run, busy_ns = sum(t[0] for t in totals), sum(t[3] for t in totals)
+        if adaptive and items_run and error is None:
+            self._cost[fn_key] = busy_ns / items_run
+            self._cost.move_to_end(fn_key)
+            while len(self._cost) > FN_CACHE_SIZE:
+                self._cost.popitem(last=False)
+        self.last_stats = JobStats(
+            items=n, pieces=sum(t[1] for t in totals) + (1 if start else 0),
+            steals=sum(t[2] for t in totals), wall_s=wall,
+            workers=tuple(WorkerStats(k, self._workers[k].pid, t[0], t[1], t[2], t[3] / 1e9,
+                                      max(0.0, wall - t[3] / 1e9))
+                          for k, t in enumerate(totals)),
+            probe_items=start, recovered=recovered)
+        if error is not None:
+            raise error
+        if red is not None:
+            if crashed:
+                slot, pid, code = crashed[0]
+                raise WorkerCrashed(
+                    f"worker {slot} (pid {pid}) died during map_reduce ({describe_exit(code)}); "
+                    "its partial result is lost. A replacement worker has started; call again.",
+                    pid=pid, exitcode=code)
+            return _fold(red[2], partials, initial)
+        return None
+
+    def _run_phase(self, job: P.Job, fns: list[tuple[bytes, bytes]],
+                   engaged: int) -> _PhaseResult:
+        """Send ``job`` to the first ``engaged`` workers; wait until each is done or dead."""
+        job = dataclasses.replace(job, solo=engaged == 1)
+        msg = pickle.dumps(job, protocol=5)
+        pending: dict[Any, int] = {}
+        sentinels: dict[Any, int] = {}
+        result = _PhaseResult()
+        for w in self._workers[:engaged]:
+            try:
+                for key, data in fns:
+                    if key not in w.fn_keys:
+                        w.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
+                        w.fn_keys.add(key)
+                if w.forget_segments or w.forget_fns:
+                    w.cmd.send_bytes(pickle.dumps(dataclasses.replace(
+                        job, forget_segments=tuple(w.forget_segments),
+                        forget_fns=tuple(w.forget_fns)), protocol=5))
+                    w.forget_segments.clear()
+                    w.forget_fns.clear()
+                else:
+                    w.cmd.send_bytes(msg)
+            except OSError:  # already dead: its sentinel tells
+                pass
+            pending[w.status] = w.slot
+            sentinels[w.process.sentinel] = w.slot
+        deadline = None
+        spin_until = time.perf_counter() + SPIN_S
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if spin_until:
+                    # Short jobs finish within microseconds: poll before paying for a sleep
+                    # and a wake-up (tens of microseconds each).
+                    ready = [c for c in pending if c.poll()]
+                    if not ready:
+                        if time.perf_counter() < spin_until:
+                            continue
+                        spin_until = 0
+                        ready = _wait(list(pending) + list(sentinels), timeout)
+                else:
+                    ready = _wait(list(pending) + list(sentinels), timeout)
+            except KeyboardInterrupt as e:  # stop the workers at their next piece, then raise
+                self._cb.abort()
+                result.interrupted = e
+                deadline = time.monotonic() + INTERRUPT_GRACE
+                continue
+            if not ready:  # interrupted, and some workers are stuck in a long piece
+                for slot in list(pending.values()):
+                    self._workers[slot].process.kill()
+                    self._workers[slot].process.join(STOP_TIMEOUT)
+                    result.dead.append(slot)
+                pending.clear()
+                break
+            for r in ready:
+                if r in pending:
+                    slot = pending[r]
+                    try:
+                        done = pickle.loads(r.recv_bytes())
+                    except EOFError:
+                        continue  # died: the sentinel will say so
+                    except Exception as e:  # a partial result that fails to unpickle
+                        done = P.Done(job.job_id, slot, e, P.NOTHING)
+                        result.error = result.error or e
+                    if done.job_id != job.job_id:
+                        continue
+                    del pending[r]
+                    sentinels = {s: k for s, k in sentinels.items() if k != slot}
+                    if done.error is not None and result.error is None:
+                        result.error = done.error
+                    if done.partial is not P.NOTHING:
+                        result.partials.append(done.partial)
+                elif r in sentinels:
+                    slot = sentinels.pop(r)
+                    w = self._workers[slot]
+                    if w.status in pending and w.status.poll():
+                        continue  # its Done is waiting in the pipe: read that first
+                    w.process.join(1.0)
+                    pending.pop(w.status, None)
+                    result.dead.append(slot)
+        return result
+
+    # -- introspection --------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What this pool runs on: workers, pids, start method, BLAS threads, start-up time."""
+        return {"workers": self.workers, "pids": self.pids, "start_method": self.start_method,
+                "blas_threads_per_worker": self.blas_threads, "pinned": self._cpus is not None,
+                "startup_s": self.startup_s}
+
+
+# id(fn) -> (fn, fingerprint, key, data, takes_out): functions pickled already, so that a
+# function used again costs a dict lookup instead of a cloudpickle run (~100 us for a
+# lambda). Holding ``fn`` keeps its id from being reused.
+_pickled: OrderedDict[int, tuple[Any, tuple, bytes, bytes, bool]] = OrderedDict()
+_pickled_lock = threading.Lock()
+
+
+def _fingerprint(fn: Any) -> tuple:
+    """What can change in a function object between calls without changing its identity:
+    its code, defaults and the objects its closure cells hold."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ()
+    cells = getattr(fn, "__closure__", None) or ()
+    contents = []
+    for c in cells:
+        try:
+            contents.append(id(c.cell_contents))
+        except ValueError:  # empty cell
+            contents.append(None)
+    return (code, getattr(fn, "__defaults__", None),
+            id(getattr(fn, "__kwdefaults__", None)), tuple(contents))
+
+
+def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool]:
+    """Cloudpickle ``fn`` once (again only if its code, defaults or closure were rebound);
+    return (key, bytes, whether fn takes ``out``), the key being a hash of the bytes.
+
+    Global variables the function reads are captured the first time it is pickled.
+    """
+    if not callable(fn):
+        raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
+    fp = _fingerprint(fn)
+    with _pickled_lock:
+        hit = _pickled.get(id(fn))
+        if hit is not None and hit[0] is fn and hit[1] == fp:
+            _pickled.move_to_end(id(fn))
+            return hit[2], hit[3], hit[4]
+    try:
+        data = _shm.dumps(fn)
+    except Exception as e:
+        raise TypeError(f"{what} could not be pickled (cloudpickle): "
+                        f"{type(e).__name__}: {e}") from e
+    key = hashlib.blake2b(data, digest_size=16).digest()
+    takes_out = _accepts_out(fn)
+    with _pickled_lock:
+        _pickled[id(fn)] = (fn, fp, key, data, takes_out)
+        while len(_pickled) > FN_CACHE_SIZE:
+            _pickled.popitem(last=False)
+    return key, data, takes_out
+
+
+class _PhaseResult:
+    __slots__ = ("dead", "error", "interrupted", "partials")
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.interrupted: BaseException | None = None
+        self.partials: list[Any] = []
+        self.dead: list[int] = []
+
+
+def _accepts_out(fn: Any) -> bool:
+    """True if ``fn`` takes an ``out`` argument, as NumPy ufuncs do: map then passes it the
+    slice of ``out`` to fill in place (no temporary result, no copy)."""
+    if isinstance(fn, np.ufunc):
+        return fn.nout == 1
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("out")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _close_handle(w: _WorkerHandle) -> None:
+    for c in (w.cmd, w.status):
+        try:
+            c.close()
+        except OSError:
+            pass
+    try:
+        w.process.close()
+    except ValueError:  # still running (could not be stopped); leave it to the OS
+        pass
+
+
+def _fold(reduce, partials: list[Any], initial: Any) -> Any:
+    acc = initial
+    for p in partials:
+        acc = p if acc is P.NOTHING else reduce(acc, p)
+    if acc is P.NOTHING:
+        raise ValueError("map_reduce of empty arrays with no initial value")
+    return acc
+
+
+def _check_arrays(arrays: tuple) -> list[np.ndarray]:
+    if not arrays:
+        raise TypeError("map needs at least one array to split")
+    out = []
+    for i, a in enumerate(arrays):
+        if not isinstance(a, np.ndarray):
+            try:
+                a = np.asarray(a)
+            except Exception as e:
+                raise TypeError(f"argument {i} is not an array: {type(a).__name__}") from e
+        if a.dtype.hasobject:
+            raise TypeError(f"argument {i} has dtype {a.dtype}, which holds Python objects; "
+                            "parrun shares numeric memory only")
+        if a.ndim == 0:
+            raise ValueError(f"argument {i} is 0-dimensional; map splits arrays along axis 0")
+        out.append(a)
+    n = out[0].shape[0]
+    for i, a in enumerate(out[1:], 1):
+        if a.shape[0] != n:
+            raise ValueError(f"arrays must have the same length along axis 0: argument 0 has "
+                             f"{n} rows and argument {i} has {a.shape[0]}")
+    return out
+
+
+def _check_out(out: Any, n: int) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype.hasobject:
+        raise TypeError(f"out has dtype {out.dtype}, which holds Python objects")
+    if out.ndim == 0 or out.shape[0] != n:
+        raise ValueError(f"out has shape {out.shape}; it needs {n} rows along axis 0 to match "
+                         "the inputs")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out
+
+
+def _allocate_from_probe(fn, ins: list[np.ndarray], rows: int,
+                         n: int) -> tuple[np.ndarray, int]:
+    """Run ``fn`` on the first ``rows`` rows here; allocate ``out`` from its result and keep
+    the result as those rows of ``out``. Return ``out`` and the nanoseconds ``fn`` took."""
+    t0 = time.perf_counter_ns()
+    res = fn(*[a[:rows] for a in ins])
+    fn_ns = time.perf_counter_ns() - t0
+    if res is None:
+        raise TypeError("fn returned None; map needs fn to return an array with one row per "
+                        "input row (use map_reduce to reduce)")
+    res = np.asarray(res)
+    if res.ndim == 0 or res.shape[0] != rows:
+        raise ValueError(f"fn returned shape {res.shape} for a piece of {rows} rows; map "
+                         "needs one result row per input row (use map_reduce to reduce)")
+    if res.dtype.hasobject:
+        raise TypeError(f"fn returned dtype {res.dtype}; results must be numeric")
+    out = _shm.empty((n, *res.shape[1:]), res.dtype)
+    out[:rows] = res
+    return out, fn_ns
+
+
+def _close_all_pools() -> None:
+    for pool in list(_live_pools):
+        try:
+            pool.close()
+        except Exception:
+            pass
+
+
+atexit.register(_close_all_pools)

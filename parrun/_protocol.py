@@ -1,0 +1,95 @@
+"""The plain records that cross the process boundary (pickled with plain ``pickle``).
+
+Array handles are tuples made by ``_shm.handle_of``; functions travel as cloudpickle bytes in a
+``Function`` record once per worker, and jobs refer to them by key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class _Nothing:
+    """Marks 'no value' where None is a legitimate value (a reduction's accumulator)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __reduce__(self):
+        return _Nothing, ()
+
+    def __repr__(self) -> str:
+        return "NOTHING"
+
+
+NOTHING = _Nothing()
+
+
+@dataclass(frozen=True)
+class Function:
+    """Parent -> worker: cache this cloudpickled function under ``key``."""
+
+    key: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Job:
+    """Parent -> worker: run pieces of the ranges in the control block.
+
+    ``inputs``/``out`` are array handles. With ``out`` set, piece ``[lo, hi)`` stores
+    ``fn(*(a[lo:hi] for a in inputs))`` into ``out[lo:hi]``; with ``reduce_key`` set, pieces
+    are folded into one partial result per worker instead.
+    """
+
+    job_id: int
+    fn_key: bytes
+    inputs: tuple
+    out: tuple | None
+    grain: int
+    reduce_key: bytes | None = None
+    solo: bool = False  # one worker engaged: no thieves, so no locks needed
+    adaptive: bool = False  # size pieces by measured cost, up to ``grain``
+    ns_per_item: float = 0.0  # cost per item measured on an earlier job (0: unknown)
+    pass_out: bool = False  # call fn(*pieces, out=out_piece): it writes in place
+    forget_segments: tuple = ()
+    forget_fns: tuple = ()
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Parent -> worker: exit the main loop."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> parent: started and attached to the control block."""
+
+    slot: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """Worker -> parent: finished its part of job ``job_id``.
+
+    ``error`` is a transportable exception (it unpickles with the worker's traceback as its
+    cause) or None; ``partial`` is the worker's reduction, or ``NOTHING``.
+    """
+
+    job_id: int
+    slot: int
+    error: Any
+    partial: Any
+
+
+@dataclass(frozen=True)
+class BadFunction:
+    """Worker-side placeholder for a function that failed to unpickle."""
+
+    message: str

@@ -1,0 +1,423 @@
+"""Shared-memory segments: the only module that creates, attaches and unlinks them.
+
+Ownership
+    The process that creates a segment owns it and alone unlinks it: when ``release()`` is
+    called, when the last array or view of it is garbage collected, or at interpreter exit.
+    The owner registers the segment with ``multiprocessing``'s resource tracker, a separate
+    process that unlinks what is still registered if the owner dies, even by SIGKILL.
+
+Attaching
+    Other processes attach by name, once, and cache the mapping. Attaching never registers
+    with the resource tracker: CPython 3.11's ``SharedMemory(name)`` does, and the tracker
+    then unlinks the segment when the *attaching* process exits (CPython gh-82300), so
+    segments are opened here with ``_posixshmem`` directly.
+
+Handles
+    ``SharedArray`` (any view of a segment) pickles as a small handle: segment name, byte
+    offset, shape, strides, dtype and writeability. Unpickling maps the same memory.
+
+Names are ``parrun_<pid>_<96 random bits>`` and segments are created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import bisect
+import io
+import mmap
+import os
+import secrets
+import threading
+import weakref
+from multiprocessing import resource_tracker
+from typing import Any
+
+import numpy as np
+
+from ._errors import SharedMemoryError
+
+PREFIX = "parrun_"
+_SHM_DIR = "/dev/shm"
+
+_lock = threading.RLock()
+# name -> _Segment for segments this process created and still owns.
+_owned: dict[str, _Segment] = {}
+# name -> whole-segment uint8 array for segments this process attached (worker side cache).
+_attached: dict[str, np.ndarray] = {}
+# Sorted start addresses and the matching (end, name, size) of every mapped segment, owned
+# or attached, so that any array can be traced back to the segment that holds it.
+_starts: list[int] = []
+_spans: list[tuple[int, str, int]] = []
+
+
+class ReleaseLog:
+    """Names of segments released since the subscriber (a pool) last drained the log; the
+    pool tells its workers to drop their mappings of them."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        with _lock:
+            _subscribers.add(self)
+
+    def drain(self) -> tuple[str, ...]:
+        with _lock:
+            names, self._names = tuple(self._names), []
+        return names
+
+
+_subscribers: weakref.WeakSet[ReleaseLog] = weakref.WeakSet()
+
+
+def _new_name() -> str:
+    return f"{PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _shm_space() -> str:
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return "its free space is unknown"
+    return (f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free of "
+            f"{_fmt_bytes(st.f_blocks * st.f_frsize)}")
+
+
+def _index_add(start: int, size: int, name: str) -> None:
+    i = bisect.bisect_left(_starts, start)
+    _starts.insert(i, start)
+    _spans.insert(i, (start + size, name, size))
+
+
+def _index_remove(name: str) -> None:
+    for i, (_, n, _) in enumerate(_spans):
+        if n == name:
+            del _starts[i]
+            del _spans[i]
+            return
+
+
+class _Segment:
+    """One segment this process created and owns."""
+
+    __slots__ = ("fd", "name", "owner_pid", "raw_first", "raw_ref", "size", "start")
+
+    def __init__(self, nbytes: int, keep_fd: bool = False):
+        self.name = _new_name()
+        self.size = max(int(nbytes), 1)  # mmap refuses a length of 0
+        self.owner_pid = os.getpid()
+        fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR,
+                                  mode=0o600)
+        try:
+            try:
+                # Reserve the pages now: tmpfs would otherwise accept the size and SIGBUS the
+                # first process that touches a page it has no room for.
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, self.size)
+                else:  # pragma: no cover - macOS
+                    os.ftruncate(fd, self.size)
+            except OSError as e:
+                raise SharedMemoryError(
+                    f"cannot create a shared array of {_fmt_bytes(self.size)} in {_SHM_DIR}: "
+                    f"{e.strerror}; {_SHM_DIR} has {_shm_space()}. Free space there "
+                    f"(leaked segments are files named {PREFIX}*) or enlarge it."
+                ) from e
+            mm = mmap.mmap(fd, self.size)
+        except BaseException:
+            os.close(fd)
+            _posixshmem.shm_unlink("/" + self.name)
+            raise
+        if keep_fd:
+            self.fd = fd
+        else:
+            os.close(fd)
+            self.fd = -1
+        resource_tracker.register("/" + self.name, "shared_memory")
+        raw = np.frombuffer(mm, dtype=np.uint8)
+        self.raw_ref = weakref.ref(raw)
+        self.start = raw.__array_interface__["data"][0]
+        with _lock:
+            _owned[self.name] = self
+            _index_add(self.start, self.size, self.name)
+        # Unlink when the last view of the memory dies, or at interpreter exit.
+        weakref.finalize(raw, _release_name, self.name)
+        self.raw_first: np.ndarray | None = raw  # handed to the creator by take_raw()
+
+    def take_raw(self) -> np.ndarray:
+        raw, self.raw_first = self.raw_first, None
+        assert raw is not None
+        return raw
+
+
+def _release_name(name: str) -> None:
+    """Unlink an owned segment (idempotent); the memory goes when its last mapping does."""
+    with _lock:
+        seg = _owned.pop(name, None)
+        if seg is None:
+            return
+        _index_remove(name)
+        if seg.owner_pid != os.getpid():  # inherited through fork: not ours to unlink
+            return
+        for log in _subscribers:
+            log._names.append(name)
+    if seg.fd >= 0:
+        os.close(seg.fd)
+        seg.fd = -1
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+    try:
+        resource_tracker.unregister("/" + name, "shared_memory")
+    except Exception:  # pragma: no cover - tracker already gone at interpreter exit
+        pass
+
+
+def create_segment(nbytes: int, keep_fd: bool = False) -> tuple[_Segment, np.ndarray]:
+    """Create an owned segment; return it and a uint8 array over all of it."""
+    seg = _Segment(nbytes, keep_fd=keep_fd)
+    return seg, seg.take_raw()
+
+
+def release_segment(name: str) -> None:
+    """Unlink an owned segment now (idempotent)."""
+    _release_name(name)
+
+
+def owned_names() -> list[str]:
+    with _lock:
+        return list(_owned)
+
+
+def attach(name: str) -> np.ndarray:
+    """Map a segment by name, once per process; return a uint8 array over all of it."""
+    with _lock:
+        seg = _owned.get(name)
+        if seg is not None:
+            raw = seg.raw_ref()
+            if raw is not None:
+                return raw
+        raw = _attached.get(name)
+        if raw is not None:
+            return raw
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    except FileNotFoundError:
+        raise SharedMemoryError(
+            f"shared segment {name!r} no longer exists: the array was released, or the "
+            "process that owned it exited") from None
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    raw = np.frombuffer(mm, dtype=np.uint8)
+    with _lock:
+        _attached[name] = raw
+        _index_add(raw.__array_interface__["data"][0], size, name)
+    return raw
+
+
+def forget(names: list[str]) -> None:
+    """Drop cached attachments (their memory is freed once no view of them is left)."""
+    with _lock:
+        for name in names:
+            if _attached.pop(name, None) is not None:
+                _index_remove(name)
+
+
+def open_control(name: str) -> tuple[int, mmap.mmap]:
+    """Open a segment for a pool's control block: keep the fd (for record locks), map it."""
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    return fd, mmap.mmap(fd, os.fstat(fd).st_size)
+
+
+def _bounds(arr: np.ndarray) -> tuple[int, int, int]:
+    """(data pointer, lowest byte, one past the highest byte) of ``arr``'s memory."""
+    ptr = arr.__array_interface__["data"][0]
+    if arr.flags.contiguous or arr.flags.f_contiguous or arr.size == 0:
+        return ptr, ptr, ptr + arr.nbytes
+    lo = hi = ptr
+    for n, st in zip(arr.shape, arr.strides):
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
+    return ptr, lo, hi + arr.itemsize
+
+
+def locate(arr: np.ndarray) -> tuple[str, int, int] | None:
+    """Return (segment name, segment size, offset of ``arr``'s data) if it lies in one."""
+    if not _starts:
+        return None
+    ptr, lo, hi = _bounds(arr)
+    with _lock:
+        i = bisect.bisect_right(_starts, lo) - 1
+        if i < 0:
+            return None
+        end, name, size = _spans[i]
+        start = _starts[i]
+    if hi > end:
+        return None
+    return name, size, ptr - start
+
+
+def handle_of(arr: np.ndarray) -> tuple | None:
+    """The handle (a plain tuple) of an array that lives in shared memory, else None."""
+    loc = locate(arr)
+    if loc is None:
+        return None
+    name, _size, offset = loc
+    return (name, offset, arr.shape, arr.strides, arr.dtype, bool(arr.flags.writeable))
+
+
+def from_handle(handle: tuple) -> SharedArray:
+    """Map the array a handle describes (attaching its segment once per process)."""
+    name, offset, shape, strides, dtype, writeable = handle
+    raw = attach(name)
+    arr = np.ndarray(shape, dtype, buffer=raw, offset=offset, strides=strides)
+    arr = arr.view(SharedArray)
+    if not writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(f"dtype {dt} holds Python objects, which cannot live in shared memory; "
+                        "use a numeric, bool, string or structured dtype without objects")
+    return dt
+
+
+class SharedArray(np.ndarray):
+    """A NumPy array whose memory is a shared-memory segment.
+
+    Behaves as an ``np.ndarray``; views and slices stay ``SharedArray``. Pickling (pickle,
+    cloudpickle) sends a small handle, never the bytes; another process that unpickles it maps
+    the same memory. Results of arithmetic on it are ordinary arrays.
+    """
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        if return_scalar:
+            return arr[()]
+        if locate(arr) is None:
+            return arr.view(np.ndarray)
+        return arr.view(SharedArray)
+
+    def __reduce_ex__(self, protocol):
+        handle = handle_of(self)
+        if handle is None:
+            return np.asarray(self).__reduce_ex__(protocol)
+        return from_handle, (handle,)
+
+    def __reduce__(self):
+        return self.__reduce_ex__(2)
+
+    @property
+    def segment(self) -> str | None:
+        """The name of the segment holding this array, or None if it is not shared."""
+        loc = locate(self)
+        return None if loc is None else loc[0]
+
+    def release(self) -> None:
+        """Free the segment now (this array, and every other view of it, must not be used
+        across processes after this). Idempotent; only the owning process may release."""
+        loc = locate(self)
+        if loc is None:
+            return
+        with _lock:
+            owned = loc[0] in _owned
+        if not owned:
+            raise ValueError(f"segment {loc[0]!r} is owned by another process; only its "
+                             "creator can release it")
+        _release_name(loc[0])
+
+    def __enter__(self) -> SharedArray:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
+          order: str = "C") -> SharedArray:
+    """A new shared array of ``shape`` and ``dtype``. Its memory reads as zeros.
+
+    Raises:
+        TypeError: for an object dtype.
+        SharedMemoryError: when ``/dev/shm`` has no room (the message gives the sizes).
+    """
+    dt = _check_dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimensions are not allowed: shape {shape}")
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    _seg, raw = create_segment(nbytes)
+    arr = np.ndarray(shape, dt, buffer=raw, order=order)
+    return arr.view(SharedArray)
+
+
+def zeros(shape: int | tuple[int, ...], dtype: Any = np.float64,
+          order: str = "C") -> SharedArray:
+    """A new shared array filled with zeros (fresh segments are zeroed by the kernel)."""
+    return empty(shape, dtype, order)
+
+
+def full(shape: int | tuple[int, ...], fill_value: Any, dtype: Any = None,
+         order: str = "C") -> SharedArray:
+    """A new shared array filled with ``fill_value``."""
+    if dtype is None:
+        dtype = np.asarray(fill_value).dtype
+    arr = empty(shape, dtype, order)
+    arr.fill(fill_value)
+    return arr
+
+
+def asshared(a: Any, dtype: Any = None) -> SharedArray:
+    """Return ``a`` as a shared array: in place if it already is one, else one copy.
+
+    A plain ``np.ndarray`` view of shared memory is also returned without a copy.
+    """
+    arr = np.asarray(a, dtype=dtype)
+    if locate(arr) is not None:
+        return arr.view(SharedArray)
+    order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+    out = empty(arr.shape, arr.dtype, order)
+    np.copyto(out, arr, casting="no")
+    return out
+
+
+def is_shared(a: Any) -> bool:
+    """True if ``a`` is an array whose memory lies in a live parrun segment."""
+    return isinstance(a, np.ndarray) and locate(a) is not None
+
+
+def dumps(obj: Any, protocol: int | None = None) -> bytes:
+    """cloudpickle ``obj``; any ndarray inside that lives in shared memory goes as a handle.
+
+    This catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say),
+    which ``SharedArray.__reduce_ex__`` alone would not.
+    """
+    import cloudpickle
+
+    class _Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj):
+            if type(obj) is np.ndarray:
+                handle = handle_of(obj)
+                if handle is not None:
+                    return from_handle, (handle,)
+            return super().reducer_override(obj)
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=protocol or 5).dump(obj)
+    return buf.getvalue()
+

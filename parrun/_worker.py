@@ -1,0 +1,249 @@
+"""The worker process: its main loop, its function cache and the piece loop of a job.
+
+A worker never imports the pool. It talks to the parent over two one-way pipes (commands in,
+status out) and to the other workers only through the control block (``_scheduler``). The
+messages are plain tuples (``_protocol``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from . import _protocol as P
+from . import _shm
+from ._errors import exception_for_transport
+from ._scheduler import ControlBlock, now_ns
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when our parent (the fork server or the pool) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:  # pragma: no cover - no libc: the ppid check still applies
+        pass
+
+
+def _keep_heap() -> None:
+    """Let glibc keep freed tile-sized temporaries in the heap.
+
+    A NumPy expression on a 256 KiB tile allocates a few temporaries of that size; with
+    glibc's defaults each one above 128 KiB is a fresh mmap whose pages fault in again on
+    every piece, which costs more than the arithmetic. Raising the mmap and trim thresholds
+    makes a worker reuse the same heap pages piece after piece.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+    except Exception:  # pragma: no cover - not glibc
+        pass
+
+
+def _limit_blas(threads: int | None) -> None:
+    if threads is None:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+    except Exception:  # pragma: no cover - threadpoolctl cannot see this BLAS
+        pass
+
+
+def _unpickle_function(data: bytes) -> Any:
+    try:
+        return cloudpickle.loads(data)
+    except BaseException as e:  # kept, and raised when a job uses it
+        return P.BadFunction(f"the task function could not be unpickled in worker "
+                             f"{os.getpid()}: {type(e).__name__}: {e}")
+
+
+class _Worker:
+    def __init__(self, slot: int, control_name: str, nslots: int):
+        self.slot = slot
+        fd, self._control_map = _shm.open_control(control_name)
+        self.cb = ControlBlock(self._control_map, fd, nslots)
+        self.fns: dict[bytes, Any] = {}
+        self.views: dict[tuple, np.ndarray] = {}
+        self.ppid = os.getppid()
+
+    def array(self, handle: tuple) -> np.ndarray:
+        """The array a handle names; recently used handles map to the same view."""
+        arr = self.views.get(handle)
+        if arr is None:
+            arr = _shm.from_handle(handle)
+            if len(self.views) >= VIEW_CACHE_SIZE:
+                self.views.pop(next(iter(self.views)))
+            self.views[handle] = arr
+        return arr
+
+    def fn(self, key: bytes) -> Callable[..., Any]:
+        fn = self.fns[key]
+        if isinstance(fn, P.BadFunction):
+            raise TypeError(fn.message)
+        return fn
+
+    def run_job(self, job: P.Job) -> P.Done:
+        if job.forget_segments:
+            _shm.forget(job.forget_segments)
+            gone = set(job.forget_segments)
+            self.views = {h: a for h, a in self.views.items() if h[0] not in gone}
+        for key in job.forget_fns:
+            self.fns.pop(key, None)
+        cb, me, grain, solo = self.cb, self.slot, job.grain, job.solo
+        error = None
+        acc: Any = P.NOTHING
+        try:
+            fn = self.fn(job.fn_key)
+            combine = self.fn(job.reduce_key) if job.reduce_key is not None else None
+            ins = [self.array(h) for h in job.inputs]
+            out = self.array(job.out) if job.out is not None else None
+        except BaseException as e:
+            cb.abort()
+            return P.Done(job.job_id, me, exception_for_transport(e), P.NOTHING)
+        ppid = self.ppid
+        adaptive, est, pass_out = job.adaptive, job.ns_per_item, job.pass_out
+        busy = items = 0
+        size = grain
+        while True:
+            if adaptive:
+                # Pieces of about TARGET_PIECE_NS of work, up to grain rows; the first piece of
+                # a function never seen before is one row, to measure it.
+                if items:
+                    est = busy / items
+                size = max(1, min(grain, int(TARGET_PIECE_NS / est))) if est > 0 else 1
+            piece = cb.take(me, size, solo)
+            if piece is None:
+                break
+            lo, hi = piece
+            t0 = now_ns()
+            try:
+                if out is not None:
+                    dst = out[lo:hi]
+                    if pass_out:
+                        res = fn(*[a[lo:hi] for a in ins], out=dst)
+                        if res is not None:
+                            _store(dst, res, lo, hi)
+                    else:
+                        _store(dst, fn(*[a[lo:hi] for a in ins]), lo, hi)
+                else:
+                    res = fn(*[a[lo:hi] for a in ins])
+                    acc = res if acc is P.NOTHING else combine(acc, res)
+            except BaseException as e:
+                cb.abort()
+                error = exception_for_transport(e)
+                break
+            dt = now_ns() - t0
+            busy += dt
+            items += hi - lo
+            cb.done_piece(me, lo, hi, dt)
+            if os.getppid() != ppid:  # orphaned: nobody will read what we make
+                os._exit(1)
+        return P.Done(job.job_id, me, error, acc)
+
+
+def _store(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
+    """Write a piece's result into its slice of ``out``, checking shape and dtype."""
+    if res is dst or (isinstance(res, np.ndarray) and res.base is dst.base
+                      and res.__array_interface__ == dst.__array_interface__):
+        return
+    if not isinstance(res, np.ndarray):
+        if res is None:
+            raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
+                            f"array of shape {dst.shape}")
+        res = np.asarray(res)
+    if res.shape != dst.shape:
+        raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
+                         f"{dst.shape}: one result row per input row (use map_reduce to "
+                         "reduce)")
+    try:
+        np.copyto(dst, res, casting="same_kind")
+    except TypeError as e:
+        raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
+            from None
+
+
+# Array views a worker keeps ready, by handle. Each holds its segment mapped until the parent
+# says the segment was released; more costs nothing but dict entries.
+VIEW_CACHE_SIZE = 64
+
+# Nanoseconds of work per piece when pieces adapt to the cost of the function. Smaller pays the
+# per-piece bookkeeping (~5 us) too often; larger leaves a longer tail when the last pieces
+# run unevenly.
+TARGET_PIECE_NS = 300_000
+
+# Seconds a worker polls for its next command before it sleeps (yielding the core to any other
+# runnable process in between). Longer wastes cycles of idle workers; shorter makes a caller
+# that sends jobs back to back pay a wake-up each time.
+SPIN_S = float(os.environ.get("PARRUN_TEST_WSPIN", "200e-6"))
+
+
+def _spin(cmd) -> None:
+    end = time.perf_counter() + SPIN_S
+    while time.perf_counter() < end:
+        if cmd.poll():
+            return
+        os.sched_yield()
+
+
+def main(slot: int, cmd, status, control_name: str, nslots: int,
+         blas_threads: int | None, cpu: int | None) -> None:
+    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    _die_with_parent()
+    # Ctrl-C goes to the whole process group; the parent decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_blas(blas_threads)
+    _keep_heap()
+    if cpu is not None:
+        try:
+            import psutil
+
+            psutil.Process().cpu_affinity([cpu])
+        except Exception:  # pragma: no cover - affinity not supported here
+            pass
+    worker = _Worker(slot, control_name, nslots)
+    status.send_bytes(pickle.dumps(P.Ready(slot, os.getpid())))
+    while True:
+        try:
+            if not cmd.poll():
+                _spin(cmd)
+            data = cmd.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone
+            break
+        msg = pickle.loads(data)
+        if isinstance(msg, P.Job):
+            done = worker.run_job(msg)
+            try:
+                payload = pickle.dumps(done, protocol=5)
+            except BaseException as e:
+                payload = pickle.dumps(P.Done(done.job_id, slot, exception_for_transport(
+                    TypeError(f"the partial result of worker {slot} could not be pickled: "
+                              f"{type(e).__name__}: {e}")), P.NOTHING))
+            try:
+                status.send_bytes(payload)
+            except (BrokenPipeError, OSError):
+                break
+        elif isinstance(msg, P.Function):
+            worker.fns[msg.key] = _unpickle_function(msg.data)
+        elif isinstance(msg, P.Stop):
+            break

@@ -1,0 +1,93 @@
+"""Shared fixtures: pools that tests reuse, and checks that nothing leaks.
+
+Every test is checked for leaked ``/dev/shm`` segments of this process; every module for
+leftover worker processes once its pools are closed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import psutil
+import pytest
+
+import parrun
+
+TIMEOUT = 30.0  # seconds any wait in a test may take before it counts as a hang
+
+
+def shm_segments(pid: int | None = None) -> set[str]:
+    """parrun segment names in /dev/shm (of one creating pid, if given)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:  # pragma: no cover - not Linux
+        return set()
+    prefix = "parrun_" if pid is None else f"parrun_{pid}_"
+    return {n for n in names if n.startswith(prefix)}
+
+
+def _is_helper(p: psutil.Process) -> bool:
+    """multiprocessing's own long-lived helpers: the fork server and the resource tracker."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return True
+    return "forkserver" in cmd or "resource_tracker" in cmd
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Processes descending from this one other than multiprocessing's helpers (workers
+    forked by the fork server are its children, not helpers)."""
+    me = psutil.Process()
+    helpers = {p.pid for p in me.children() if _is_helper(p)}
+    out = []
+    for p in me.children(recursive=True):
+        if p.pid not in helpers and p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with parrun.Pool(2) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def pool1():
+    with parrun.Pool(1) as p:
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments(request):
+    """Fail a test that leaves a segment of this process behind (pools' own excepted)."""
+    before = shm_segments(os.getpid())
+    yield
+    gc.collect()
+    after = shm_segments(os.getpid())
+    live_pools = {p._control_name for p in list(parrun._pool._live_pools)}
+    leaked = after - before - live_pools
+    assert not leaked, f"{request.node.name} leaked shared-memory segments: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_workers():
+    yield
+    default = parrun._api._default
+    if default is not None:
+        default.close()
+    gc.collect()
+    assert wait_until(lambda: not worker_processes(), timeout=10), \
+        f"worker processes left: {[p.pid for p in worker_processes()]}"

@@ -1,0 +1,219 @@
+"""Shared arrays: creation, handles, cross-process visibility, lifetime and security."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import cloudpickle
+import numpy as np
+import pytest
+from conftest import TIMEOUT, shm_segments, wait_until
+
+import parrun
+
+
+def test_constructors_return_shared_arrays():
+    a = parrun.empty((3, 4), np.float32)
+    z = parrun.zeros(5, np.int16)
+    f = parrun.full((2, 2), 7.5)
+    s = parrun.asshared(np.arange(6).reshape(2, 3))
+    for arr in (a, z, f, s):
+        assert isinstance(arr, parrun.SharedArray) and isinstance(arr, np.ndarray)
+        assert parrun.is_shared(arr)
+    assert a.shape == (3, 4) and a.dtype == np.float32
+    assert z.dtype == np.int16 and not z.any()
+    assert f.dtype == np.float64 and (f == 7.5).all()
+    np.testing.assert_array_equal(s, np.arange(6).reshape(2, 3))
+    assert parrun.asshared(s) .segment == s.segment  # already shared: no copy
+    assert not parrun.is_shared(np.arange(3))
+
+
+def test_arithmetic_results_are_plain_arrays():
+    a = parrun.full(4, 2.0)
+    assert type(a + 1) is np.ndarray
+    assert type(a[1:]) is parrun.SharedArray
+    assert float(a.sum()) == 8.0
+
+
+@pytest.mark.parametrize("dtype", [object, np.dtype([("a", "O")])])
+def test_object_dtype_is_refused(dtype):
+    with pytest.raises(TypeError, match="Python objects"):
+        parrun.empty(3, dtype)
+    with pytest.raises(TypeError, match="Python objects"):
+        parrun.asshared(np.array([1, "x"], dtype=object))
+
+
+def test_bad_shape_is_refused():
+    with pytest.raises(ValueError, match="negative"):
+        parrun.empty((2, -1))
+
+
+def test_handle_of_512_mib_array_is_small():
+    a = parrun.empty(2**27, np.float32)  # 512 MiB
+    try:
+        assert len(pickle.dumps(a)) < 1024
+        assert len(cloudpickle.dumps(a)) < 1024
+        assert len(pickle.dumps(a[::3])) < 1024
+        assert len(cloudpickle.dumps(lambda: a[5:].sum())) < 4096
+        assert len(parrun._shm.dumps(lambda: np.asarray(a)[:9].sum())) < 4096
+    finally:
+        a.release()
+
+
+VIEWS = {
+    "whole": lambda a: a,
+    "slice": lambda a: a[3:17],
+    "strided": lambda a: a[::3, 1::2],
+    "negative": lambda a: a[::-1, ::-2],
+    "transposed": lambda a: a.T,
+    "reshaped": lambda a: a.reshape(-1)[5:95].reshape(9, 10),
+    "fortran": lambda a: np.asfortranarray(a).view(parrun.SharedArray),  # a copy: not shared
+    "readonly": lambda a: _readonly(a[2:]),
+}
+
+
+def _readonly(v):
+    v.flags.writeable = False
+    return v
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
+def test_views_round_trip(name, dumps):
+    a = parrun.asshared(np.arange(20 * 30, dtype=np.float64).reshape(20, 30))
+    v = VIEWS[name](a)
+    data = dumps(v)
+    w = pickle.loads(data)
+    np.testing.assert_array_equal(w, v)
+    assert w.strides == v.strides and w.dtype == v.dtype
+    if parrun.is_shared(v):
+        assert len(data) < 1024
+        assert np.shares_memory(w, a)
+        assert w.flags.writeable == v.flags.writeable
+    else:
+        assert len(data) > v.nbytes  # not shared: pickled by value
+    a.release()
+
+
+CHILD = textwrap.dedent("""
+    import pickle, sys
+    import numpy as np
+    import parrun
+    v = pickle.loads(sys.stdin.buffer.read())
+    assert v.sum() == 0
+    v[:] = 7
+    print("ok", flush=True)
+""")
+
+
+def test_another_process_sees_and_writes_the_same_memory():
+    a = parrun.zeros((100, 10), np.int64)
+    view = a[10:20]
+    r = subprocess.run([sys.executable, "-c", CHILD], input=pickle.dumps(view),
+                       capture_output=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr.decode()
+    assert (a[10:20] == 7).all() and a[:10].sum() == 0 and a[20:].sum() == 0
+    # The child attached without registering the segment with its resource tracker: the
+    # segment survives its exit (CPython 3.11's SharedMemory would have unlinked it).
+    assert a.segment in shm_segments()
+    assert b"leaked" not in r.stderr
+    a.release()
+
+
+def test_release_and_context_manager_unlink():
+    a = parrun.empty(10)
+    name = a.segment
+    assert name in shm_segments()
+    a.release()
+    assert name not in shm_segments()
+    a.release()  # idempotent
+    with parrun.zeros(4) as b:
+        name = b.segment
+        assert name in shm_segments()
+    assert name not in shm_segments()
+
+
+def test_garbage_collection_of_last_view_unlinks():
+    a = parrun.empty((10, 10))
+    name = a.segment
+    v = a[2:4]
+    del a
+    gc.collect()
+    assert name in shm_segments()  # a view is still alive
+    del v
+    gc.collect()
+    assert name not in shm_segments()
+
+
+def test_segments_are_private_and_unguessable():
+    arrays = [parrun.empty(8) for _ in range(20)]
+    names = [a.segment for a in arrays]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert name.startswith(f"parrun_{os.getpid()}_")
+        token = name.rsplit("_", 1)[1]
+        assert len(token) * 4 >= 64
+        int(token, 16)
+        mode = stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode)
+        assert mode == 0o600, oct(mode)
+    for a in arrays:
+        a.release()
+
+
+def test_unpickling_a_released_array_fails_clearly():
+    a = parrun.empty(4)
+    handle = parrun._shm.handle_of(a)
+    a.release()
+    with pytest.raises(parrun.SharedMemoryError, match="no longer exists"):
+        parrun._shm.from_handle(handle)
+
+
+PARENT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import parrun
+    keep = [parrun.empty(1000) for _ in range(3)]
+    pool = parrun.Pool(2)
+    out = pool.map(np.sqrt, keep[0])
+    print(" ".join(map(str, pool.pids)), flush=True)
+    if sys.argv[1] == "busy":
+        pool.map(lambda x: (time.sleep(30), x)[1], np.zeros(4), grain=1)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("phase", ["idle", "busy"])
+def test_sigkill_of_parent_leaves_no_segment_and_no_worker(phase):
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, phase], stdout=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline().decode().split()
+        pids = [int(p) for p in line]
+        assert len(pids) == 2
+        assert wait_until(lambda: len(shm_segments(proc.pid)) >= 4, timeout=5)
+        if phase == "busy":
+            import time
+
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+    def workers_gone():
+        import psutil
+
+        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                       for p in pids)
+
+    assert wait_until(workers_gone, timeout=5), "workers outlived their parent"
+    assert wait_until(lambda: not shm_segments(proc.pid), timeout=10), \
+        f"segments left after SIGKILL: {shm_segments(proc.pid)}"
