@@ -74,7 +74,7 @@ def machine_info() -> dict:
                                                 "num_threads")} for i in threadpool_info()]
     except Exception:
         info["blas"] = "threadpoolctl could not inspect"
-    from ._pool import default_start_method
+    from ._process import default_start_method
 
     info["default_workers"] = parrun.default_workers()
     info["start_method"] = default_start_method()

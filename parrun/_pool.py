@@ -51,6 +51,7 @@ import numpy as np
 from . import _protocol as P
 from . import _shm
 from ._errors import PoolClosedError, WorkerCrashed, describe_exit
+from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
 
 # Bytes of input per piece. Smaller pieces pay the ~5 us of per-piece bookkeeping too often;
@@ -98,12 +99,6 @@ def default_workers() -> int:
             raise ValueError(f"PARRUN_NUM_WORKERS must be a positive integer, got {env!r}")
         return n
     return usable_cores()
-
-
-def default_start_method() -> str:
-    """'forkserver' where available: safe with threads in the parent, fast after the first
-    start. 'spawn' elsewhere."""
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
 @dataclass(frozen=True)
@@ -202,10 +197,7 @@ class Pool:
         self.blas_threads = blas_threads
         self.start_method = start_method or default_start_method()
         self._ctx = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # Workers fork from a server that has imported numpy and parrun already; leaving
-            # out '__main__' keeps the user's script from being imported a second time.
-            self._ctx.set_forkserver_preload(["parrun._worker"])
+        self._Process = process_class(self.start_method)
         self._cpus = sorted(os.sched_getaffinity(0)) if (pin and hasattr(
             os, "sched_getaffinity")) else None
         self._lock = threading.RLock()
@@ -242,7 +234,7 @@ class Pool:
         cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
         st_r, st_w = self._ctx.Pipe(duplex=False)
         cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
-        proc = self._ctx.Process(
+        proc = self._Process(
             target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
             args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu))
         proc.start()
@@ -413,6 +405,7 @@ class Pool:
         fn_key, fn_data, takes_out = self._register(fn)
         red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
         temps: list[np.ndarray] = []
+        allocated = None  # an out this call made: released if the call fails
         try:
             ins = []
             for a in arrs:
@@ -423,20 +416,23 @@ class Pool:
                     h = _shm.handle_of(a)
                 ins.append(h)
             target, start, copy_back, out_h = out, 0, None, None
-            probe_ns = 0
-            if reduce is None:
-                if target is None:
-                    start = min(n, grain if not adaptive else PROBE_ROWS)
-                    target, probe_ns = _allocate_from_probe(fn, arrs, start, n)
-                out_h = _shm.handle_of(target)
-                if out_h is None:
-                    copy_back, target = target, _shm.empty(target.shape, target.dtype)
-                    temps.append(target)
-                    out_h = _shm.handle_of(target)
             with self._lock:
                 self._check_open()
-                if adaptive and probe_ns and fn_key not in self._cost:
-                    self._cost[fn_key] = probe_ns / start
+                if reduce is None:
+                    if target is None:
+                        start = min(n, grain if not adaptive else PROBE_ROWS)
+                        if start:
+                            res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
+                            if adaptive and fn_key not in self._cost:
+                                self._cost[fn_key] = probe_ns / start
+                        else:  # nothing to split: learn the result's type here
+                            res = fn(*arrs)
+                        target = allocated = _allocate_from_probe(res, start, n)
+                    out_h = _shm.handle_of(target)
+                    if out_h is None:
+                        copy_back, target = target, _shm.empty(target.shape, target.dtype)
+                        temps.append(target)
+                        out_h = _shm.handle_of(target)
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
                                        adaptive, takes_out, red, initial)
             if reduce is not None:
@@ -444,7 +440,12 @@ class Pool:
             if copy_back is not None:
                 np.copyto(copy_back, target)
                 return copy_back
+            allocated = None
             return target
+        except BaseException:
+            if allocated is not None:
+                allocated.release()
+            raise
         finally:
             for t in temps:
                 t.release()
@@ -464,8 +465,20 @@ class Pool:
             k = min(k, max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
         return k
 
+    def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
+        """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
+        nanoseconds it took. Retried once if that worker dies."""
+        for attempt in (1, 2):
+            try:
+                return self._run_job(fn_key, fn_data, ins, None, rows, 0, rows, False, False,
+                                     None, P.NOTHING, collect=True)
+            except WorkerCrashed:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
-                 initial):
+                 initial, collect=False):
         t0 = time.perf_counter()
         self._job_id += 1
         cost = self._cost.get(fn_key, 0.0) if adaptive else 0.0
@@ -500,7 +513,7 @@ class Pool:
                 self._replace(slot)
             if result.interrupted is not None:
                 raise result.interrupted
-            if error is not None or red is not None or not lost:
+            if error is not None or red is not None or collect or not lost:
                 break
             # Re-run what dead workers left (map pieces are idempotent), one range per slot
             # and phase; the others steal from it as usual.
@@ -522,13 +535,15 @@ class Pool:
             probe_items=start, recovered=recovered)
         if error is not None:
             raise error
-        if red is not None:
+        if red is not None or collect:
             if crashed:
                 slot, pid, code = crashed[0]
                 raise WorkerCrashed(
                     f"worker {slot} (pid {pid}) died during map_reduce ({describe_exit(code)}); "
                     "its partial result is lost. A replacement worker has started; call again.",
                     pid=pid, exitcode=code)
+            if collect:
+                return partials[0], busy_ns
             return _fold(red[2], partials, initial)
         return None
 
@@ -590,12 +605,17 @@ class Pool:
                 if r in pending:
                     slot = pending[r]
                     try:
-                        done = pickle.loads(r.recv_bytes())
-                    except EOFError:
-                        continue  # died: the sentinel will say so
+                        data = r.recv_bytes()
+                    except (EOFError, OSError):  # it died before saying it was done
+                        self._workers[slot].process.join(STOP_TIMEOUT)
+                        del pending[r]
+                        sentinels = {s: k for s, k in sentinels.items() if k != slot}
+                        result.dead.append(slot)
+                        continue
+                    try:
+                        done = pickle.loads(data)
                     except Exception as e:  # a partial result that fails to unpickle
                         done = P.Done(job.job_id, slot, e, P.NOTHING)
-                        result.error = result.error or e
                     if done.job_id != job.job_id:
                         continue
                     del pending[r]
@@ -605,13 +625,11 @@ class Pool:
                     if done.partial is not P.NOTHING:
                         result.partials.append(done.partial)
                 elif r in sentinels:
-                    slot = sentinels.pop(r)
-                    w = self._workers[slot]
-                    if w.status in pending and w.status.poll():
-                        continue  # its Done is waiting in the pipe: read that first
-                    w.process.join(1.0)
-                    pending.pop(w.status, None)
-                    result.dead.append(slot)
+                    # Dead. Its status pipe is now readable (a last message or EOF); reading
+                    # it above decides, so that a Done sent before dying still counts.
+                    w = self._workers[sentinels[r]]
+                    if w.status not in pending:
+                        del sentinels[r]
         return result
 
     # -- introspection --------------------------------------------------------------------
@@ -755,13 +773,9 @@ def _check_out(out: Any, n: int) -> np.ndarray:
     return out
 
 
-def _allocate_from_probe(fn, ins: list[np.ndarray], rows: int,
-                         n: int) -> tuple[np.ndarray, int]:
-    """Run ``fn`` on the first ``rows`` rows here; allocate ``out`` from its result and keep
-    the result as those rows of ``out``. Return ``out`` and the nanoseconds ``fn`` took."""
-    t0 = time.perf_counter_ns()
-    res = fn(*[a[:rows] for a in ins])
-    fn_ns = time.perf_counter_ns() - t0
+def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:
+    """Allocate ``out`` for ``n`` rows from ``res``, what fn returned for the first ``rows``
+    rows, and keep ``res`` as those rows of ``out``."""
     if res is None:
         raise TypeError("fn returned None; map needs fn to return an array with one row per "
                         "input row (use map_reduce to reduce)")
@@ -773,7 +787,7 @@ def _allocate_from_probe(fn, ins: list[np.ndarray], rows: int,
         raise TypeError(f"fn returned dtype {res.dtype}; results must be numeric")
     out = _shm.empty((n, *res.shape[1:]), res.dtype)
     out[:rows] = res
-    return out, fn_ns
+    return out
 
 
 def _close_all_pools() -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from . import _protocol as P
 from . import _shm
 from ._errors import exception_for_transport
+from ._process import detach_from_forkserver
 from ._scheduler import ControlBlock, now_ns
 
 
@@ -209,6 +210,7 @@ def _spin(cmd) -> None:
 def main(slot: int, cmd, status, control_name: str, nslots: int,
          blas_threads: int | None, cpu: int | None) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    detach_from_forkserver()
     _die_with_parent()
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,360 @@
+"""parrun.map / map_reduce on real worker processes: results, stats, errors, crashes."""
+
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+from conftest import shm_segments
+
+import parrun
+
+
+def chain(x):
+    return np.tanh(1.7 * x + 0.3) ** 2 - 0.5 * x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.complex128, bool])
+def test_map_matches_numpy(pool, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(10_001) * 5).astype(dtype)
+    fn = (lambda t: t * 2) if dtype is not bool else np.logical_not
+    y = pool.map(fn, x)
+    np.testing.assert_array_equal(y, fn(x))
+    assert y.dtype == fn(x).dtype and parrun.is_shared(y)
+    y.release()
+
+
+def test_map_chain_several_inputs_and_rows(pool):
+    rng = np.random.default_rng(2)
+    a = parrun.asshared(rng.standard_normal((5000, 7)).astype(np.float32))
+    b = rng.standard_normal((5000, 7)).astype(np.float32)  # not shared: copied once
+    y = pool.map(lambda p, q: chain(p) + q, a, b)
+    np.testing.assert_allclose(y, chain(a) + b, rtol=1e-6)
+    st = pool.last_stats
+    assert st.items == 5000
+    assert sum(w.items for w in st.workers) + st.probe_items == 5000
+    assert st.pieces >= 2 and len(st.workers) == 2
+    assert all(w.busy_s >= 0 and w.idle_s >= 0 for w in st.workers)
+    assert "pieces" in str(st)
+    y.release()
+    a.release()
+
+
+def test_map_into_out(pool):
+    x = parrun.asshared(np.linspace(0, 1, 30_000))
+    out = parrun.empty(30_000)
+    assert pool.map(np.sqrt, x, out=out) is out  # a ufunc: it writes into out itself
+    np.testing.assert_allclose(out, np.sqrt(x))
+    plain = np.zeros(30_000)  # a plain out: filled through a shared temporary
+    assert pool.map(chain, x, out=plain) is plain
+    np.testing.assert_allclose(plain, chain(x))
+
+    def kernel(x, out):
+        np.multiply(x, 3, out=out)
+
+    pool.map(kernel, x, out=out, grain=1000)
+    np.testing.assert_allclose(out, 3 * x)
+    assert pool.last_stats.pieces >= 30  # pieces of at most 1000 rows
+    x.release()
+    out.release()
+
+
+def test_map_in_place(pool):
+    x = parrun.asshared(np.arange(10_000, dtype=np.float64))
+    pool.map(lambda t: t + 1, x, out=x)
+    np.testing.assert_array_equal(x, np.arange(1, 10_001))
+    x.release()
+
+
+def test_map_reduce(pool):
+    rng = np.random.default_rng(3)
+    x = parrun.asshared(rng.standard_normal(100_000))
+    assert np.isclose(pool.map_reduce(np.sum, operator.add, x), x.sum())
+    bins = np.linspace(-4, 4, 17)
+    hist = parrun.map_reduce(lambda t: np.histogram(t, bins)[0], operator.add, x, pool=pool)
+    np.testing.assert_array_equal(hist, np.histogram(x, bins)[0])
+    assert pool.map_reduce(np.max, max, x) == x.max()
+    empty = np.zeros(0)
+    assert pool.map_reduce(np.sum, operator.add, empty, initial=5.0) == 5.0
+    with pytest.raises(ValueError, match="empty"):
+        pool.map_reduce(np.sum, operator.add, empty)
+    x.release()
+
+
+def test_empty_and_tiny_inputs(pool):
+    y = pool.map(np.negative, np.zeros((0, 3)))
+    assert y.shape == (0, 3)
+    y.release()
+    y = pool.map(np.negative, np.ones(1))
+    assert y.tolist() == [-1.0]
+    y.release()
+
+
+def _uneven(idx):
+    out = np.empty(len(idx))
+    for j, i in enumerate(idx):
+        out[j] = np.sqrt(np.arange(1 + int(i) * 100, dtype=np.float64)).sum()
+    return out
+
+
+def test_uneven_work_is_stolen(pool):
+    idx = parrun.asshared(np.arange(400))
+    y = pool.map(_uneven, idx, grain=1)
+    np.testing.assert_allclose(y, _uneven(idx))
+    st = pool.last_stats
+    assert st.steals >= 1  # worker 0's half is cheap: it must steal from worker 1
+    assert all(w.items > 0 for w in st.workers)
+    y.release()
+    idx.release()
+
+
+def test_exception_carries_worker_traceback_and_pool_survives(pool):
+    def boom(x):
+        if x[0] >= 500:
+            raise KeyError(f"bad row {x[0]}")
+        return x
+
+    x = parrun.asshared(np.arange(1000))
+    out = parrun.empty(1000, np.int64)
+    with pytest.raises(KeyError, match="bad row") as info:
+        pool.map(boom, x, out=out, grain=10)
+    cause = info.value.__cause__
+    assert isinstance(cause, parrun.RemoteTraceback)
+    assert "boom" in str(cause) and "KeyError" in str(cause)
+    np.testing.assert_array_equal(pool.map(np.negative, x), -x)  # still usable
+    x.release()
+    out.release()
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("no pickling here")
+
+    def __call__(self, x):
+        return x
+
+
+def test_bad_arguments_give_clear_errors(pool):
+    x = np.arange(10.0)
+    with pytest.raises(TypeError, match="Python objects"):
+        pool.map(lambda t: t, np.array([1, "a"], dtype=object))
+    with pytest.raises(ValueError, match="same length"):
+        pool.map(np.add, x, np.arange(11.0))
+    with pytest.raises(ValueError, match="out has shape"):
+        pool.map(np.negative, x, out=np.zeros(9))
+    with pytest.raises(TypeError, match="dtype"):
+        pool.map(lambda t: t * 1.5, x, out=parrun.zeros(10, np.int64))
+    with pytest.raises(TypeError, match="callable"):
+        pool.map(42, x)
+    with pytest.raises(TypeError, match="could not be pickled"):
+        pool.map(Unpicklable(), x)
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="could not be pickled"):
+        pool.map(lambda t: (lock, t)[1], x)
+    with pytest.raises(ValueError, match="0-dimensional"):
+        pool.map(np.negative, np.float64(3.0))
+    with pytest.raises(ValueError, match="grain"):
+        pool.map(np.negative, x, grain=0)
+    with pytest.raises(TypeError, match="grain"):
+        pool.map(np.negative, x, grain=2.5)
+    with pytest.raises(TypeError, match="at least one array"):
+        pool.map(np.negative)
+    with pytest.raises(ValueError, match="shape"):
+        pool.map(lambda t: t[:1], np.arange(100.0), grain=10)
+    with pytest.raises(TypeError, match="None"):
+        pool.map(lambda t: None, x)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.zeros(10)
+        ro.flags.writeable = False
+        pool.map(np.negative, x, out=ro)
+    np.testing.assert_array_equal(pool.map(np.negative, x), -x)
+
+
+def test_closed_pool_refuses_work():
+    p = parrun.Pool(1)
+    p.close()
+    p.close()
+    with pytest.raises(parrun.PoolClosedError, match="closed"):
+        p.map(np.negative, np.ones(3))
+    with pytest.raises(RuntimeError):
+        p.map(np.negative, np.ones(3))
+    assert "closed" in repr(p)
+
+
+def test_function_is_shipped_once_per_worker(pool):
+    counter = parrun.zeros(1, np.int64)
+
+    class Counted:
+        """Counts its own unpicklings in a shared counter."""
+
+        def __init__(self, c):
+            self.c = c
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            self.c[0] += 1
+
+        def __call__(self, x):
+            return x + 1
+
+    fn = Counted(counter)
+    x = parrun.asshared(np.arange(20_000.0))
+    out = parrun.empty(20_000)
+    for _ in range(5):
+        pool.map(fn, x, out=out, grain=100)
+    assert 1 <= counter[0] <= pool.workers  # at most once per worker, not per call or piece
+    np.testing.assert_array_equal(out, x + 1)
+    for a in (counter, x, out):
+        a.release()
+
+
+def test_workers_use_one_blas_thread(pool):
+    def blas_threads(x):
+        from threadpoolctl import threadpool_info
+
+        n = max([i["num_threads"] for i in threadpool_info()] or [1])
+        return np.full(len(x), n)
+
+    assert set(pool.map(blas_threads, np.zeros(8), grain=1).tolist()) == {1}
+
+
+def test_pinned_workers():
+    with parrun.Pool(2, pin=True) as p:
+        import psutil
+
+        cpus = sorted(os.sched_getaffinity(0))
+        for k, pid in enumerate(p.pids):
+            assert psutil.Process(pid).cpu_affinity() == [cpus[k % len(cpus)]]
+        assert p.map(np.negative, np.ones(4)).tolist() == [-1] * 4
+
+
+def test_pool_starts_while_parent_has_threads():
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with parrun.Pool(2) as p:
+            assert p.startup_s < 30
+            assert p.map(np.negative, np.ones(100)).sum() == -100
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_default_pool_is_lazy_and_reused(monkeypatch):
+    a = parrun.default_pool()
+    assert parrun.default_pool() is a
+    assert np.array_equal(parrun.map(np.negative, np.ones(5)), -np.ones(5))
+    a.close()
+    b = parrun.default_pool()
+    assert b is not a and not b.closed
+
+
+def test_worker_count_from_environment(monkeypatch):
+    monkeypatch.setenv("PARRUN_NUM_WORKERS", "3")
+    assert parrun.default_workers() == 3
+    monkeypatch.setenv("PARRUN_NUM_WORKERS", "zero")
+    with pytest.raises(ValueError, match="PARRUN_NUM_WORKERS"):
+        parrun.default_workers()
+    monkeypatch.delenv("PARRUN_NUM_WORKERS")
+    assert parrun.default_workers() == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="greater than 0"):
+        parrun.Pool(0)
+
+
+def _kill_once(flag):
+    def fn(x):
+        if x[0] >= 3000 and flag[0] == 0:
+            flag[0] = os.getpid()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x * 2
+    return fn
+
+
+def test_worker_killed_mid_map_is_recovered():
+    with parrun.Pool(2) as p:
+        flag = parrun.zeros(1, np.int64)
+        x = parrun.asshared(np.arange(10_000, dtype=np.float64))
+        before = set(p.pids)
+        y = p.map(_kill_once(flag), x, grain=100)
+        np.testing.assert_array_equal(y, 2 * x)  # every piece ran, lost ones again
+        assert flag[0] in before
+        assert p.last_stats.recovered >= 1
+        assert flag[0] not in p.pids and len(p.pids) == 2  # replaced
+        np.testing.assert_array_equal(p.map(np.negative, x), -x)
+        for a in (flag, x, y):
+            a.release()
+
+
+def test_worker_killed_mid_reduce_raises_clearly():
+    with parrun.Pool(2) as p:
+        flag = parrun.zeros(1, np.int64)
+        x = parrun.asshared(np.arange(10_000, dtype=np.float64))
+        with pytest.raises(parrun.WorkerCrashed, match=r"SIGKILL\(-9\)") as info:
+            p.map_reduce(lambda t: _kill_once(flag)(t).sum(), operator.add, x, grain=100)
+        assert isinstance(info.value, parrun.BrokenPool)
+        from concurrent.futures.process import BrokenProcessPool
+
+        assert isinstance(info.value, BrokenProcessPool)
+        assert info.value.pid == flag[0] and str(flag[0]) in str(info.value)
+        assert p.map_reduce(np.sum, operator.add, x) == x.sum()
+        flag.release()
+        x.release()
+
+
+def test_worker_segfault_is_recovered():
+    with parrun.Pool(2) as p:
+        flag = parrun.zeros(1, np.int64)
+
+        def segv(x):
+            if x[0] >= 50 and flag[0] == 0:
+                flag[0] = 1
+                import ctypes
+
+                ctypes.string_at(0)  # SIGSEGV
+            return x + 1
+
+        y = p.map(segv, np.arange(200.0), grain=10)
+        np.testing.assert_array_equal(y, np.arange(1.0, 201.0))
+        assert flag[0] == 1
+        flag.release()
+        y.release()
+
+
+def test_temporary_copies_are_released(pool):
+    before = shm_segments(os.getpid())
+    pool.map(np.negative, np.ones(1000), out=np.empty(1000))
+    assert shm_segments(os.getpid()) == before
+
+
+@pytest.mark.skipif(pytest.importorskip.__module__ is None, reason="")
+def test_numba_kernel(pool):
+    numba = pytest.importorskip("numba")
+
+    @numba.njit(cache=False)
+    def escape(c):
+        out = np.empty(c.shape[0], np.int64)
+        for i in range(c.shape[0]):
+            z = 0j
+            n = 0
+            while n < 50 and abs(z) <= 2:
+                z = z * z + c[i]
+                n += 1
+            out[i] = n
+        return out
+
+    c = np.linspace(-2, 1, 5000) + 0.5j
+    np.testing.assert_array_equal(pool.map(escape, c), escape(c))
+
+
+def test_public_api_is_sorted_and_complete():
+    assert parrun.__all__ == sorted(parrun.__all__)
+    public = {n for n in dir(parrun) if not n.startswith("_")} - {"annotations"}
+    assert public <= set(parrun.__all__) | {"nn"}
+    assert parrun.Pool.__module__ == "parrun"
+    assert repr(parrun.Pool).startswith("<class 'parrun.Pool'")
