@@ -332,7 +332,6 @@ def test_temporary_copies_are_released(pool):
     assert shm_segments(os.getpid()) == before
 
 
-@pytest.mark.skipif(pytest.importorskip.__module__ is None, reason="")
 def test_numba_kernel(pool):
     numba = pytest.importorskip("numba")
 
