@@ -17,13 +17,16 @@ from ._errors import (
     SharedMemoryError,
     WorkerCrashed,
 )
+from ._futures import Executor
 from ._pool import JobStats, Pool, WorkerStats, default_workers
 from ._shm import SharedArray, asshared, empty, full, is_shared, zeros
+from ._tasks import TaskStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokenPool",
+    "Executor",
     "JobStats",
     "ParrunError",
     "Pool",
@@ -31,6 +34,7 @@ __all__ = [
     "RemoteTraceback",
     "SharedArray",
     "SharedMemoryError",
+    "TaskStats",
     "WorkerCrashed",
     "WorkerStats",
     "__version__",

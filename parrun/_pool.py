@@ -42,6 +42,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait
 from typing import Any
@@ -50,7 +51,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
-from ._errors import PoolClosedError, WorkerCrashed, describe_exit
+from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
 
@@ -178,13 +179,19 @@ class Pool:
         blas_threads: BLAS threads per worker (threadpoolctl); None leaves BLAS alone.
         pin: pin worker k to the k-th usable core (psutil).
         start_method: 'forkserver' (default on Linux) or 'spawn'.
+        initializer: called as ``initializer(*initargs)`` in each worker when it starts (and
+            in replacements); if it raises, the pool cannot start: ``BrokenPool``.
+        retries: how many times a submitted task whose worker died is run again before its
+            future fails with ``WorkerCrashed``.
 
     The pool is a context manager; ``close()`` stops the workers and frees the pool's segments.
-    One job runs at a time; calls from several threads queue.
+    One job (a map, or the tasks in flight) runs at a time; calls from several threads queue.
     """
 
     def __init__(self, workers: int | None = None, *, blas_threads: int | None = 1,
-                 pin: bool = False, start_method: str | None = None):
+                 pin: bool = False, start_method: str | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+                 retries: int = 0):
         if workers is None:
             workers = default_workers()
         if isinstance(workers, bool) or not isinstance(workers, int):
@@ -193,6 +200,21 @@ class Pool:
             raise ValueError(f"workers must be greater than 0, got {workers}")
         if blas_threads is not None and blas_threads < 1:
             raise ValueError(f"blas_threads must be None or greater than 0, got {blas_threads}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._initializer = None
+        if initializer is not None:
+            try:
+                self._initializer = _shm.dumps((initializer, tuple(initargs)))
+            except Exception as e:
+                raise TypeError(f"initializer or initargs could not be pickled: {e}") from e
+        self.retries = retries
+        self._tasks: Any = None
+        self._tasks_lock = threading.Lock()
+        self._stopped = False
+        self._terminating = False
         self.workers = workers
         self.blas_threads = blas_threads
         self.start_method = start_method or default_start_method()
@@ -208,10 +230,11 @@ class Pool:
         # how many workers a small job is worth waking.
         self._cost: OrderedDict[bytes, float] = OrderedDict()
         self._released = _shm.ReleaseLog()
-        seg, raw = _shm.create_segment(control_size(workers))
+        seg, raw = _shm.create_segment(control_size(workers), keep_fd=True)
         self._control_name = seg.name
         self._control_raw = raw
-        self._cb = ControlBlock(raw, -1, workers)  # the parent never takes locks
+        # The parent takes slot locks only when it adds submitted tasks to ranges.
+        self._cb = ControlBlock(raw, seg.fd, workers)
         self._workers: list[_WorkerHandle | None] = [None] * workers
         self.last_stats: JobStats | None = None
         t0 = time.perf_counter()
@@ -236,7 +259,8 @@ class Pool:
         cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
         proc = self._Process(
             target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
-            args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu))
+            args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu,
+                  self._initializer))
         proc.start()
         cmd_r.close()
         st_w.close()
@@ -249,6 +273,10 @@ class Pool:
                 msg = pickle.loads(w.status.recv_bytes())
                 if isinstance(msg, P.Ready):
                     return
+                if isinstance(msg, P.InitFailed):
+                    w.process.join(STOP_TIMEOUT)
+                    raise BrokenPool(f"the initializer failed in worker {w.slot} (pid "
+                                     f"{w.pid}); the pool cannot start") from msg.error
             except EOFError:
                 pass
         w.process.join(0.5)
@@ -274,6 +302,13 @@ class Pool:
                 w.process.join(STOP_TIMEOUT)
                 _close_handle(w)
 
+    def _own_segments(self) -> set[str]:
+        """Names of the segments the pool itself holds (control block, task arena)."""
+        names = {self._control_name}
+        if self._tasks is not None and self._tasks.arena_seg is not None:
+            names.add(self._tasks.arena_seg.name)
+        return names
+
     @property
     def pids(self) -> list[int]:
         """Process ids of the current workers."""
@@ -284,11 +319,19 @@ class Pool:
         return self._closed
 
     def close(self) -> None:
-        """Stop the workers and free the pool's own segments. Idempotent."""
+        """Stop the workers and free the pool's own segments. Idempotent.
+
+        Submitted tasks that have not started are cancelled; those running finish first.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._tasks is not None:
+            self._tasks.close()
         with self._lock:
-            if self._closed:
+            if self._stopped:
                 return
-            self._closed = True
+            self._stopped = True
             stop = pickle.dumps(P.Stop())
             for w in self._workers:
                 if w is not None:
@@ -303,6 +346,60 @@ class Pool:
             self._terminate_all()
             _shm.release_segment(self._control_name)
             _live_pools.discard(self)
+
+    def terminate(self) -> None:
+        """Stop now: kill the workers, fail tasks in flight with ``BrokenPool``, free the
+        pool's segments."""
+        self._closed = True
+        self._terminating = True
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.cancel_pending()
+            with tasks.cv:
+                tasks.closing = True
+                tasks.cv.notify()
+        for w in self._workers:
+            if w is not None and w.process.is_alive():
+                w.process.kill()
+        if tasks is not None:
+            tasks.close(timeout=STOP_TIMEOUT)
+            tasks.fail_all(BrokenPool("the pool was terminated"))
+        self.close()
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._terminate_all()
+                _shm.release_segment(self._control_name)
+                _live_pools.discard(self)
+
+    # -- tasks ----------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``.
+
+        The task enters the same work-stealing scheduler as ``map`` (a range of one item).
+        Shared arrays in the arguments travel as handles; plain arrays of 1 MiB or more go
+        through a temporary shared segment, and so do such results; the rest is pickled
+        (cloudpickle). Exceptions, a dead worker (``WorkerCrashed``) and unpicklable
+        arguments or results end up on the future.
+        """
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        tasks = self._tasks
+        if tasks is None:
+            with self._tasks_lock:
+                self._check_open()
+                if self._tasks is None:
+                    from ._tasks import TaskService
+
+                    self._tasks = TaskService(self, self.retries)
+                tasks = self._tasks
+        return tasks.submit(fn, args, kwargs)
+
+    @property
+    def task_stats(self) -> Any:
+        """Counters of submitted tasks (``TaskStats``), or None before the first submit."""
+        return None if self._tasks is None else self._tasks.stats
 
     def __enter__(self) -> Pool:
         return self

@@ -93,3 +93,46 @@ class BadFunction:
     """Worker-side placeholder for a function that failed to unpickle."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class TaskWake:
+    """Parent -> worker: serve tasks from the control block until none is left.
+
+    Task ``tid``'s payload lies in slot ``tid % cap`` of the arena segment: an int64 length
+    L, the 16-byte function key, then the pickled ``(args, kwargs)`` of L bytes; or, when
+    L < 0, the name of a segment that holds those -L bytes (a 64-byte field).
+    """
+
+    arena: str
+    cap: int
+    slot_bytes: int
+
+
+@dataclass(frozen=True)
+class TaskResults:
+    """Worker -> parent: the outcome of one piece of tasks.
+
+    ``results`` holds ``(tid, ok, payload)``: ``payload`` is the pickled result if ``ok``,
+    else a pickled transportable exception.
+    """
+
+    slot: int
+    results: list
+    busy_ns: int
+    idle: bool = False  # nothing was left to take or steal: the worker is going idle
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Worker -> parent: found no task to take or steal; back to waiting."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    """Worker -> parent: the pool's initializer raised; the worker exits."""
+
+    slot: int
+    error: Any

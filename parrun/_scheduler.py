@@ -142,6 +142,33 @@ class ControlBlock:
             if not self._steal(me):
                 return None
 
+    def give_back(self, me: int, lo: int, hi: int) -> bool:
+        """Return the unstarted end ``[lo, hi)`` of worker ``me``'s current piece to its
+        range (which must start at ``hi`` or be empty). False if it could not."""
+        w = self.words
+        base = HEADER + SLOT * me
+        self._lock(me)
+        try:
+            a, b = w[base + LO], w[base + HI]
+            if a >= b:
+                w[base + HI] = hi
+            elif a != hi:
+                return False
+            w[base + LO] = lo
+            w[base + CUR_HI] = lo
+            return True
+        finally:
+            self._unlock(me)
+
+    def has_work(self) -> bool:
+        """True if any range holds items (an unlocked look: a hint, not a promise)."""
+        w = self.words
+        for k in range(self.nslots):
+            b = HEADER + SLOT * k
+            if w[b + HI] > w[b + LO]:
+                return True
+        return False
+
     def done_piece(self, me: int, lo: int, hi: int, busy_ns: int) -> None:
         """Count a finished piece in worker ``me``'s slot."""
         w = self.words
@@ -169,12 +196,14 @@ class ControlBlock:
             self._lock(first)
             self._lock(second)
             try:
+                mb = HEADER + SLOT * me
+                if w[mb + HI] > w[mb + LO]:
+                    return True  # the parent gave us tasks meanwhile: take those instead
                 vb = HEADER + SLOT * victim
                 lo, hi = w[vb + LO], w[vb + HI]
                 if lo >= hi:
                     continue  # someone got there first: look again
                 mid = lo + (hi - lo) // 2
-                mb = HEADER + SLOT * me
                 # Our slot first, then the victim's: a kill in between duplicates, never loses.
                 w[mb + LO], w[mb + HI] = mid, hi
                 w[vb + HI] = mid

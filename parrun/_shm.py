@@ -32,6 +32,7 @@ import weakref
 from multiprocessing import resource_tracker
 from typing import Any
 
+import cloudpickle
 import numpy as np
 
 from ._errors import SharedMemoryError
@@ -103,51 +104,76 @@ def _index_remove(name: str) -> None:
             return
 
 
+def _create_fd(nbytes: int) -> tuple[str, int, int]:
+    """shm_open a new segment (exclusive, mode 0600) and reserve its pages; (name, fd, size)."""
+    name = _new_name()
+    size = max(int(nbytes), 1)  # mmap refuses a length of 0
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        # Reserve the pages now: tmpfs would otherwise accept the size and SIGBUS the first
+        # process that touches a page it has no room for.
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # pragma: no cover - macOS
+            os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        _posixshmem.shm_unlink("/" + name)
+        raise SharedMemoryError(
+            f"cannot create a shared array of {_fmt_bytes(size)} in {_SHM_DIR}: {e.strerror}; "
+            f"{_SHM_DIR} has {_shm_space()}. Free space there (leaked segments are files "
+            f"named {PREFIX}*) or enlarge it.") from e
+    except BaseException:
+        os.close(fd)
+        _posixshmem.shm_unlink("/" + name)
+        raise
+    return name, fd, size
+
+
 class _Segment:
-    """One segment this process created and owns."""
+    """One segment this process owns: it alone unlinks it."""
 
     __slots__ = ("fd", "name", "owner_pid", "raw_first", "raw_ref", "size", "start")
 
-    def __init__(self, nbytes: int, keep_fd: bool = False):
-        self.name = _new_name()
-        self.size = max(int(nbytes), 1)  # mmap refuses a length of 0
+    def __init__(self, name: str, fd: int, size: int, keep_fd: bool = False):
+        self.name = name
+        self.size = size
         self.owner_pid = os.getpid()
-        fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR,
-                                  mode=0o600)
         try:
-            try:
-                # Reserve the pages now: tmpfs would otherwise accept the size and SIGBUS the
-                # first process that touches a page it has no room for.
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fd, 0, self.size)
-                else:  # pragma: no cover - macOS
-                    os.ftruncate(fd, self.size)
-            except OSError as e:
-                raise SharedMemoryError(
-                    f"cannot create a shared array of {_fmt_bytes(self.size)} in {_SHM_DIR}: "
-                    f"{e.strerror}; {_SHM_DIR} has {_shm_space()}. Free space there "
-                    f"(leaked segments are files named {PREFIX}*) or enlarge it."
-                ) from e
-            mm = mmap.mmap(fd, self.size)
+            mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
-            _posixshmem.shm_unlink("/" + self.name)
+            _posixshmem.shm_unlink("/" + name)
             raise
         if keep_fd:
             self.fd = fd
         else:
             os.close(fd)
             self.fd = -1
-        resource_tracker.register("/" + self.name, "shared_memory")
+        resource_tracker.register("/" + name, "shared_memory")
         raw = np.frombuffer(mm, dtype=np.uint8)
         self.raw_ref = weakref.ref(raw)
         self.start = raw.__array_interface__["data"][0]
         with _lock:
-            _owned[self.name] = self
-            _index_add(self.start, self.size, self.name)
+            _owned[name] = self
+            _index_add(self.start, size, name)
         # Unlink when the last view of the memory dies, or at interpreter exit.
-        weakref.finalize(raw, _release_name, self.name)
+        weakref.finalize(raw, _release_name, name)
         self.raw_first: np.ndarray | None = raw  # handed to the creator by take_raw()
+
+    @classmethod
+    def new(cls, nbytes: int, keep_fd: bool = False) -> _Segment:
+        return cls(*_create_fd(nbytes), keep_fd=keep_fd)
+
+    @classmethod
+    def adopt(cls, name: str) -> _Segment:
+        """Take ownership of a segment another process created for us (see create_detached)."""
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except FileNotFoundError:
+            raise SharedMemoryError(f"shared segment {name!r} handed over by a worker no "
+                                    "longer exists") from None
+        return cls(name, fd, os.fstat(fd).st_size)
 
     def take_raw(self) -> np.ndarray:
         raw, self.raw_first = self.raw_first, None
@@ -181,8 +207,50 @@ def _release_name(name: str) -> None:
 
 def create_segment(nbytes: int, keep_fd: bool = False) -> tuple[_Segment, np.ndarray]:
     """Create an owned segment; return it and a uint8 array over all of it."""
-    seg = _Segment(nbytes, keep_fd=keep_fd)
+    seg = _Segment.new(nbytes, keep_fd=keep_fd)
     return seg, seg.take_raw()
+
+
+def create_detached(nbytes: int) -> tuple[str, np.ndarray]:
+    """Create a segment for another process to adopt (a worker's large result).
+
+    It is registered with the resource tracker (shared with the parent), so it is unlinked if
+    nobody adopts it before the parent exits, but this process never unlinks it.
+    """
+    name, fd, size = _create_fd(nbytes)
+    try:
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    resource_tracker.register("/" + name, "shared_memory")
+    return name, np.frombuffer(mm, dtype=np.uint8)
+
+
+def adopt(handle: tuple) -> SharedArray:
+    """Rebuild a worker's result array in the parent, which becomes the segment's owner."""
+    seg = _Segment.adopt(handle[0])
+    raw = seg.take_raw()
+    _name, offset, shape, strides, dtype, _w = handle
+    return np.ndarray(shape, dtype, buffer=raw, offset=offset,
+                      strides=strides).view(SharedArray)
+
+
+def from_handle_transient(handle: tuple) -> np.ndarray:
+    """Map the array a handle describes without caching the mapping: it goes away with the
+    array (used for a task's temporary arguments)."""
+    name, offset, shape, strides, dtype, writeable = handle
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    except FileNotFoundError:
+        raise SharedMemoryError(f"shared segment {name!r} no longer exists") from None
+    try:
+        mm = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    arr = np.ndarray(shape, dtype, buffer=mm, offset=offset, strides=strides)
+    if not writeable:
+        arr.flags.writeable = False
+    return arr
 
 
 def release_segment(name: str) -> None:
@@ -401,23 +469,82 @@ def is_shared(a: Any) -> bool:
     return isinstance(a, np.ndarray) and locate(a) is not None
 
 
+# Plain arrays at least this big travel through a shared segment instead of inside a pickle:
+# one copy instead of three (pickle, pipe, unpickle). Smaller ones are cheaper to pickle than a
+# segment is to create (~30 us).
+BIG_ARRAY_BYTES = 1 << 20
+
+
+class _HandlePickler(cloudpickle.Pickler):
+    """cloudpickle, with every ndarray that lives in shared memory sent as a handle. This
+    catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            handle = handle_of(obj)
+            if handle is not None:
+                return from_handle, (handle,)
+            big = self.big_array(obj)
+            if big is not None:
+                return big
+        return super().reducer_override(obj)
+
+    def big_array(self, obj: np.ndarray):
+        return None
+
+
+class _ArgsPickler(_HandlePickler):
+    """A task's arguments: big plain arrays are copied once into temporary segments that the
+    parent releases when the task is over (``temps``)."""
+
+    def __init__(self, file, protocol=None):
+        super().__init__(file, protocol=protocol)
+        self.temps: list[SharedArray] = []
+
+    def big_array(self, obj):
+        if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
+            return None
+        tmp = asshared(obj)
+        self.temps.append(tmp)
+        return from_handle_transient, (handle_of(tmp),)
+
+
+class _ResultPickler(_HandlePickler):
+    """A worker's result: big plain arrays are copied once into a segment the parent adopts."""
+
+    def big_array(self, obj):
+        if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
+            return None
+        name, raw = create_detached(obj.nbytes)
+        dst = np.ndarray(obj.shape, obj.dtype, buffer=raw)
+        np.copyto(dst, obj, casting="no")
+        return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
+
+
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
-    """cloudpickle ``obj``; any ndarray inside that lives in shared memory goes as a handle.
-
-    This catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say),
-    which ``SharedArray.__reduce_ex__`` alone would not.
-    """
-    import cloudpickle
-
-    class _Pickler(cloudpickle.Pickler):
-        def reducer_override(self, obj):
-            if type(obj) is np.ndarray:
-                handle = handle_of(obj)
-                if handle is not None:
-                    return from_handle, (handle,)
-            return super().reducer_override(obj)
-
+    """cloudpickle ``obj``, sending shared arrays (and views of them) as handles."""
     buf = io.BytesIO()
-    _Pickler(buf, protocol=protocol or 5).dump(obj)
+    _HandlePickler(buf, protocol=protocol or 5).dump(obj)
     return buf.getvalue()
 
+
+def dumps_args(obj: Any) -> tuple[bytes, list[SharedArray]]:
+    """Pickle a task's arguments; return the bytes and the temporary segments to release
+    once the task is over."""
+    buf = io.BytesIO()
+    p = _ArgsPickler(buf, protocol=5)
+    try:
+        p.dump(obj)
+    except BaseException:
+        for t in p.temps:
+            t.release()
+        raise
+    return buf.getvalue(), p.temps
+
+
+def dumps_result(obj: Any) -> bytes:
+    """Pickle a task's result in a worker (big arrays go through segments the parent
+    adopts)."""
+    buf = io.BytesIO()
+    _ResultPickler(buf, protocol=5).dump(obj)
+    return buf.getvalue()

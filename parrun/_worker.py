@@ -80,12 +80,14 @@ def _unpickle_function(data: bytes) -> Any:
 
 
 class _Worker:
-    def __init__(self, slot: int, control_name: str, nslots: int):
+    def __init__(self, slot: int, control_name: str, nslots: int, cmd=None):
         self.slot = slot
+        self.cmd = cmd
         fd, self._control_map = _shm.open_control(control_name)
         self.cb = ControlBlock(self._control_map, fd, nslots)
         self.fns: dict[bytes, Any] = {}
         self.views: dict[tuple, np.ndarray] = {}
+        self.task_ns = 0.0  # running estimate of a task's cost, sizes pieces of tasks
         self.ppid = os.getppid()
 
     def array(self, handle: tuple) -> np.ndarray:
@@ -103,6 +105,85 @@ class _Worker:
         if isinstance(fn, P.BadFunction):
             raise TypeError(fn.message)
         return fn
+
+    def run_task(self, arena: np.ndarray, wake: P.TaskWake, tid: int) -> tuple:
+        """Run task ``tid`` from the arena; return ``(tid, ok, payload)``."""
+        off = (tid % wake.cap) * wake.slot_bytes
+        length = int(arena[off:off + 8].view(np.int64)[0])
+        key = arena[off + 8:off + 24].tobytes()
+        try:
+            if length >= 0:
+                data = arena[off + 24:off + 24 + length]
+            else:
+                name = arena[off + 24:off + 88].tobytes().rstrip(b"\0").decode()
+                data = _shm.from_handle_transient(
+                    (name, 0, (-length,), (1,), np.dtype(np.uint8), False))
+            try:
+                args, kwargs = pickle.loads(data)
+            except BaseException as e:
+                raise TypeError(f"the task's arguments could not be unpickled in worker "
+                                f"{os.getpid()}: {type(e).__name__}: {e}") from e
+            if key not in self.fns:
+                self.read_functions()  # sent after this worker started serving
+            fn = self.fn(key)
+            value = fn(*args, **kwargs)
+        except BaseException as e:
+            return tid, False, pickle.dumps(exception_for_transport(e))
+        try:
+            return tid, True, _shm.dumps_result(value)
+        except BaseException as e:
+            err = TypeError(f"the result of the task could not be pickled: "
+                            f"{type(e).__name__}: {e}")
+            return tid, False, pickle.dumps(exception_for_transport(err))
+
+    def read_functions(self) -> None:
+        """Read the commands waiting in the pipe while serving tasks: functions are cached;
+        wake-ups are moot (we are awake)."""
+        while self.cmd.poll():
+            msg = pickle.loads(self.cmd.recv_bytes())
+            if isinstance(msg, P.Function):
+                self.fns[msg.key] = _unpickle_function(msg.data)
+            elif not isinstance(msg, P.TaskWake):
+                raise RuntimeError(f"unexpected command while serving tasks: {msg!r}")
+
+    def serve_tasks(self, wake: P.TaskWake, status) -> None:
+        """Take (or steal) pieces of tasks until none is left; report each piece."""
+        arena = _shm.attach(wake.arena)
+        cb, me = self.cb, self.slot
+        ppid = self.ppid
+        idle_said = False
+        while True:
+            est = self.task_ns
+            size = max(1, min(TASK_PIECE_MAX, int(TARGET_PIECE_NS / est))) if est > 0 else 1
+            piece = cb.take(me, size)
+            if piece is None:
+                break
+            lo, hi = piece
+            t0 = now_ns()
+            results = []
+            for tid in range(lo, hi):
+                results.append(self.run_task(arena, wake, tid))
+                if tid + 1 < hi and now_ns() - t0 > 2 * TARGET_PIECE_NS:
+                    # Slower than estimated: report what is done and hand the rest back
+                    # to our range, where a thief can get it.
+                    if cb.give_back(me, tid + 1, hi):
+                        hi = tid + 1
+                        break
+            dt = now_ns() - t0
+            # Going idle after this piece? Say so with the results: one message, one wake-up
+            # of the parent. (If work turns up after all, it is taken below as usual.)
+            idle_said = not cb.has_work()
+            # Report, then count: a worker killed in between has its piece reported (the
+            # parent ignores results it already has) rather than lost.
+            status.send_bytes(pickle.dumps(P.TaskResults(me, results, dt, idle_said),
+                                           protocol=5))
+            cb.done_piece(me, lo, hi, dt)
+            per_task = dt / (hi - lo)
+            self.task_ns = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
+            if os.getppid() != ppid:
+                os._exit(1)
+        if not idle_said:
+            status.send_bytes(pickle.dumps(P.Idle(me)))
 
     def run_job(self, job: P.Job) -> P.Done:
         if job.forget_segments:
@@ -193,6 +274,9 @@ VIEW_CACHE_SIZE = 64
 # run unevenly.
 TARGET_PIECE_NS = 300_000
 
+# Most tasks in one piece: bounds how long results wait to be reported.
+TASK_PIECE_MAX = 256
+
 # Seconds a worker polls for its next command before it sleeps (yielding the core to any other
 # runnable process in between). Longer wastes cycles of idle workers; shorter makes a caller
 # that sends jobs back to back pay a wake-up each time.
@@ -208,7 +292,7 @@ def _spin(cmd) -> None:
 
 
 def main(slot: int, cmd, status, control_name: str, nslots: int,
-         blas_threads: int | None, cpu: int | None) -> None:
+         blas_threads: int | None, cpu: int | None, initializer: bytes | None = None) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
     detach_from_forkserver()
     _die_with_parent()
@@ -223,7 +307,14 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
             psutil.Process().cpu_affinity([cpu])
         except Exception:  # pragma: no cover - affinity not supported here
             pass
-    worker = _Worker(slot, control_name, nslots)
+    worker = _Worker(slot, control_name, nslots, cmd)
+    if initializer is not None:
+        try:
+            init, initargs = cloudpickle.loads(initializer)
+            init(*initargs)
+        except BaseException as e:
+            status.send_bytes(pickle.dumps(P.InitFailed(slot, exception_for_transport(e))))
+            sys.exit(1)
     status.send_bytes(pickle.dumps(P.Ready(slot, os.getpid())))
     while True:
         try:
@@ -243,6 +334,11 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
                               f"{type(e).__name__}: {e}")), P.NOTHING))
             try:
                 status.send_bytes(payload)
+            except (BrokenPipeError, OSError):
+                break
+        elif isinstance(msg, P.TaskWake):
+            try:
+                worker.serve_tasks(msg, status)
             except (BrokenPipeError, OSError):
                 break
         elif isinstance(msg, P.Function):

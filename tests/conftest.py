@@ -77,7 +77,7 @@ def no_leaked_segments(request):
     yield
     gc.collect()
     after = shm_segments(os.getpid())
-    live_pools = {p._control_name for p in list(parrun._pool._live_pools)}
+    live_pools = set().union(*[p._own_segments() for p in list(parrun._pool._live_pools)])
     leaked = after - before - live_pools
     assert not leaked, f"{request.node.name} leaked shared-memory segments: {sorted(leaked)}"
 

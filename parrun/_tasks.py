@@ -1,0 +1,414 @@
+"""Submitted tasks: the parent's side of running single calls on the work-stealing pool.
+
+A task is a range of one item in the same scheduler that runs ``map``::
+
+    submit(fn, *args)  -> _Task (a Future, pickled args) -> pending queue
+    collector thread   -> gives the task the next id t, writes its payload to arena slot
+                          t % ARENA_SLOTS, adds [t, t+1) to a worker's range in the control
+                          block (an idle worker's, or the end of the last range), wakes idle
+                          workers (TaskWake)
+    workers            -> take pieces of their range, steal halves of others', run the tasks,
+                          send TaskResults per piece, Idle when nothing is left
+    collector thread   -> sets each future's result or exception; on a worker's death fails
+                          (or re-queues, with ``retries``) the tasks it was running, re-queues
+                          the rest of its range, and starts a replacement
+
+The collector is the only thread that touches task state and the workers' pipes while tasks
+are in flight; it holds the pool's job lock meanwhile, so a ``map`` waits until the tasks in
+flight are done (and new tasks wait for a running ``map``).
+
+Crash caveat: if a worker dies in the microseconds between recording a stolen half in its own
+slot and shrinking the victim's range, tasks of that half can be handed out twice; the parent
+then keeps the first result and ignores the second.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as _wait
+from typing import Any
+
+import numpy as np
+
+from . import _protocol as P
+from . import _shm
+from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
+from ._scheduler import CUR_HI, CUR_LO, HI, LO
+from ._worker import TARGET_PIECE_NS
+
+# Task payload slots in the arena, and bytes per slot. The slots bound the tasks in flight
+# (more wait in the parent's queue); a payload bigger than a slot goes through a segment of
+# its own (~30 us more). 4096 x 1 KiB = 4 MiB of /dev/shm per pool that runs tasks.
+ARENA_SLOTS = 4096
+SLOT_BYTES = 1024
+_HEADER = 24  # int64 length + 16-byte function key
+_NAME_FIELD = 64
+
+
+@dataclass
+class _Task:
+    future: Future
+    key: bytes
+    fn_data: bytes
+    payload: bytes
+    temps: list = field(default_factory=list)
+    retries_left: int = 0
+    overflow: Any = None  # the segment holding a payload too big for a slot
+
+
+@dataclass
+class TaskStats:
+    """Counters of the tasks a pool ran (``pool.task_stats``), since it started."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    retried: int = 0
+    crashed: int = 0
+    steals: int = 0
+    pieces: int = 0
+    tasks_per_worker: list = field(default_factory=list)
+    busy_s_per_worker: list = field(default_factory=list)
+
+
+class TaskService:
+    """The parent's task machinery for one pool (created on the first ``submit``)."""
+
+    def __init__(self, pool: Any, retries: int = 0):
+        self.pool = pool
+        self.retries = retries
+        # One lock for all task state; the collector and submitting threads both dispatch.
+        # Reentrant: a future's done-callback may submit from inside the collector.
+        self.cv = threading.Condition(threading.RLock())
+        self.idle: set[int] = set()
+        self.task_ns = 0.0  # running estimate of a task's cost, sizes the dispatch window
+        self.pending: deque[_Task] = deque()
+        self.redo: list[tuple[int, int]] = []
+        self.inflight: dict[int, _Task] = {}
+        self.next_tid = 0
+        self.closing = False
+        self.serving = False
+        self.stats = TaskStats(tasks_per_worker=[0] * pool.workers,
+                               busy_s_per_worker=[0.0] * pool.workers)
+        self.arena_seg, self.arena = _shm.create_segment(ARENA_SLOTS * SLOT_BYTES)
+        self.wake = P.TaskWake(self.arena_seg.name, ARENA_SLOTS, SLOT_BYTES)
+        self.wake_msg = pickle.dumps(self.wake)
+        self._poke_r, self._poke_w = os.pipe()
+        os.set_blocking(self._poke_w, False)
+        self.thread = threading.Thread(target=self._run, name="parrun-tasks", daemon=True)
+        self.thread.start()
+
+    # -- called from user threads ---------------------------------------------------------
+    def submit(self, fn: Any, args: tuple, kwargs: dict) -> Future:
+        key, data, _ = self.pool._register(fn)
+        f: Future = Future()
+        try:
+            payload, temps = _shm.dumps_args((args, kwargs))
+        except Exception as e:
+            f.set_exception(TypeError(f"the task's arguments could not be pickled: "
+                                      f"{type(e).__name__}: {e}"))
+            return f
+        task = _Task(f, key, data, payload, temps, self.retries)
+        with self.cv:
+            if self.closing:
+                for t in temps:
+                    t.release()
+                raise PoolClosedError("this parrun.Pool is closed; create a new Pool")
+            self.pending.append(task)
+            self.stats.submitted += 1
+            if not self.serving:
+                self.cv.notify()
+                return f
+            if self.idle:  # a worker waits: hand it over now, no hop through the collector
+                self._dispatch()
+                return f
+        # All workers busy: the collector dispatches what queued up in one batch, as soon as
+        # it next wakes (a burst of submits becomes a few large ranges, not many tiny ones).
+        self._poke()
+        return f
+
+    def cancel_pending(self) -> int:
+        """Cancel every task not yet handed to a worker; return how many."""
+        with self.cv:
+            tasks = list(self.pending)
+            self.pending.clear()
+        n = 0
+        for t in tasks:
+            if t.future.cancel():
+                n += 1
+            t.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+            self._release(t)
+        self.stats.cancelled += n
+        return n
+
+    def outstanding(self) -> list[Future]:
+        with self.cv:
+            return [t.future for t in self.pending] + [t.future for t in
+                                                       list(self.inflight.values())]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel pending tasks, let those in flight finish, stop the collector."""
+        self.cancel_pending()
+        with self.cv:
+            self.closing = True
+            self.cv.notify()
+        self._poke()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+        if not self.thread.is_alive():
+            os.close(self._poke_r)
+            os.close(self._poke_w)
+            self.arena_seg = None
+            self.arena = None
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every task in flight (the pool is being torn down)."""
+        for tid in list(self.inflight):
+            t = self.inflight.pop(tid)
+            self._release(t)
+            if not t.future.done():
+                t.future.set_exception(exc)
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._poke_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the collector thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.pending and not self.redo and not self.closing:
+                    self.cv.wait()
+                if self.closing and not self.pending and not self.inflight and not self.redo:
+                    break
+            with self.pool._lock:  # exclusive with map jobs
+                if self.pool._stopped:
+                    self.fail_all(PoolClosedError("the pool was closed"))
+                    break
+                self.pool._cb.start_job([])  # every range empty, abort cleared
+                self.idle = set(range(self.pool.workers))
+                with self.cv:
+                    self.serving = True
+                try:
+                    self._serve()
+                except BaseException as e:  # a bug here must not hang the futures
+                    with self.cv:
+                        self.serving = False
+                        self.fail_all(e)
+                    raise
+                finally:
+                    self._account_steals()
+
+    def _serve(self) -> None:
+        pool = self.pool
+        while True:
+            with self.cv:
+                self._dispatch()
+                if (not self.inflight and not self.redo and not self.pending
+                        and len(self.idle) == pool.workers):
+                    self.serving = False  # from now on submit() queues for the next round
+                    return
+            conns = {w.status: w.slot for w in pool._workers}
+            sentinels = {w.process.sentinel: w.slot for w in pool._workers}
+            ready = _wait([*conns, *sentinels, self._poke_r])
+            with self.cv:
+                for r in ready:
+                    if r == self._poke_r:
+                        os.read(self._poke_r, 4096)
+                    elif r in conns:
+                        slot = conns[r]
+                        try:
+                            msg = pickle.loads(r.recv_bytes())
+                        except (EOFError, OSError):
+                            self._on_death(slot)
+                            continue
+                        if isinstance(msg, P.TaskResults):
+                            self._deliver(msg)
+                            if msg.idle:
+                                self.idle.add(slot)
+                        elif isinstance(msg, P.Idle):
+                            self.idle.add(slot)
+                    elif r in sentinels:
+                        slot = sentinels[r]
+                        w = pool._workers[slot]
+                        if not w.status.poll():  # nothing left to read from it: handle it now
+                            self._on_death(slot)
+
+    def _dispatch(self) -> None:
+        """Give pending tasks ids and payload slots, add them to ranges, wake idle workers.
+        Called with ``self.cv`` held."""
+        pool = self.pool
+        idle = self.idle
+        cb = pool._cb
+        batch: list[_Task] = []
+        # The oldest task in flight holds the slot the next ids would wrap around to (the
+        # dict keeps insertion order, which is id order).
+        oldest = next(iter(self.inflight), self.next_tid)
+        room = min(ARENA_SLOTS - (self.next_tid - oldest), self._window() - len(self.inflight))
+        while self.pending and len(batch) < room:
+            batch.append(self.pending.popleft())
+        first = self.next_tid
+        for t in batch:
+            if not t.future.set_running_or_notify_cancel():
+                self.stats.cancelled += 1
+                self._release(t)
+                continue
+            tid = self.next_tid
+            self.next_tid += 1
+            self._write(tid, t)
+            self.inflight[tid] = t
+            for w in pool._workers:
+                if t.key not in w.fn_keys:
+                    w.cmd.send_bytes(pickle.dumps(P.Function(t.key, t.fn_data), protocol=5))
+                    w.fn_keys.add(t.key)
+        ranges = list(self.redo)
+        self.redo.clear()
+        if self.next_tid > first:
+            ranges.append((first, self.next_tid))
+        for lo, hi in ranges:
+            if not self._place(lo, hi, idle):
+                self.redo.append((lo, hi))
+        # Wake idle workers when any range holds work: they take it or steal from it.
+        if idle and any(cb.get(k, HI) > cb.get(k, LO) for k in range(pool.workers)):
+            for k in sorted(idle):
+                try:
+                    pool._workers[k].cmd.send_bytes(self.wake_msg)
+                except OSError:
+                    continue  # dead: its sentinel will tell
+                idle.discard(k)
+
+    def _window(self) -> int:
+        """Tasks to have in flight: two per worker when tasks are slow, so that the rest stay
+        pending (cancellable) in the parent, as with ProcessPoolExecutor; up to enough to
+        fill a piece of ~TARGET_PIECE_NS per worker when they are quick."""
+        per_worker = 2
+        if self.task_ns > 0:
+            per_worker = max(2, min(ARENA_SLOTS // self.pool.workers,
+                                    int(2 * TARGET_PIECE_NS / self.task_ns)))
+        return per_worker * self.pool.workers
+
+    def _place(self, lo: int, hi: int, idle: set[int]) -> bool:
+        """Add ``[lo, hi)`` to a range: an idle worker's empty one, the range that ends at
+        ``lo``, or any empty one. False if none fits now."""
+        cb = self.pool._cb
+        order = sorted(idle) + [k for k in range(self.pool.workers) if k not in idle]
+        for k in order:
+            cb._lock(k)
+            try:
+                a, b = cb.get(k, LO), cb.get(k, HI)
+                if a >= b:
+                    cb.set(k, LO, lo)
+                    cb.set(k, HI, hi)
+                    return True
+                if b == lo:
+                    cb.set(k, HI, hi)
+                    return True
+            finally:
+                cb._unlock(k)
+        return False
+
+    def _write(self, tid: int, t: _Task) -> None:
+        off = (tid % ARENA_SLOTS) * SLOT_BYTES
+        a = self.arena
+        n = len(t.payload)
+        if n <= SLOT_BYTES - _HEADER:
+            a[off:off + 8].view(np.int64)[0] = n
+            a[off + _HEADER:off + _HEADER + n] = np.frombuffer(t.payload, np.uint8)
+        else:
+            seg = _shm.asshared(np.frombuffer(t.payload, np.uint8))
+            t.overflow = seg
+            name = seg.segment.encode()
+            a[off:off + 8].view(np.int64)[0] = -n
+            a[off + _HEADER:off + _HEADER + _NAME_FIELD] = 0
+            a[off + _HEADER:off + _HEADER + len(name)] = np.frombuffer(name, np.uint8)
+        a[off + 8:off + 24] = np.frombuffer(t.key, np.uint8)
+
+    def _deliver(self, msg: P.TaskResults) -> None:
+        st = self.stats
+        st.pieces += 1
+        if msg.results:
+            per_task = msg.busy_ns / len(msg.results)
+            self.task_ns = per_task if not self.task_ns else 0.7 * self.task_ns + 0.3 * per_task
+        st.busy_s_per_worker[msg.slot] += msg.busy_ns / 1e9
+        for tid, ok, payload in msg.results:
+            t = self.inflight.pop(tid, None)
+            if t is None:  # a duplicate after a crash: the first result stands
+                continue
+            self._release(t)
+            st.tasks_per_worker[msg.slot] += 1
+            try:
+                value = pickle.loads(payload)
+            except Exception as e:
+                ok, value = False, TypeError(f"the task's result could not be unpickled: "
+                                             f"{type(e).__name__}: {e}")
+            if ok:
+                st.completed += 1
+                t.future.set_result(value)
+            else:
+                st.failed += 1
+                t.future.set_exception(value)
+
+    def _on_death(self, slot: int) -> None:
+        pool = self.pool
+        cb = pool._cb
+        w = pool._workers[slot]
+        w.process.join(5.0)
+        code = w.process.exitcode
+        if pool._terminating:  # killed on purpose: no replacement, nothing to re-run
+            self.redo.clear()
+            self.fail_all(BrokenPool("the pool was terminated while this task ran"))
+            self.idle.add(slot)
+            return
+        cb._lock(slot)  # the kernel dropped the dead worker's locks
+        try:
+            clo, chi = cb.get(slot, CUR_LO), cb.get(slot, CUR_HI)
+            lo, hi = cb.get(slot, LO), cb.get(slot, HI)
+            cb.set(slot, LO, hi)
+            cb.set(slot, CUR_LO, 0)
+            cb.set(slot, CUR_HI, 0)
+        finally:
+            cb._unlock(slot)
+        for tid in range(clo, chi):
+            t = self.inflight.get(tid)
+            if t is None:
+                continue
+            if t.retries_left > 0:
+                t.retries_left -= 1
+                self.stats.retried += 1
+                self.redo.append((tid, tid + 1))
+            else:
+                del self.inflight[tid]
+                self._release(t)
+                self.stats.crashed += 1
+                t.future.set_exception(WorkerCrashed(
+                    f"worker {slot} (pid {w.pid}) died while running this task "
+                    f"({describe_exit(code)}); a replacement worker has started",
+                    pid=w.pid, exitcode=code))
+        if lo < hi:
+            self.redo.append((lo, hi))
+        pool._replace(slot)
+        new = pool._workers[slot]
+        for key, data in {(t.key, t.fn_data) for t in self.inflight.values()}:
+            new.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
+            new.fn_keys.add(key)
+        self.idle.add(slot)
+
+    def _release(self, t: _Task) -> None:
+        for tmp in t.temps:
+            tmp.release()
+        t.temps = []
+        if t.overflow is not None:
+            t.overflow.release()
+            t.overflow = None
+
+    def _account_steals(self) -> None:
+        cb = self.pool._cb
+        self.stats.steals += sum(cb.slot_stats(k)[2] for k in range(self.pool.workers))

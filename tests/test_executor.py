@@ -1,0 +1,307 @@
+"""Pool.submit and parrun.Executor against what ProcessPoolExecutor promises, with real
+processes: results, map, shutdown, cancellation, exceptions, crashes, data movement."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+from conftest import TIMEOUT, shm_segments, wait_until
+
+import parrun
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with parrun.Executor(2) as e:
+        yield e
+
+
+def test_submit_returns_real_futures(pool):
+    f = pool.submit(pow, 2, 10)
+    assert isinstance(f, cf.Future)
+    assert f.result(timeout=TIMEOUT) == 1024
+    fs = [pool.submit(lambda i, k=3: i * k, i, k=2) for i in range(200)]
+    done, not_done = cf.wait(fs, timeout=TIMEOUT)
+    assert not not_done
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=TIMEOUT)) == \
+        [2 * i for i in range(200)]
+    st = pool.task_stats
+    assert st.completed >= 201 and sum(st.tasks_per_worker) >= 201
+
+
+def test_executor_is_a_concurrent_futures_executor(ex):
+    assert isinstance(ex, cf.Executor)
+    assert ex.submit(sum, [1, 2, 3]).result(timeout=TIMEOUT) == 6
+    assert list(ex.map(pow, [2, 3], [5, 2])) == [32, 9]
+    assert list(ex.map(abs, range(-500, 500), chunksize=1)) == list(range(500, 0, -1)) + \
+        list(range(500))
+    assert list(ex.map(abs, range(-5000, 5000))) == [abs(i) for i in range(-5000, 5000)]
+    assert list(ex.map(abs, [], chunksize=7)) == []
+
+
+def test_map_is_lazy_and_times_out(ex):
+    it = ex.map(time.sleep, [0.01, 2.0], timeout=0.5, chunksize=1)
+    assert next(it) is None
+    with pytest.raises(cf.TimeoutError):
+        next(it)
+
+
+def _fail_on_three(i):
+    if i == 3:
+        raise ValueError("three")
+    return i
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, None])
+def test_map_raises_at_the_failing_item(ex, chunksize):
+    it = ex.map(_fail_on_three, range(6), chunksize=chunksize)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="three") as info:
+        next(it)
+    assert isinstance(info.value.__cause__, parrun.RemoteTraceback)
+
+
+def test_exception_has_worker_traceback(ex):
+    def inner():
+        raise KeyError("deep")
+
+    f = ex.submit(lambda: inner())
+    with pytest.raises(KeyError) as info:
+        f.result(timeout=TIMEOUT)
+    assert "inner" in str(info.value.__cause__)
+    assert ex.submit(int, "7").result(timeout=TIMEOUT) == 7
+
+
+def test_shutdown_semantics():
+    e = parrun.Executor(1)
+    f = e.submit(time.sleep, 0.2)
+    e.shutdown(wait=True)
+    assert f.done() and f.result() is None
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        e.submit(int)
+    e.shutdown()  # idempotent
+    with parrun.Executor(2) as e2:
+        fs = [e2.submit(time.sleep, 0.05) for _ in range(4)]
+    assert all(f.done() for f in fs)
+
+
+def test_cancel_pending_and_shutdown_without_waiting():
+    e = parrun.Executor(1)
+    blocker = e.submit(time.sleep, 1.0)
+    assert wait_until(blocker.running, timeout=5)
+    queued = [e.submit(time.sleep, 1.0) for _ in range(5)]
+    time.sleep(0.05)
+    assert queued[-1].cancel()
+    assert queued[-1].cancelled()
+    with pytest.raises(cf.CancelledError):
+        queued[-1].result()
+    t0 = time.monotonic()
+    e.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - t0 < 0.5
+    assert blocker.result(timeout=TIMEOUT) is None  # started: it finishes
+    assert not cf.wait(queued, timeout=TIMEOUT).not_done
+    assert sum(f.cancelled() for f in queued) >= 4
+
+
+class NoUnpickle:
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    raise RuntimeError("cannot rebuild")
+
+
+class NoPickle:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle me")
+
+
+def test_unpicklable_arguments_and_results_fail_only_their_future(ex):
+    f = ex.submit(len, [NoPickle()])
+    with pytest.raises(TypeError, match="could not be pickled"):
+        f.result(timeout=TIMEOUT)
+    f = ex.submit(lambda: NoPickle())
+    with pytest.raises(TypeError, match="result of the task could not be pickled"):
+        f.result(timeout=TIMEOUT)
+    f = ex.submit(id, NoUnpickle())
+    with pytest.raises(TypeError, match="could not be unpickled"):
+        f.result(timeout=TIMEOUT)
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="could not be pickled"):
+        ex.submit(lambda: lock)
+    assert ex.submit(max, 3, 4).result(timeout=TIMEOUT) == 4
+
+
+def _die(how):
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(3)
+    elif how == "segv":
+        import ctypes
+
+        ctypes.string_at(0)
+
+
+@pytest.mark.parametrize("how,text", [("kill", r"SIGKILL\(-9\)"), ("exit", "exit code 3"),
+                                      ("segv", r"SIGSEGV\(-11\)")])
+def test_worker_death_fails_only_its_task(how, text):
+    with parrun.Executor(2) as e:
+        slow = [e.submit(time.sleep, 0.3) for _ in range(2)]
+        bad = e.submit(_die, how)
+        with pytest.raises(parrun.WorkerCrashed, match=text) as info:
+            bad.result(timeout=TIMEOUT)
+        assert isinstance(info.value, BrokenProcessPool)
+        assert str(info.value.pid) in str(info.value)
+        assert [f.result(timeout=TIMEOUT) for f in slow] == [None, None]
+        assert list(e.map(abs, range(-20, 0))) == list(range(20, 0, -1))
+        assert e.pool.task_stats.crashed == 1
+        assert len(e.pool.pids) == 2
+
+
+def test_retries_rerun_a_crashed_task():
+    flag = parrun.zeros(1, np.int64)
+
+    def once(flag):
+        if flag[0] == 0:
+            flag[0] = 1
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "second time lucky"
+
+    with parrun.Executor(2, retries=1) as e:
+        assert e.submit(once, flag).result(timeout=TIMEOUT) == "second time lucky"
+        assert e.pool.task_stats.retried == 1
+    flag.release()
+
+
+def _set_global(v):
+    global INITIALIZED
+    INITIALIZED = v
+
+
+def _get_global():
+    return INITIALIZED  # noqa: F821 - set by the initializer
+
+
+def _bad_init():
+    raise OSError("no database")
+
+
+def test_initializer():
+    with parrun.Executor(2, initializer=_set_global, initargs=(42,)) as e:
+        assert e.submit(_get_global).result(timeout=TIMEOUT) == 42
+    e = parrun.Executor(2, initializer=_bad_init)
+    f = e.submit(int)
+    with pytest.raises(BrokenProcessPool):
+        f.result(timeout=TIMEOUT)
+    with pytest.raises(BrokenProcessPool):
+        e.submit(int)
+    e.shutdown()
+
+
+def test_large_arrays_travel_through_shared_memory(ex):
+    a = np.arange(2**20, dtype=np.float64)  # 8 MiB, plain
+    before = shm_segments(os.getpid())
+    r = ex.submit(lambda x: x * 2, a).result(timeout=TIMEOUT)
+    assert isinstance(r, parrun.SharedArray)
+    np.testing.assert_array_equal(r, 2 * a)
+    small = ex.submit(lambda x: x + 1, np.ones(10)).result(timeout=TIMEOUT)
+    assert type(small) is np.ndarray and small.sum() == 20
+    del r
+    import gc
+
+    gc.collect()
+    assert wait_until(lambda: shm_segments(os.getpid()) <= before, timeout=5)
+
+
+def test_shared_array_arguments_are_not_copied(ex):
+    s = parrun.zeros(1000, np.int64)
+
+    def fill(arr, lo, hi):
+        arr[lo:hi] = np.arange(lo, hi)
+        return len(pickle.dumps(arr))
+
+    sizes = [f.result(timeout=TIMEOUT) for f in
+             [ex.submit(fill, s, lo, lo + 100) for lo in range(0, 1000, 100)]]
+    np.testing.assert_array_equal(s, np.arange(1000))
+    assert max(sizes) < 1024  # the workers hold handles, not copies
+    s.release()
+
+
+def test_function_shipped_once_per_worker(ex):
+    counter = parrun.zeros(1, np.int64)
+
+    class Counted:
+        def __init__(self, c):
+            self.c = c
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            self.c[0] += 1
+
+        def __call__(self, x):
+            return x
+
+    fn = Counted(counter)
+    assert [f.result(timeout=TIMEOUT) for f in [ex.submit(fn, i) for i in range(300)]] == \
+        list(range(300))
+    assert 1 <= counter[0] <= 2
+    counter.release()
+
+
+def test_map_and_submit_share_the_pool(pool):
+    x = parrun.asshared(np.arange(100_000.0))
+    fs = [pool.submit(time.sleep, 0.01) for _ in range(20)]
+    y = pool.map(np.negative, x)
+    np.testing.assert_array_equal(y, -x)
+    assert all(f.result(timeout=TIMEOUT) is None for f in fs)
+    y.release()
+    x.release()
+
+
+CTRL_C = textwrap.dedent("""
+    import time, parrun
+    e = parrun.Executor(2)
+    fs = [e.submit(time.sleep, 30) for _ in range(6)]
+    print(" ".join(map(str, e.pool.pids)), flush=True)
+    try:
+        e.shutdown(wait=True)
+    except KeyboardInterrupt:
+        print("interrupted", sum(f.cancelled() for f in fs), sum(f.done() for f in fs),
+              flush=True)
+""")
+
+
+def test_ctrl_c_while_waiting_cancels_and_cleans_up():
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.startswith("interrupted")
+    cancelled, done = map(int, out.split()[1:3])
+    assert cancelled >= 1 and done == 6  # not started: cancelled; running: failed
+    import psutil
+
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                      != "zombie" for p in pids), timeout=5)
+    assert wait_until(lambda: not shm_segments(proc.pid), timeout=5)
