@@ -215,6 +215,7 @@ class Pool:
         self._tasks_lock = threading.Lock()
         self._stopped = False
         self._terminating = False
+        self._generation = 0  # bumped whenever a worker is replaced
         self.workers = workers
         self.blas_threads = blas_threads
         self.start_method = start_method or default_start_method()
@@ -286,6 +287,7 @@ class Pool:
             pid=w.pid, exitcode=w.process.exitcode)
 
     def _replace(self, slot: int) -> None:
+        self._generation += 1
         old = self._workers[slot]
         if old is not None:
             _close_handle(old)
@@ -770,11 +772,9 @@ def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool]:
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
     fp = _fingerprint(fn)
-    with _pickled_lock:
-        hit = _pickled.get(id(fn))
-        if hit is not None and hit[0] is fn and hit[1] == fp:
-            _pickled.move_to_end(id(fn))
-            return hit[2], hit[3], hit[4]
+    hit = _pickled.get(id(fn))  # a dict read is atomic: no lock on the hot path
+    if hit is not None and hit[0] is fn and hit[1] == fp:
+        return hit[2], hit[3], hit[4]
     try:
         data = _shm.dumps(fn)
     except Exception as e:

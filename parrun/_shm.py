@@ -26,6 +26,7 @@ import bisect
 import io
 import mmap
 import os
+import pickle
 import secrets
 import threading
 import weakref
@@ -528,23 +529,70 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def dumps_args(obj: Any) -> tuple[bytes, list[SharedArray]]:
-    """Pickle a task's arguments; return the bytes and the temporary segments to release
-    once the task is over."""
-    buf = io.BytesIO()
-    p = _ArgsPickler(buf, protocol=5)
-    try:
-        p.dump(obj)
-    except BaseException:
-        for t in p.temps:
-            t.release()
-        raise
-    return buf.getvalue(), p.temps
+class _FastArgsPickler(pickle.Pickler):
+    """The C pickler with the same array rules as ``_ArgsPickler``: ~10x faster for plain
+    data; anything it cannot pickle by reference (a lambda, say) falls back to cloudpickle."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=5)
+        self.temps: list[SharedArray] = []
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray or type(obj) is SharedArray:
+            handle = handle_of(obj)
+            if handle is not None:
+                return from_handle, (handle,)
+            if obj.nbytes >= BIG_ARRAY_BYTES and not obj.dtype.hasobject:
+                tmp = asshared(obj)
+                self.temps.append(tmp)
+                return from_handle_transient, (handle_of(tmp),)
+        return NotImplemented
+
+
+class _FastResultPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray or type(obj) is SharedArray:
+            handle = handle_of(obj)
+            if handle is not None:
+                return from_handle, (handle,)
+            if obj.nbytes >= BIG_ARRAY_BYTES and not obj.dtype.hasobject:
+                return _ResultPickler.big_array(None, obj)  # type: ignore[arg-type]
+        return NotImplemented
+
+
+_NO_ARGS = pickle.dumps(((), {}), protocol=5)
+
+
+def _dump_with(fast, slow, obj: Any) -> tuple[bytes, list[SharedArray]]:
+    for cls in (fast, slow):
+        buf = io.BytesIO()
+        p = cls(buf) if cls is fast else cls(buf, protocol=5)
+        try:
+            p.dump(obj)
+        except Exception:
+            for t in getattr(p, "temps", ()):
+                t.release()
+            if cls is slow:
+                raise
+            continue
+        return buf.getvalue(), getattr(p, "temps", [])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def dumps_args(obj: tuple) -> tuple[bytes, list[SharedArray]]:
+    """Pickle a task's ``(args, kwargs)``; return the bytes and the temporary segments to
+    release once the task is over."""
+    if obj == ((), {}):
+        return _NO_ARGS, []
+    return _dump_with(_FastArgsPickler, _ArgsPickler, obj)
 
 
 def dumps_result(obj: Any) -> bytes:
     """Pickle a task's result in a worker (big arrays go through segments the parent
     adopts)."""
-    buf = io.BytesIO()
-    _ResultPickler(buf, protocol=5).dump(obj)
-    return buf.getvalue()
+    if obj is None:
+        return _NONE
+    return _dump_with(_FastResultPickler, _ResultPickler, obj)[0]
+
+
+_NONE = pickle.dumps(None, protocol=5)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait as _wait
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ ARENA_SLOTS = 4096
 SLOT_BYTES = 1024
 _HEADER = 24  # int64 length + 16-byte function key
 _NAME_FIELD = 64
+_SLOT_HEAD = struct.Struct("<q16s")
 
 
 @dataclass
@@ -97,9 +99,11 @@ class TaskService:
         self.stats = TaskStats(tasks_per_worker=[0] * pool.workers,
                                busy_s_per_worker=[0.0] * pool.workers)
         self.arena_seg, self.arena = _shm.create_segment(ARENA_SLOTS * SLOT_BYTES)
+        self.arena_mv = memoryview(self.arena)
         self.wake = P.TaskWake(self.arena_seg.name, ARENA_SLOTS, SLOT_BYTES)
         self.wake_msg = pickle.dumps(self.wake)
         self._poke_r, self._poke_w = os.pipe()
+        self._poked = False
         os.set_blocking(self._poke_w, False)
         self.thread = threading.Thread(target=self._run, name="parrun-tasks", daemon=True)
         self.thread.start()
@@ -128,8 +132,11 @@ class TaskService:
             if self.idle:  # a worker waits: hand it over now, no hop through the collector
                 self._dispatch()
                 return f
-        # All workers busy: the collector dispatches what queued up in one batch, as soon as
-        # it next wakes (a burst of submits becomes a few large ranges, not many tiny ones).
+            # All workers busy: the collector dispatches what queued up in one batch, as soon
+            # as it next wakes (a burst of submits makes a few large ranges, not many tiny).
+            if self._poked:
+                return f
+            self._poked = True
         self._poke()
         return f
 
@@ -164,6 +171,7 @@ class TaskService:
         if not self.thread.is_alive():
             os.close(self._poke_r)
             os.close(self._poke_w)
+            self.arena_mv.release()
             self.arena_seg = None
             self.arena = None
 
@@ -207,8 +215,21 @@ class TaskService:
                 finally:
                     self._account_steals()
 
+    def _make_poller(self):
+        """A poll object over every worker's status pipe and sentinel, and the poke pipe."""
+        poller = select.poll()
+        conns = {w.status: w.slot for w in self.pool._workers}
+        sentinels = {w.process.sentinel: w.slot for w in self.pool._workers}
+        self._fds = {}
+        for obj in (*conns, *sentinels, self._poke_r):
+            fd = obj if isinstance(obj, int) else obj.fileno()
+            self._fds[fd] = obj
+            poller.register(fd, select.POLLIN)
+        return poller, conns, sentinels
+
     def _serve(self) -> None:
         pool = self.pool
+        poller_gen = -1
         while True:
             with self.cv:
                 self._dispatch()
@@ -216,13 +237,18 @@ class TaskService:
                         and len(self.idle) == pool.workers):
                     self.serving = False  # from now on submit() queues for the next round
                     return
-            conns = {w.status: w.slot for w in pool._workers}
-            sentinels = {w.process.sentinel: w.slot for w in pool._workers}
-            ready = _wait([*conns, *sentinels, self._poke_r])
+            if poller_gen != pool._generation:  # workers changed: watch the new ones
+                poller, conns, sentinels = self._make_poller()
+                poller_gen = pool._generation
+            # Block at once: a thread waiting on a future we just completed needs the GIL,
+            # and gets it soonest when this thread sleeps.
+            fds = self._fds
+            ready = [fds[fd] for fd, _ in poller.poll()]
             with self.cv:
                 for r in ready:
                     if r == self._poke_r:
                         os.read(self._poke_r, 4096)
+                        self._poked = False
                     elif r in conns:
                         slot = conns[r]
                         try:
@@ -276,14 +302,20 @@ class TaskService:
         for lo, hi in ranges:
             if not self._place(lo, hi, idle):
                 self.redo.append((lo, hi))
-        # Wake idle workers when any range holds work: they take it or steal from it.
-        if idle and any(cb.get(k, HI) > cb.get(k, LO) for k in range(pool.workers)):
-            for k in sorted(idle):
+        # Wake idle workers when ranges hold work: those with work in their own range
+        # first, then others to steal; no more than there are tasks waiting.
+        if idle:
+            sizes = {k: cb.get(k, HI) - cb.get(k, LO) for k in range(pool.workers)}
+            waiting = sum(v for v in sizes.values() if v > 0)
+            for k in sorted(idle, key=lambda k: -sizes[k]):
+                if waiting <= 0:
+                    break
                 try:
                     pool._workers[k].cmd.send_bytes(self.wake_msg)
                 except OSError:
                     continue  # dead: its sentinel will tell
                 idle.discard(k)
+                waiting -= 1
 
     def _window(self) -> int:
         """Tasks to have in flight: two per worker when tasks are slow, so that the rest stay
@@ -317,19 +349,16 @@ class TaskService:
 
     def _write(self, tid: int, t: _Task) -> None:
         off = (tid % ARENA_SLOTS) * SLOT_BYTES
-        a = self.arena
+        mv = self.arena_mv
         n = len(t.payload)
         if n <= SLOT_BYTES - _HEADER:
-            a[off:off + 8].view(np.int64)[0] = n
-            a[off + _HEADER:off + _HEADER + n] = np.frombuffer(t.payload, np.uint8)
+            _SLOT_HEAD.pack_into(mv, off, n, t.key)
+            mv[off + _HEADER:off + _HEADER + n] = t.payload
         else:
             seg = _shm.asshared(np.frombuffer(t.payload, np.uint8))
             t.overflow = seg
-            name = seg.segment.encode()
-            a[off:off + 8].view(np.int64)[0] = -n
-            a[off + _HEADER:off + _HEADER + _NAME_FIELD] = 0
-            a[off + _HEADER:off + _HEADER + len(name)] = np.frombuffer(name, np.uint8)
-        a[off + 8:off + 24] = np.frombuffer(t.key, np.uint8)
+            _SLOT_HEAD.pack_into(mv, off, -n, t.key)
+            struct.pack_into(f"{_NAME_FIELD}s", mv, off + _HEADER, seg.segment.encode())
 
     def _deliver(self, msg: P.TaskResults) -> None:
         st = self.stats

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -109,13 +110,12 @@ class _Worker:
     def run_task(self, arena: np.ndarray, wake: P.TaskWake, tid: int) -> tuple:
         """Run task ``tid`` from the arena; return ``(tid, ok, payload)``."""
         off = (tid % wake.cap) * wake.slot_bytes
-        length = int(arena[off:off + 8].view(np.int64)[0])
-        key = arena[off + 8:off + 24].tobytes()
+        length, key = _SLOT_HEAD.unpack_from(arena, off)
         try:
             if length >= 0:
                 data = arena[off + 24:off + 24 + length]
             else:
-                name = arena[off + 24:off + 88].tobytes().rstrip(b"\0").decode()
+                name = bytes(arena[off + 24:off + 88]).rstrip(b"\0").decode()
                 data = _shm.from_handle_transient(
                     (name, 0, (-length,), (1,), np.dtype(np.uint8), False))
             try:
@@ -148,7 +148,7 @@ class _Worker:
 
     def serve_tasks(self, wake: P.TaskWake, status) -> None:
         """Take (or steal) pieces of tasks until none is left; report each piece."""
-        arena = _shm.attach(wake.arena)
+        arena = memoryview(_shm.attach(wake.arena))
         cb, me = self.cb, self.slot
         ppid = self.ppid
         idle_said = False
@@ -273,6 +273,8 @@ VIEW_CACHE_SIZE = 64
 # per-piece bookkeeping (~5 us) too often; larger leaves a longer tail when the last pieces
 # run unevenly.
 TARGET_PIECE_NS = 300_000
+
+_SLOT_HEAD = struct.Struct("<q16s")  # a task slot's length and function key (see TaskWake)
 
 # Most tasks in one piece: bounds how long results wait to be reported.
 TASK_PIECE_MAX = 256

@@ -32,7 +32,7 @@ def test_submit_returns_real_futures(pool):
     assert isinstance(f, cf.Future)
     assert f.result(timeout=TIMEOUT) == 1024
     fs = [pool.submit(lambda i, k=3: i * k, i, k=2) for i in range(200)]
-    done, not_done = cf.wait(fs, timeout=TIMEOUT)
+    _done, not_done = cf.wait(fs, timeout=TIMEOUT)
     assert not not_done
     assert sorted(f.result() for f in cf.as_completed(fs, timeout=TIMEOUT)) == \
         [2 * i for i in range(200)]
@@ -192,7 +192,7 @@ def _set_global(v):
 
 
 def _get_global():
-    return INITIALIZED  # noqa: F821 - set by the initializer
+    return INITIALIZED
 
 
 def _bad_init():
