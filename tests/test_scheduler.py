@@ -120,3 +120,31 @@ def test_every_index_runs_exactly_once(pools, n, workers, grain, cost, seed):
             assert sum(w.items for w in st_.workers) + st_.probe_items == n
         finally:
             out.release()
+
+
+def _count_task(counts, i, cost):
+    if cost:
+        np.sqrt(np.arange(int(cost) * 200, dtype=np.float64)).sum()
+    counts[i] += 1
+    return i
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(n=st.integers(0, 1500), workers=st.sampled_from([1, 2, 3]),
+       burst=st.integers(1, 500), cost=st.sampled_from(["flat", "rising", "spiky"]),
+       seed=st.integers(0, 2**16))
+def test_every_task_runs_exactly_once(pools, n, workers, burst, cost, seed):
+    """Tasks submitted in bursts (the parent adds to ranges while workers take and steal
+    from them) each run once and deliver their own result."""
+    rng = np.random.default_rng(seed)
+    costs = {"flat": np.zeros(n), "rising": np.arange(n) / max(n, 1) * 20,
+             "spiky": (rng.random(n) < 0.02) * 300.0}[cost]
+    pool = pools[workers]
+    with parrun.zeros(max(n, 1), np.int64) as counts:
+        futures = []
+        for lo in range(0, n, burst):
+            futures += [pool.submit(_count_task, counts, i, costs[i])
+                        for i in range(lo, min(n, lo + burst))]
+        assert [f.result(timeout=60) for f in futures] == list(range(n))
+        assert (counts[:n] == 1).all(), np.flatnonzero(counts[:n] != 1)[:10]
