@@ -173,6 +173,9 @@ def main():
     run("numpy serial 64K tiles, natural", lambda: serial_tiled_natural(x, out), lambda: out)
 
     mem = {}
+    with parrun.Pool(2, pin=True) as pool:
+        run("parrun.map 2 workers pinned, out=",
+            lambda: pool.map(chain_kernel, x, out=out), lambda: out)
     for w in (1, 2):
         with parrun.Pool(w) as pool:
             s = "s" if w > 1 else ""
@@ -263,7 +266,8 @@ def main():
     med = {k: statistics.median(v) for k, v in results.items()}
     tt, tn = med["numpy serial 64K tiles"], med["numpy serial 64K tiles, natural"]
     print("speed-ups (median over median):")
-    print(f"  out= kernel: parrun 2 workers {tt / base:.2f}x serial tiled; 1 worker takes "
+    print(f"  out= kernel: parrun 2 workers {tt / base:.2f}x serial tiled (pinned: "
+          f"{tt / med['parrun.map 2 workers pinned, out=']:.2f}x); 1 worker takes "
           f"{med['parrun.map 1 worker, out= kernel'] / tt:.3f}x the serial time")
     print(f"  natural:     parrun 2 workers "
           f"{tn / med['parrun.map 2 workers, natural']:.2f}x serial tiled; 1 worker takes "
