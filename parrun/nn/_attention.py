@@ -1,0 +1,188 @@
+"""Scaled dot-product attention, parallel over (batch, head, query-block) tiles, each tile
+computed block-wise over keys with an online softmax (flash-attention style)."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+import parrun
+
+# Query rows per tile: the scheduled item. Smaller tiles balance causal attention better but
+# pay more Python per FLOP; larger ones leave fewer tiles to steal.
+BLOCK_Q = 128
+# Keys per inner block: a tile's temporaries are BLOCK_Q x BLOCK_K scores, whatever the
+# sequence length. Larger blocks mean fewer NumPy calls; smaller ones less memory.
+BLOCK_K = 256
+
+
+def _check(q, k, v, mask):
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    if q.dtype not in (np.float32, np.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a float32 or float64 dtype, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k, v must be (batch, heads, seq, head_dim)")
+    if k.shape != (*v.shape[:3], k.shape[3]) or q.shape[:2] != k.shape[:2] or \
+            q.shape[3] != k.shape[3]:
+        raise ValueError(f"shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype != bool and m.dtype != q.dtype:
+            m = m.astype(q.dtype)
+        try:
+            np.broadcast_shapes(m.shape, (*q.shape[:3], k.shape[2]))
+        except ValueError:
+            raise ValueError(f"mask of shape {m.shape} does not broadcast to "
+                             f"{(*q.shape[:3], k.shape[2])}") from None
+        mask = m
+    return q, k, v, mask
+
+
+def _mask_block(mask, b, h, q0, q1, k0, k1):
+    """The (q1-q0, k1-k0) block of a mask broadcast to (B, H, Sq, Sk)."""
+    m = mask
+    while m.ndim < 4:
+        m = m[None]
+    bi = b if m.shape[0] > 1 else 0
+    hi = h if m.shape[1] > 1 else 0
+    rows = slice(q0, q1) if m.shape[2] > 1 else slice(0, 1)
+    cols = slice(k0, k1) if m.shape[3] > 1 else slice(0, 1)
+    return m[bi, hi, rows, cols]
+
+
+def attention_reference(q, k, v, causal=False, mask=None, scale=None):
+    """Serial NumPy, one (batch, head) at a time, full softmax (O(seq^2) per head)."""
+    q, k, v, mask = _check(q, k, v, mask)
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    out = np.empty((*q.shape[:3], v.shape[3]), q.dtype)
+    for b in range(B):
+        for h in range(H):
+            s = (q[b, h] @ k[b, h].T) * q.dtype.type(scale)
+            if causal:
+                s[np.triu(np.ones((Sq, Sk), bool), 1)] = -np.inf
+            if mask is not None:
+                m = _mask_block(mask, b, h, 0, Sq, 0, Sk)
+                s = np.where(m, s, -np.inf) if m.dtype == bool else s + m
+            s -= s.max(axis=1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=1, keepdims=True)
+            out[b, h] = s @ v[b, h]
+    return out
+
+
+class _AttentionTiles:
+    """Runs tiles (b, h, query block) of attention and writes them into ``out``."""
+
+    def __init__(self, q, k, v, out, mask, causal, scale, block_q, block_k):
+        self.q, self.k, self.v, self.out, self.mask = q, k, v, out, mask
+        self.causal, self.scale, self.block_q, self.block_k = causal, scale, block_q, block_k
+
+    def __call__(self, tiles: np.ndarray) -> int:
+        for t in tiles:
+            self.tile(int(t))
+        return len(tiles)
+
+    def tile(self, t: int) -> None:
+        q, k, v = self.q, self.k, self.v
+        _B, H, Sq, _D = q.shape
+        Sk = k.shape[2]
+        nq = -(-Sq // self.block_q)
+        b, rest = divmod(t, H * nq)
+        h, qb = divmod(rest, nq)
+        q0 = qb * self.block_q
+        q1 = min(Sq, q0 + self.block_q)
+        dt = q.dtype.type
+        qs = q[b, h, q0:q1] * dt(self.scale)
+        n = q1 - q0
+        m = np.full(n, -np.inf, q.dtype)  # running row max
+        denom = np.zeros(n, q.dtype)  # running sum of exp
+        acc = np.zeros((n, v.shape[3]), q.dtype)
+        # Causal (top-left aligned, as torch's is_causal): query i sees keys 0..i, so key
+        # blocks at or past q1 are skipped entirely, not computed and masked.
+        k_end = min(Sk, q1) if self.causal else Sk
+        for k0 in range(0, k_end, self.block_k):
+            k1 = min(k_end, k0 + self.block_k)
+            s = qs @ k[b, h, k0:k1].T
+            if self.causal and k1 > q0:
+                rows = np.arange(q0, q1)[:, None]
+                cols = np.arange(k0, k1)[None, :]
+                s[cols > rows] = -np.inf
+            if self.mask is not None:
+                mb = _mask_block(self.mask, b, h, q0, q1, k0, k1)
+                if mb.dtype == bool:
+                    s = np.where(mb, s, -np.inf)
+                else:
+                    s += mb
+            m_new = np.maximum(m, s.max(axis=1))
+            # Rows with every key masked so far keep m = -inf: avoid inf - inf.
+            safe = np.where(np.isneginf(m_new), 0, m_new).astype(q.dtype, copy=False)
+            corr = np.exp(m - safe)
+            s -= safe[:, None]
+            np.exp(s, out=s)
+            denom *= corr
+            denom += s.sum(axis=1)
+            acc *= corr[:, None]
+            acc += s @ v[b, h, k0:k1]
+            m = m_new
+        acc /= denom[:, None]
+        self.out[b, h, q0:q1] = acc
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
+              mask: np.ndarray | None = None, scale: float | None = None,
+              out: np.ndarray | None = None, pool: parrun.Pool | None = None,
+              block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> np.ndarray:
+    """Scaled dot-product attention, as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim); float32
+            or float64, one dtype.
+        causal: query i attends to keys 0..i (torch's ``is_causal``).
+        mask: broadcastable to (batch, heads, seq_q, seq_k): boolean (True = attend) or
+            additive (added to the scores), e.g. a key-padding mask of shape
+            (batch, 1, 1, seq_k).
+        scale: default 1/sqrt(head_dim).
+        out: (batch, heads, seq_q, head_dim) to write into; allocated (shared) if None.
+        pool: the pool to run on (default: ``parrun.default_pool()``).
+
+    Returns:
+        out. Tiles of (batch, head, query block) are the scheduled items; causal tiles have
+        uneven costs and work stealing evens them out (``pool.last_stats.steals``). A tile
+        keeps O(block_q x block_k) temporaries.
+    """
+    q, k, v, mask = _check(q, k, v, mask)
+    pool = pool or parrun.default_pool()
+    B, H, Sq, D = q.shape
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    temps = []
+
+    def shared(a):
+        if a is None or parrun.is_shared(a):
+            return a
+        a = parrun.asshared(a)
+        temps.append(a)
+        return a
+
+    try:
+        if out is None:
+            out = parrun.empty((B, H, Sq, v.shape[3]), q.dtype)
+        elif out.shape != (B, H, Sq, v.shape[3]) or out.dtype != q.dtype:
+            raise ValueError(f"out must be {(B, H, Sq, v.shape[3])} {q.dtype}, got "
+                             f"{out.shape} {out.dtype}")
+        target = shared(out)
+        nq = -(-Sq // block_q)
+        tiles = shared(np.arange(B * H * nq, dtype=np.int64))
+        fn = _AttentionTiles(shared(q), shared(k), shared(v), target, shared(mask), causal,
+                             scale, block_q, block_k)
+        done = pool.map_reduce(fn, operator.add, tiles, grain=1, initial=0)
+        assert done == len(tiles), (done, len(tiles))
+        if target is not out:
+            np.copyto(out, target)
+        return out
+    finally:
+        for t in temps:
+            t.release()

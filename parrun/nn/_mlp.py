@@ -1,0 +1,153 @@
+"""A two-layer perceptron, parallel over rows of the batch, fused per tile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import parrun
+
+from ._ops import ACTIVATIONS
+
+
+def _check_mlp(x, w1, b1, w2, b2, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    arrays = [np.asarray(a) for a in (x, w1, b1, w2, b2)]
+    x, w1, b1, w2, b2 = arrays
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    for name, a in zip(("w1", "b1", "w2", "b2"), arrays[1:]):
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype} but x has {x.dtype}")
+    if x.ndim != 2 or w1.ndim != 2 or w2.ndim != 2 or b1.ndim != 1 or b2.ndim != 1:
+        raise ValueError("shapes: x (batch, d_in), w1 (d_in, d_hidden), b1 (d_hidden,), "
+                         "w2 (d_hidden, d_out), b2 (d_out,)")
+    if x.shape[1] != w1.shape[0] or w1.shape[1] != b1.shape[0] or \
+            w1.shape[1] != w2.shape[0] or w2.shape[1] != b2.shape[0]:
+        raise ValueError(f"shapes do not chain: x {x.shape}, w1 {w1.shape}, b1 {b1.shape}, "
+                         f"w2 {w2.shape}, b2 {b2.shape}")
+
+
+def mlp_reference(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
+                  b2: np.ndarray, activation: str = "relu") -> np.ndarray:
+    """Serial NumPy: ``act(x @ w1 + b1) @ w2 + b2`` on the whole batch."""
+    _check_mlp(x, w1, b1, w2, b2, activation)
+    h = x @ w1
+    h += b1
+    ACTIVATIONS[activation](h)
+    y = h @ w2
+    y += b2
+    return y
+
+
+class _MLPTile:
+    """The per-tile kernel: Linear + bias + activation + Linear + bias, into ``out``.
+
+    The hidden activations exist only for one tile of rows (tile x d_hidden), never for the
+    whole batch.
+    """
+
+    def __init__(self, w1, b1, w2, b2, activation):
+        self.w1, self.b1, self.w2, self.b2, self.activation = w1, b1, w2, b2, activation
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        h = x @ self.w1
+        h += self.b1
+        ACTIVATIONS[self.activation](h)
+        np.matmul(h, self.w2, out=out)
+        out += self.b2
+        return out
+
+
+def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
+        activation: str = "relu", out: np.ndarray | None = None,
+        pool: parrun.Pool | None = None, grain: int | None = None) -> np.ndarray:
+    """``act(x @ w1 + b1) @ w2 + b2``, parallel over rows of ``x``.
+
+    Args:
+        x: (batch, d_in) float32 or float64.
+        w1: (d_in, d_hidden); b1: (d_hidden,); w2: (d_hidden, d_out); b2: (d_out,); all of
+            x's dtype. Weights not already shared are copied into shared memory once per call
+            (keep them shared, as ``MLPModel`` does, to pay that once).
+        activation: 'relu' or 'gelu' (exact, erf-based, as torch's default).
+        out: (batch, d_out) to write into; allocated (shared) if None.
+        pool: the pool to run on (default: ``parrun.default_pool()``).
+        grain: rows per piece (default: ~256 KiB of x per tile, sized by cost).
+
+    Returns:
+        out, (batch, d_out). Each piece of rows runs the whole chain on its tile, with one
+        BLAS thread per worker.
+    """
+    _check_mlp(x, w1, b1, w2, b2, activation)
+    pool = pool or parrun.default_pool()
+    x = np.asarray(x)
+    temps = []
+    weights = []
+    for w in (w1, b1, w2, b2):
+        if not parrun.is_shared(w):
+            w = parrun.asshared(w)
+            temps.append(w)
+        weights.append(w)
+    try:
+        if out is None:
+            out = parrun.empty((x.shape[0], w2.shape[1]), x.dtype)
+        elif out.shape != (x.shape[0], w2.shape[1]) or out.dtype != x.dtype:
+            raise ValueError(f"out must be {(x.shape[0], w2.shape[1])} {x.dtype}, got "
+                             f"{out.shape} {out.dtype}")
+        return pool.map(_MLPTile(*weights, activation), x, out=out, grain=grain)
+    finally:
+        for t in temps:
+            t.release()
+
+
+class MLPModel:
+    """An MLP whose weights live in shared memory, for batched inference on a pool.
+
+    The weights are copied into shared memory once, here; workers map them once and never
+    receive their bytes again.
+    """
+
+    def __init__(self, w1: Any, b1: Any, w2: Any, b2: Any, activation: str = "relu",
+                 pool: parrun.Pool | None = None):
+        _check_mlp(np.zeros((1, np.shape(w1)[0]), np.asarray(w1).dtype), w1, b1, w2, b2,
+                   activation)
+        self.w1, self.b1, self.w2, self.b2 = (parrun.asshared(a) for a in (w1, b1, w2, b2))
+        self.activation = activation
+        self.pool = pool
+        self._tile = _MLPTile(self.w1, self.b1, self.w2, self.b2, activation)
+
+    def predict(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(batch, d_in) -> (batch, d_out), rows split across the workers."""
+        return mlp(batch, self.w1, self.b1, self.w2, self.b2, self.activation, out=out,
+                   pool=self.pool)
+
+    def predict_many(self, batches, in_flight: int | None = None):
+        """Yield the prediction of each batch, in order, keeping every worker busy.
+
+        Each batch is one task (all its rows in one worker); up to ``in_flight`` batches
+        (default two per worker) run at once, so the workers never wait for the caller.
+        """
+        from collections import deque
+
+        pool = self.pool or parrun.default_pool()
+        depth = in_flight or 2 * pool.workers
+        window: deque = deque()
+        for batch in batches:
+            batch = np.asarray(batch, dtype=self.w1.dtype)
+            window.append(pool.submit(_predict_batch, self._tile, batch))
+            if len(window) >= depth:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def release(self) -> None:
+        """Free the shared weights."""
+        for a in (self.w1, self.b1, self.w2, self.b2):
+            a.release()
+
+
+def _predict_batch(tile: _MLPTile, batch: np.ndarray) -> np.ndarray:
+    out = np.empty((batch.shape[0], tile.w2.shape[1]), batch.dtype)
+    return tile(batch, out)

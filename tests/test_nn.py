@@ -1,0 +1,160 @@
+"""parrun.nn workloads against their serial NumPy references and, where installed, torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import parrun
+from parrun import nn
+
+RTOL = {np.float32: 1e-4, np.float64: 1e-9}
+
+
+def _mlp_args(rng, batch, d_in, d_hidden, d_out, dtype):
+    x = rng.standard_normal((batch, d_in)).astype(dtype)
+    w1 = (rng.standard_normal((d_in, d_hidden)) / np.sqrt(d_in)).astype(dtype)
+    b1 = rng.standard_normal(d_hidden).astype(dtype)
+    w2 = (rng.standard_normal((d_hidden, d_out)) / np.sqrt(d_hidden)).astype(dtype)
+    b2 = rng.standard_normal(d_out).astype(dtype)
+    return x, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("shape", [(1, 8, 16, 4), (333, 64, 200, 33), (4096, 32, 64, 16)])
+def test_mlp_matches_reference(pool, dtype, activation, shape):
+    rng = np.random.default_rng(0)
+    args = _mlp_args(rng, *shape, dtype)
+    y = nn.mlp(*args, activation=activation, pool=pool)
+    np.testing.assert_allclose(y, nn.mlp_reference(*args, activation), rtol=RTOL[dtype],
+                               atol=RTOL[dtype])
+    assert y.dtype == dtype and y.shape == (shape[0], shape[3])
+    y.release()
+
+
+def test_erf_is_accurate():
+    import math
+
+    x = np.linspace(-6, 6, 2001)
+    ref = np.array([math.erf(t) for t in x])
+    assert np.max(np.abs(nn.erf(x) - ref)) < 2e-7
+
+
+def test_mlp_rejects_bad_input(pool):
+    args = _mlp_args(np.random.default_rng(0), 4, 8, 16, 4, np.float32)
+    with pytest.raises(ValueError, match="activation"):
+        nn.mlp(*args, activation="tanh", pool=pool)
+    with pytest.raises(TypeError, match="dtype"):
+        nn.mlp(args[0], args[1].astype(np.float64), *args[2:], pool=pool)
+    with pytest.raises(ValueError, match="do not chain"):
+        nn.mlp(args[0][:, :5], *args[1:], pool=pool)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        nn.mlp(args[0].astype(np.int32), *args[1:], pool=pool)
+
+
+def test_mlp_model_predict_and_stream(pool):
+    rng = np.random.default_rng(1)
+    x, w1, b1, w2, b2 = _mlp_args(rng, 10, 16, 32, 8, np.float32)
+    model = nn.MLPModel(w1, b1, w2, b2, "gelu", pool=pool)
+    try:
+        batches = [rng.standard_normal((n, 16)).astype(np.float32) for n in (5, 1, 17, 64, 3)]
+        outs = list(model.predict_many(iter(batches)))
+        assert len(outs) == len(batches)
+        for b, o in zip(batches, outs):
+            np.testing.assert_allclose(o, nn.mlp_reference(b, w1, b1, w2, b2, "gelu"),
+                                       rtol=1e-4, atol=1e-5)
+        y = model.predict(batches[3])
+        np.testing.assert_allclose(y, outs[3], rtol=1e-5, atol=1e-6)
+        y.release()
+    finally:
+        model.release()
+
+
+def _qkv(rng, b, h, s, d, dtype, sk=None):
+    q = rng.standard_normal((b, h, s, d)).astype(dtype)
+    k = rng.standard_normal((b, h, sk or s, d)).astype(dtype)
+    v = rng.standard_normal((b, h, sk or s, d)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 7, 8), (2, 3, 200, 16), (1, 2, 130, 32)])
+def test_attention_matches_reference(pool, dtype, causal, shape):
+    rng = np.random.default_rng(2)
+    q, k, v = _qkv(rng, *shape, dtype)
+    o = nn.attention(q, k, v, causal=causal, pool=pool, block_q=64, block_k=48)
+    np.testing.assert_allclose(o, nn.attention_reference(q, k, v, causal), rtol=RTOL[dtype],
+                               atol=RTOL[dtype])
+    o.release()
+
+
+def test_attention_masks_and_cross_lengths(pool):
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 2, 2, 50, 8, np.float32, sk=77)
+    keep = rng.random((2, 1, 1, 77)) > 0.3
+    keep[..., 0] = True
+    for mask in (keep, np.where(keep, 0.0, -1e4).astype(np.float32),
+                 rng.standard_normal((2, 2, 50, 77)).astype(np.float32)):
+        o = nn.attention(q, k, v, mask=mask, pool=pool, block_q=16, block_k=32)
+        np.testing.assert_allclose(o, nn.attention_reference(q, k, v, mask=mask), rtol=1e-4,
+                                   atol=1e-5)
+        o.release()
+    with pytest.raises(ValueError, match="broadcast"):
+        nn.attention(q, k, v, mask=keep[..., :5], pool=pool)
+    with pytest.raises(TypeError):
+        nn.attention(q, k.astype(np.float64), v, pool=pool)
+
+
+def test_causal_attention_is_balanced_by_stealing(pool):
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, 1, 2, 1024, 16, np.float32)
+    o = nn.attention(q, k, v, causal=True, pool=pool, block_q=32, block_k=64)
+    st = pool.last_stats
+    # Tiles are ordered by query block, so the first half is much cheaper: the worker with
+    # the cheap half must steal from the other.
+    assert st.steals >= 1
+    np.testing.assert_allclose(o, nn.attention_reference(q, k, v, True), rtol=1e-4,
+                               atol=1e-5)
+    o.release()
+
+
+
+
+@pytest.fixture(scope="module")
+def torch_mod():
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_matches_torch(pool, torch_mod, activation):
+    F = torch_mod.nn.functional
+    rng = np.random.default_rng(5)
+    x, w1, b1, w2, b2 = _mlp_args(rng, 129, 48, 96, 20, np.float32)
+    t = torch_mod.from_numpy
+    h = F.linear(t(x), t(np.ascontiguousarray(w1.T)), t(b1))
+    h = F.relu(h) if activation == "relu" else F.gelu(h)
+    ref = F.linear(h, t(np.ascontiguousarray(w2.T)), t(b2)).numpy()
+    y = nn.mlp(x, w1, b1, w2, b2, activation, pool=pool)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    y.release()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_torch(pool, torch_mod, causal):
+    F = torch_mod.nn.functional
+    rng = np.random.default_rng(6)
+    q, k, v = _qkv(rng, 2, 3, 157, 32, np.float32)
+    ref = F.scaled_dot_product_attention(*(torch_mod.from_numpy(a) for a in (q, k, v)),
+                                         is_causal=causal).numpy()
+    o = nn.attention(q, k, v, causal=causal, pool=pool, block_q=64, block_k=48)
+    np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-5)
+    mask = rng.random((2, 1, 1, 157)) > 0.2
+    mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(*(torch_mod.from_numpy(a) for a in (q, k, v)),
+                                         attn_mask=torch_mod.from_numpy(mask)).numpy()
+    o2 = nn.attention(q, k, v, mask=mask, pool=pool)
+    np.testing.assert_allclose(o2, ref, rtol=1e-4, atol=1e-5)
+    o.release()
+    o2.release()
