@@ -55,7 +55,7 @@ def test_mlp_rejects_bad_input(pool):
 
 def test_mlp_model_predict_and_stream(pool):
     rng = np.random.default_rng(1)
-    x, w1, b1, w2, b2 = _mlp_args(rng, 10, 16, 32, 8, np.float32)
+    _, w1, b1, w2, b2 = _mlp_args(rng, 10, 16, 32, 8, np.float32)
     model = nn.MLPModel(w1, b1, w2, b2, "gelu", pool=pool)
     try:
         batches = [rng.standard_normal((n, 16)).astype(np.float32) for n in (5, 1, 17, 64, 3)]
@@ -158,3 +158,16 @@ def test_attention_matches_torch(pool, torch_mod, causal):
     np.testing.assert_allclose(o2, ref, rtol=1e-4, atol=1e-5)
     o.release()
     o2.release()
+
+
+def test_mandelbrot_matches_references(pool):
+    from parrun.nn import _mandelbrot as M
+
+    ref = M.mandelbrot_numpy(160, 120, 64)
+    py = np.empty_like(ref)
+    M.escape_rows_py(np.arange(120), py, 160, 120, 64, *M.VIEW)
+    np.testing.assert_array_equal(py, ref)
+    img = nn.mandelbrot(160, 120, 64, pool=pool)
+    np.testing.assert_array_equal(img, ref)
+    assert img.dtype == np.int32 and parrun.is_shared(img)
+    img.release()
