@@ -87,49 +87,66 @@ class _AttentionTiles:
         return len(tiles)
 
     def tile(self, t: int) -> None:
-        q, k, v = self.q, self.k, self.v
-        _B, H, Sq, _D = q.shape
-        Sk = k.shape[2]
+        q = self.q
+        _, H, Sq, _ = q.shape
+        Sk = self.k.shape[2]
         nq = -(-Sq // self.block_q)
         b, rest = divmod(t, H * nq)
         h, qb = divmod(rest, nq)
         q0 = qb * self.block_q
         q1 = min(Sq, q0 + self.block_q)
-        dt = q.dtype.type
-        qs = q[b, h, q0:q1] * dt(self.scale)
-        n = q1 - q0
-        m = np.full(n, -np.inf, q.dtype)  # running row max
-        denom = np.zeros(n, q.dtype)  # running sum of exp
-        acc = np.zeros((n, v.shape[3]), q.dtype)
-        # Causal (top-left aligned, as torch's is_causal): query i sees keys 0..i, so key
-        # blocks at or past q1 are skipped entirely, not computed and masked.
-        k_end = min(Sk, q1) if self.causal else Sk
-        for k0 in range(0, k_end, self.block_k):
-            k1 = min(k_end, k0 + self.block_k)
-            s = qs @ k[b, h, k0:k1].T
-            if self.causal and k1 > q0:
-                rows = np.arange(q0, q1)[:, None]
-                cols = np.arange(k0, k1)[None, :]
-                s[cols > rows] = -np.inf
-            if self.mask is not None:
-                mb = _mask_block(self.mask, b, h, q0, q1, k0, k1)
-                if mb.dtype == bool:
-                    s = np.where(mb, s, -np.inf)
-                else:
-                    s += mb
-            m_new = np.maximum(m, s.max(axis=1))
-            # Rows with every key masked so far keep m = -inf: avoid inf - inf.
-            safe = np.where(np.isneginf(m_new), 0, m_new).astype(q.dtype, copy=False)
-            corr = np.exp(m - safe)
-            s -= safe[:, None]
-            np.exp(s, out=s)
-            denom *= corr
-            denom += s.sum(axis=1)
-            acc *= corr[:, None]
-            acc += s @ v[b, h, k0:k1]
-            m = m_new
-        acc /= denom[:, None]
-        self.out[b, h, q0:q1] = acc
+        mask = None
+        if self.mask is not None:
+            mask = _mask_block(self.mask, b, h, q0, q1, 0, Sk)
+        self.out[b, h, q0:q1] = attend(q[b, h, q0:q1], self.k[b, h], self.v[b, h],
+                                       self.scale, mask=mask, causal=self.causal,
+                                       q_offset=q0, block_k=self.block_k)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+           mask: np.ndarray | None = None, causal: bool = False, q_offset: int = 0,
+           block_k: int = BLOCK_K) -> np.ndarray:
+    """Attention of ``q`` (..., Lq, d) over ``k``, ``v`` (..., Lk, d), serially, one block
+    of keys at a time with an online softmax: temporaries are (..., Lq, block_k).
+
+    Args:
+        mask: broadcastable to (..., Lq, Lk): bool (True = attend) or additive.
+        causal: query row i (at absolute position ``q_offset + i``) sees keys 0..that
+            position; key blocks past the last query are skipped, not computed.
+    """
+    dt = q.dtype.type
+    qs = q * dt(scale)
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    m = np.full((*lead, Lq), -np.inf, q.dtype)  # running row max
+    denom = np.zeros((*lead, Lq), q.dtype)  # running sum of exp
+    acc = np.zeros((*lead, Lq, v.shape[-1]), q.dtype)
+    k_end = min(Lk, q_offset + Lq) if causal else Lk
+    for k0 in range(0, k_end, block_k):
+        k1 = min(k_end, k0 + block_k)
+        s = qs @ np.swapaxes(k[..., k0:k1, :], -1, -2)
+        if causal and k1 > q_offset + 1:
+            later = np.arange(k0, k1)[None, :] > (q_offset + np.arange(Lq))[:, None]
+            s[..., later] = -np.inf
+        if mask is not None:
+            mb = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
+            if mb.dtype == bool:
+                s = np.where(mb, s, dt(-np.inf))
+            else:
+                s += mb
+        m_new = np.maximum(m, s.max(axis=-1))
+        # Rows with every key masked so far keep m = -inf: avoid inf - inf.
+        safe = np.where(np.isneginf(m_new), dt(0), m_new)
+        corr = np.exp(m - safe)
+        s -= safe[..., None]
+        np.exp(s, out=s)
+        denom *= corr
+        denom += s.sum(axis=-1)
+        acc *= corr[..., None]
+        acc += s @ v[..., k0:k1, :]
+        m = m_new
+    acc /= denom[..., None]
+    return acc
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
