@@ -715,8 +715,8 @@ class Pool:
                         done = pickle.loads(data)
                     except Exception as e:  # a partial result that fails to unpickle
                         done = P.Done(job.job_id, slot, e, P.NOTHING)
-                    if done.job_id != job.job_id:
-                        continue
+                    if not isinstance(done, P.Done) or done.job_id != job.job_id:
+                        continue  # not this job's (cannot happen; harmless if it does)
                     del pending[r]
                     sentinels = {s: k for s, k in sentinels.items() if k != slot}
                     if done.error is not None and result.error is None:

@@ -107,6 +107,7 @@ class TaskWake:
     arena: str
     cap: int
     slot_bytes: int
+    seq: int = 0  # echoed in the worker's idle report: the parent counts wake-ups answered
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class TaskResults:
     results: list
     busy_ns: int
     idle: bool = False  # nothing was left to take or steal: the worker is going idle
+    seq: int = 0  # the TaskWake this serving round answers
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Idle:
     """Worker -> parent: found no task to take or steal; back to waiting."""
 
     slot: int
+    seq: int = 0  # the TaskWake this serving round answers
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ then keeps the first result and ignores the second.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import select
@@ -101,7 +102,8 @@ class TaskService:
         self.arena_seg, self.arena = _shm.create_segment(ARENA_SLOTS * SLOT_BYTES)
         self.arena_mv = memoryview(self.arena)
         self.wake = P.TaskWake(self.arena_seg.name, ARENA_SLOTS, SLOT_BYTES)
-        self.wake_msg = pickle.dumps(self.wake)
+        self.next_wake = 0
+        self.wake_seq = [0] * pool.workers  # the last wake-up sent to each worker
         self._poke_r, self._poke_w = os.pipe()
         self._poked = False
         os.set_blocking(self._poke_w, False)
@@ -172,6 +174,7 @@ class TaskService:
             os.close(self._poke_r)
             os.close(self._poke_w)
             self.arena_mv.release()
+            _shm.release_segment(self.arena_seg.name)
             self.arena_seg = None
             self.arena = None
 
@@ -259,14 +262,20 @@ class TaskService:
                         if isinstance(msg, P.TaskResults):
                             self._deliver(msg)
                             if msg.idle:
-                                self.idle.add(slot)
+                                self._went_idle(slot, msg.seq)
                         elif isinstance(msg, P.Idle):
-                            self.idle.add(slot)
+                            self._went_idle(slot, msg.seq)
                     elif r in sentinels:
                         slot = sentinels[r]
                         w = pool._workers[slot]
                         if not w.status.poll():  # nothing left to read from it: handle it now
                             self._on_death(slot)
+
+    def _went_idle(self, slot: int, seq: int) -> None:
+        # Idle only once it has answered the last wake-up sent to it: a wake-up still in
+        # its pipe would make it serve again, perhaps after the collector stopped serving.
+        if seq == self.wake_seq[slot]:
+            self.idle.add(slot)
 
     def _dispatch(self) -> None:
         """Give pending tasks ids and payload slots, add them to ranges, wake idle workers.
@@ -310,10 +319,13 @@ class TaskService:
             for k in sorted(idle, key=lambda k: -sizes[k]):
                 if waiting <= 0:
                     break
+                self.next_wake += 1
                 try:
-                    pool._workers[k].cmd.send_bytes(self.wake_msg)
+                    pool._workers[k].cmd.send_bytes(pickle.dumps(
+                        dataclasses.replace(self.wake, seq=self.next_wake)))
                 except OSError:
                     continue  # dead: its sentinel will tell
+                self.wake_seq[k] = self.next_wake
                 idle.discard(k)
                 waiting -= 1
 
@@ -424,6 +436,7 @@ class TaskService:
         if lo < hi:
             self.redo.append((lo, hi))
         pool._replace(slot)
+        self.wake_seq[slot] = 0  # a fresh worker has answered everything
         new = pool._workers[slot]
         for key, data in {(t.key, t.fn_data) for t in self.inflight.values()}:
             new.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))

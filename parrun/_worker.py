@@ -175,15 +175,15 @@ class _Worker:
             idle_said = not cb.has_work()
             # Report, then count: a worker killed in between has its piece reported (the
             # parent ignores results it already has) rather than lost.
-            status.send_bytes(pickle.dumps(P.TaskResults(me, results, dt, idle_said),
-                                           protocol=5))
+            status.send_bytes(pickle.dumps(P.TaskResults(me, results, dt, idle_said,
+                                                         wake.seq), protocol=5))
             cb.done_piece(me, lo, hi, dt)
             per_task = dt / (hi - lo)
             self.task_ns = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
             if os.getppid() != ppid:
                 os._exit(1)
         if not idle_said:
-            status.send_bytes(pickle.dumps(P.Idle(me)))
+            status.send_bytes(pickle.dumps(P.Idle(me, wake.seq)))
 
     def run_job(self, job: P.Job) -> P.Done:
         if job.forget_segments:

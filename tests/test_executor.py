@@ -111,6 +111,8 @@ def test_cancel_pending_and_shutdown_without_waiting():
     assert time.monotonic() - t0 < 0.5
     assert blocker.result(timeout=TIMEOUT) is None  # started: it finishes
     assert not cf.wait(queued, timeout=TIMEOUT).not_done
+    # The background shutdown finishes: workers gone, segments freed.
+    assert wait_until(lambda: e._pool not in parrun._pool._live_pools, timeout=TIMEOUT)
     assert sum(f.cancelled() for f in queued) >= 4
 
 
