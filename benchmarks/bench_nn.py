@@ -165,14 +165,14 @@ def bench_attention(rep, pools):
         print(f"attention 8x16x1024x64 float32{', causal' if causal else ''}")
         ref = nn.attention_reference(q, k, v, causal)
         for w, pool in pools.items():
-            med, best = timeit(lambda: nn.attention(qs, ks, vs, causal=causal, out=out,
-                                                    pool=pool), rep)
+            med, best = timeit(lambda c=causal, p=pool: nn.attention(
+                qs, ks, vs, causal=c, out=out, pool=p), rep)
             np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
             report(sec, f"parrun {w} worker{'s' * (w > 1)} (steals "
                    f"{pool.last_stats.steals})", med, best)
         for t in (1, 2):
             with threadpool_limits(t):
-                med, best = timeit(lambda: nn.attention_reference(q, k, v, causal), rep)
+                med, best = timeit(lambda c=causal: nn.attention_reference(q, k, v, c), rep)
             report(sec, f"NumPy per-head reference, {t} BLAS thr.", med, best)
         if torch is None:
             skip(sec, "torch SDPA", "not installed")
@@ -181,8 +181,9 @@ def bench_attention(rep, pools):
         for t in (1, 2):
             torch.set_num_threads(t)
             with torch.inference_mode():
-                med, best = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    tq, tk, tv, is_causal=causal), rep)
+                med, best = timeit(
+                    lambda a=(tq, tk, tv), c=causal:
+                    torch.nn.functional.scaled_dot_product_attention(*a, is_causal=c), rep)
             report(sec, f"torch SDPA, {t} thread{'s' * (t > 1)}", med, best)
     for a in (qs, ks, vs, out):
         a.release()
@@ -262,7 +263,7 @@ def bench_mandelbrot(rep, pools):
     report("mandelbrot", "numba parallel=True (prange)", med, best)
     shared = parrun.empty((H, W), np.int32)
     for w, pool in pools.items():
-        med, best = timeit(lambda: nn.mandelbrot(W, H, it, pool=pool, out=shared), rep)
+        med, best = timeit(lambda p=pool: nn.mandelbrot(W, H, it, pool=p, out=shared), rep)
         assert (shared == ref).all()
         report("mandelbrot", f"parrun + numba {w} worker{'s' * (w > 1)} (steals "
                f"{pool.last_stats.steals})", med, best)

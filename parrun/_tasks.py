@@ -249,6 +249,8 @@ class TaskService:
             ready = [fds[fd] for fd, _ in poller.poll()]
             with self.cv:
                 for r in ready:
+                    if poller_gen != pool._generation:
+                        break  # a worker was replaced: the rest may name the old one; re-poll
                     if r == self._poke_r:
                         os.read(self._poke_r, 4096)
                         self._poked = False

