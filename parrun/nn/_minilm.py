@@ -29,7 +29,7 @@ from ._mlp import _MLPTile
 
 # Token rows per feed-forward tile: the (rows x 1536) hidden activations stay in cache
 # instead of a (tokens x 1536) temporary that costs page faults.
-FFN_TILE_ROWS = 128
+FFN_TILE_ROWS = 256
 # Attention temporaries per chunk of sentences stay under this many bytes.
 ATTENTION_CHUNK_BYTES = 8 << 20
 

@@ -10,6 +10,12 @@ import parrun
 
 from ._ops import ACTIVATIONS
 
+# Rows per tile of the MLP: fewer and the matmuls re-read the weights for too little work
+# (memory-bound); more and a tile's hidden activations (rows x d_hidden) leave the cache and
+# the workers have fewer pieces to balance.
+MIN_TILE_ROWS = 64
+MAX_TILE_ROWS = 256
+
 
 def _check_mlp(x, w1, b1, w2, b2, activation):
     if activation not in ACTIVATIONS:
@@ -74,7 +80,7 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
         activation: 'relu' or 'gelu' (exact, erf-based, as torch's default).
         out: (batch, d_out) to write into; allocated (shared) if None.
         pool: the pool to run on (default: ``parrun.default_pool()``).
-        grain: rows per piece (default: ~256 KiB of x per tile, sized by cost).
+        grain: rows per piece (default: 64-256, four pieces per worker or more).
 
     Returns:
         out, (batch, d_out). Each piece of rows runs the whole chain on its tile, with one
@@ -96,6 +102,12 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
         elif out.shape != (x.shape[0], w2.shape[1]) or out.dtype != x.dtype:
             raise ValueError(f"out must be {(x.shape[0], w2.shape[1])} {x.dtype}, got "
                              f"{out.shape} {out.dtype}")
+        if grain is None:
+            # BLAS needs tall tiles to reuse each weight it loads: at least MIN_TILE_ROWS
+            # rows, and a few pieces per worker to steal. Time-sized pieces would be a
+            # couple of rows here (a row costs ~0.1 ms) and run at a tenth of the speed.
+            grain = max(MIN_TILE_ROWS, min(MAX_TILE_ROWS,
+                                           -(-x.shape[0] // (4 * pool.workers))))
         return pool.map(_MLPTile(*weights, activation), x, out=out, grain=grain)
     finally:
         for t in temps:
