@@ -476,50 +476,86 @@ def is_shared(a: Any) -> bool:
 BIG_ARRAY_BYTES = 1 << 20
 
 
+def _reduce_array(pickler: Any, obj: Any):
+    """The reduction of an ndarray for parrun's picklers: a handle if it lives in shared
+    memory, else whatever ``pickler.big_array`` says (None: pickle it by value)."""
+    handle = handle_of(obj)
+    if handle is not None:
+        return from_handle, (handle,)
+    if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
+        return None
+    return pickler.big_array(obj)
+
+
+class _ArgsArrays:
+    """A task's arguments: big plain arrays are copied once into temporary segments that the
+    parent releases when the task is over (``temps``)."""
+
+    temps: list
+
+    def big_array(self, obj: np.ndarray):
+        tmp = asshared(obj)
+        self.temps.append(tmp)
+        return from_handle_transient, (handle_of(tmp),)
+
+
+class _ResultArrays:
+    """A worker's result: big plain arrays are copied once into a segment the parent adopts."""
+
+    def big_array(self, obj: np.ndarray):
+        name, raw = create_detached(obj.nbytes)
+        dst = np.ndarray(obj.shape, obj.dtype, buffer=raw)
+        np.copyto(dst, obj, casting="no")
+        return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
+
+
 class _HandlePickler(cloudpickle.Pickler):
     """cloudpickle, with every ndarray that lives in shared memory sent as a handle. This
     catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say)."""
 
     def reducer_override(self, obj):
         if isinstance(obj, np.ndarray):
-            handle = handle_of(obj)
-            if handle is not None:
-                return from_handle, (handle,)
-            big = self.big_array(obj)
-            if big is not None:
-                return big
+            r = _reduce_array(self, obj)
+            if r is not None:
+                return r
         return super().reducer_override(obj)
 
     def big_array(self, obj: np.ndarray):
         return None
 
 
-class _ArgsPickler(_HandlePickler):
-    """A task's arguments: big plain arrays are copied once into temporary segments that the
-    parent releases when the task is over (``temps``)."""
-
+class _ArgsPickler(_ArgsArrays, _HandlePickler):
     def __init__(self, file, protocol=None):
         super().__init__(file, protocol=protocol)
-        self.temps: list[SharedArray] = []
-
-    def big_array(self, obj):
-        if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
-            return None
-        tmp = asshared(obj)
-        self.temps.append(tmp)
-        return from_handle_transient, (handle_of(tmp),)
+        self.temps = []
 
 
-class _ResultPickler(_HandlePickler):
-    """A worker's result: big plain arrays are copied once into a segment the parent adopts."""
+class _ResultPickler(_ResultArrays, _HandlePickler):
+    pass
 
-    def big_array(self, obj):
-        if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
-            return None
-        name, raw = create_detached(obj.nbytes)
-        dst = np.ndarray(obj.shape, obj.dtype, buffer=raw)
-        np.copyto(dst, obj, casting="no")
-        return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
+
+class _FastPickler(pickle.Pickler):
+    """The C pickler with the same array rules: ~10x faster for plain data; anything it
+    cannot pickle by reference (a lambda, say) falls back to the cloudpickle twin."""
+
+    def __init__(self, file, protocol=None):
+        super().__init__(file, protocol=5)
+        self.temps = []
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray or type(obj) is SharedArray:
+            r = _reduce_array(self, obj)
+            if r is not None:
+                return r
+        return NotImplemented
+
+
+class _FastArgsPickler(_ArgsArrays, _FastPickler):
+    pass
+
+
+class _FastResultPickler(_ResultArrays, _FastPickler):
+    pass
 
 
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
@@ -529,44 +565,13 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-class _FastArgsPickler(pickle.Pickler):
-    """The C pickler with the same array rules as ``_ArgsPickler``: ~10x faster for plain
-    data; anything it cannot pickle by reference (a lambda, say) falls back to cloudpickle."""
-
-    def __init__(self, file):
-        super().__init__(file, protocol=5)
-        self.temps: list[SharedArray] = []
-
-    def reducer_override(self, obj):
-        if type(obj) is np.ndarray or type(obj) is SharedArray:
-            handle = handle_of(obj)
-            if handle is not None:
-                return from_handle, (handle,)
-            if obj.nbytes >= BIG_ARRAY_BYTES and not obj.dtype.hasobject:
-                tmp = asshared(obj)
-                self.temps.append(tmp)
-                return from_handle_transient, (handle_of(tmp),)
-        return NotImplemented
-
-
-class _FastResultPickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        if type(obj) is np.ndarray or type(obj) is SharedArray:
-            handle = handle_of(obj)
-            if handle is not None:
-                return from_handle, (handle,)
-            if obj.nbytes >= BIG_ARRAY_BYTES and not obj.dtype.hasobject:
-                return _ResultPickler.big_array(None, obj)  # type: ignore[arg-type]
-        return NotImplemented
-
-
 _NO_ARGS = pickle.dumps(((), {}), protocol=5)
 
 
 def _dump_with(fast, slow, obj: Any) -> tuple[bytes, list[SharedArray]]:
     for cls in (fast, slow):
         buf = io.BytesIO()
-        p = cls(buf) if cls is fast else cls(buf, protocol=5)
+        p = cls(buf, protocol=5)
         try:
             p.dump(obj)
         except Exception:
