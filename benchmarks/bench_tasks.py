@@ -95,6 +95,35 @@ class ParrunPeer(FuturesPeer):
         super().__init__("parrun.Executor", lambda: parrun.Executor(W))
 
 
+def _no_shared_arrays():
+    """Initializer: make this process pickle every array by value (parrun's old path)."""
+    import parrun._shm
+
+    parrun._shm.BIG_ARRAY_BYTES = 1 << 62
+
+
+class ParrunPickledPeer(FuturesPeer):
+    """parrun with its shared-memory path for big arrays turned off: the difference it
+    makes."""
+
+    def __init__(self):
+        super().__init__("parrun, arrays pickled",
+                         lambda: parrun.Executor(W, initializer=_no_shared_arrays))
+
+    def start(self):
+        import parrun._shm
+
+        self.saved = parrun._shm.BIG_ARRAY_BYTES
+        _no_shared_arrays()
+        super().start()
+
+    def stop(self):
+        import parrun._shm
+
+        super().stop()
+        parrun._shm.BIG_ARRAY_BYTES = self.saved
+
+
 class PPEPeer(FuturesPeer):
     def __init__(self):
         super().__init__("ProcessPoolExecutor",
@@ -185,11 +214,15 @@ def main():
     ap.add_argument("--trips", type=int, default=2000)
     ap.add_argument("--items", type=int, default=100000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated name fragments of the peers to run")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"{W} workers each; {args.tasks} no-op tasks, {args.trips} round trips, "
           f"{args.items} map items, 64 MiB array task; median of {args.repeat}")
-    peers = [ParrunPeer(), PPEPeer(), LokyPeer(), MpPoolPeer(), JoblibPeer(), ThreadPeer()]
+    peers = [ParrunPeer(), ParrunPickledPeer(), PPEPeer(), LokyPeer(), MpPoolPeer(),
+             JoblibPeer(), ThreadPeer()]
+    if args.only:
+        peers = [p for p in peers if any(o in p.name for o in args.only.split(","))]
     big = np.random.default_rng(0).standard_normal(2**23)  # 64 MiB float64
     rows = {}
     for peer in peers:
@@ -245,7 +278,9 @@ def main():
               f"(p99 {row['trip_us_p99']:6.0f}) | map {row['map_items_per_s']:9.0f} items/s | "
               f"64 MiB {row['array64_s'] * 1e3:6.1f} ms, +{row['array64_peak_private_mib']:.0f}"
               " MiB", flush=True)
-    base = rows["parrun.Executor"]
+    base = rows.get("parrun.Executor")
+    if base is None:
+        return
     print("\nratios (parrun relative to each peer; > 1 means parrun is better):")
     print(f"{'peer':<30} {'throughput':>10} {'latency':>9} {'map':>8} {'64 MiB':>8}")
     for name, row in rows.items():
