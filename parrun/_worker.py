@@ -182,6 +182,10 @@ class _Worker:
             self.task_ns = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
             if os.getppid() != ppid:
                 os._exit(1)
+            if idle_said:
+                # Said idle: from now on the parent may stop serving and start a map, whose
+                # ranges must not be taken for tasks. Work added later comes with a wake-up.
+                break
         if not idle_said:
             status.send_bytes(pickle.dumps(P.Idle(me, wake.seq)))
 

@@ -307,3 +307,17 @@ def test_ctrl_c_while_waiting_cancels_and_cleans_up():
     assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
                                       != "zombie" for p in pids), timeout=5)
     assert wait_until(lambda: not shm_segments(proc.pid), timeout=5)
+
+
+def test_maps_right_after_task_bursts_see_no_stale_task_mode(pool):
+    """A map that starts the moment the tasks before it are done must not have its pieces
+    taken for tasks by a worker still leaving task mode (a race once seen as a map of
+    zeros)."""
+    x = parrun.asshared(np.arange(1, 5001, dtype=np.float64))
+    for i in range(200):
+        fs = [pool.submit(abs, -j) for j in range(i % 7 + 1)]
+        assert [f.result(timeout=TIMEOUT) for f in fs] == list(range(i % 7 + 1))
+        y = pool.map(np.negative, x)
+        np.testing.assert_array_equal(y, -x)
+        y.release()
+    x.release()
