@@ -376,7 +376,9 @@ class SharedArray(np.ndarray):
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         if return_scalar:
             return arr[()]
-        if locate(arr) is None:
+        # A result that owns its memory is a fresh allocation, never a segment: skip the
+        # lookup (this runs on every ufunc and matmul with a shared operand).
+        if arr.flags.owndata or locate(arr) is None:
             return arr.view(np.ndarray)
         return arr.view(SharedArray)
 
