@@ -10,8 +10,10 @@ import numpy as np
 import parrun
 
 # Query rows per tile: the scheduled item. Smaller tiles balance causal attention better but
-# pay more Python per FLOP; larger ones leave fewer tiles to steal.
-BLOCK_Q = 128
+# pay more Python per FLOP; larger ones leave fewer tiles to steal. Measured on 1024 x 64
+# heads: 256 is ~8% faster than 128 without a mask, 128 is best for causal attention.
+BLOCK_Q = 256
+BLOCK_Q_CAUSAL = 128
 # Keys per inner block: a tile's temporaries are BLOCK_Q x BLOCK_K scores, whatever the
 # sequence length. Larger blocks mean fewer NumPy calls (measured: 1024 is best without a
 # causal mask); causal attention skips whole blocks, so smaller ones skip more (512).
@@ -155,7 +157,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
               mask: np.ndarray | None = None, scale: float | None = None,
               out: np.ndarray | None = None, pool: parrun.Pool | None = None,
-              block_q: int = BLOCK_Q, block_k: int | None = None) -> np.ndarray:
+              block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
     """Scaled dot-product attention, as ``torch.nn.functional.scaled_dot_product_attention``.
 
     Args:
@@ -176,6 +178,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
     """
     q, k, v, mask = _check(q, k, v, mask)
     pool = pool or parrun.default_pool()
+    if block_q is None:
+        block_q = BLOCK_Q_CAUSAL if causal else BLOCK_Q
     if block_k is None:
         block_k = BLOCK_K_CAUSAL if causal else BLOCK_K
     B, H, Sq, D = q.shape
