@@ -58,8 +58,8 @@ from ._scheduler import ControlBlock, control_size, initial_ranges
 # Bytes of input per piece. Smaller pieces pay the ~5 us of per-piece bookkeeping too often;
 # larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
 TILE_BYTES = 256 * 1024
-# Rows of the first piece, run in the caller to learn the output's shape, dtype and the cost
-# per row when map allocates ``out``. More delays the start of the parallel part.
+# Rows of the first piece, run alone in one worker to learn the output's shape, dtype and the
+# cost per row when map allocates ``out``. More delays the start of the parallel part.
 PROBE_ROWS = 64
 # A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
 # ~30-60 us, so smaller shares make a job slower, not faster.
@@ -74,7 +74,7 @@ STOP_TIMEOUT = 5.0
 INTERRUPT_GRACE = 0.5
 # Seconds the caller polls for workers' replies before it sleeps. Longer burns a core that a
 # worker may need; shorter pays a sleep and a wake-up (~30 us) on every short call.
-SPIN_S = float(os.environ.get("PARRUN_TEST_PSPIN", "100e-6"))
+SPIN_S = 100e-6
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -450,12 +450,14 @@ class Pool:
         Args:
             fn: called as ``fn(*(a[lo:hi] for a in arrays))`` in the workers; returns an array
                 of ``hi - lo`` rows. Any picklable callable (NumPy code, BLAS, numba kernels).
+                If it has an ``out`` parameter (ufuncs do), it is called with
+                ``out=out[lo:hi]`` and may fill it in place.
             arrays: arrays of the same length along axis 0. Shared arrays are used in place;
                 others are copied into shared memory once for this call.
             out: where results go; shape ``(n, ...)``. If None, one is allocated (a shared
-                array) from what ``fn`` returns on the first piece, which runs in the caller.
-            grain: items per piece; default about 256 KiB of input, and at least
-                ``MIN_PIECES_PER_WORKER`` pieces per worker.
+                array) from what ``fn`` returns on the first piece, run alone in one worker.
+            grain: items per piece. Default: pieces adapt to the measured cost of ``fn``, to
+                about 0.3 ms of work each and at most ``TILE_BYTES`` (256 KiB) of input.
 
         Returns:
             ``out``. Pieces run in any order on any worker; each index exactly once.

@@ -286,7 +286,7 @@ TASK_PIECE_MAX = 256
 # Seconds a worker polls for its next command before it sleeps (yielding the core to any other
 # runnable process in between). Longer wastes cycles of idle workers; shorter makes a caller
 # that sends jobs back to back pay a wake-up each time.
-SPIN_S = float(os.environ.get("PARRUN_TEST_WSPIN", "200e-6"))
+SPIN_S = 200e-6
 
 
 def _spin(cmd) -> None:
