@@ -236,12 +236,12 @@ class Pool:
         self._control_raw = raw
         # The parent takes slot locks only when it adds submitted tasks to ranges.
         self._cb = ControlBlock(raw, seg.fd, workers)
-        self._workers: list[_WorkerHandle | None] = [None] * workers
+        self._workers: list[_WorkerHandle] = []
         self.last_stats: JobStats | None = None
         t0 = time.perf_counter()
         try:
             for k in range(workers):
-                self._workers[k] = self._launch(k)
+                self._workers.append(self._launch(k))
             for k in range(workers):
                 self._await_ready(self._workers[k])
         except BaseException:
@@ -297,12 +297,11 @@ class Pool:
 
     def _terminate_all(self) -> None:
         for w in self._workers:
-            if w is not None and w.process.is_alive():
+            if w.process.is_alive():
                 w.process.kill()
         for w in self._workers:
-            if w is not None:
-                w.process.join(STOP_TIMEOUT)
-                _close_handle(w)
+            w.process.join(STOP_TIMEOUT)
+            _close_handle(w)
 
     def _own_segments(self) -> set[str]:
         """Names of the segments the pool itself holds (control block, task arena)."""
@@ -314,7 +313,7 @@ class Pool:
     @property
     def pids(self) -> list[int]:
         """Process ids of the current workers."""
-        return [w.pid for w in self._workers if w is not None]
+        return [w.pid for w in self._workers]
 
     @property
     def closed(self) -> bool:
@@ -336,15 +335,13 @@ class Pool:
             self._stopped = True
             stop = pickle.dumps(P.Stop())
             for w in self._workers:
-                if w is not None:
-                    try:
-                        w.cmd.send_bytes(stop)
-                    except OSError:
-                        pass
+                try:
+                    w.cmd.send_bytes(stop)
+                except OSError:
+                    pass
             deadline = time.monotonic() + STOP_TIMEOUT
             for w in self._workers:
-                if w is not None:
-                    w.process.join(max(0.0, deadline - time.monotonic()))
+                w.process.join(max(0.0, deadline - time.monotonic()))
             self._terminate_all()
             _shm.release_segment(self._control_name)
             _live_pools.discard(self)
@@ -361,7 +358,7 @@ class Pool:
                 tasks.closing = True
                 tasks.cv.notify()
         for w in self._workers:
-            if w is not None and w.process.is_alive():
+            if w.process.is_alive():
                 w.process.kill()
         if tasks is not None:
             tasks.close(timeout=STOP_TIMEOUT)
@@ -437,7 +434,7 @@ class Pool:
             while len(lru) > FN_CACHE_SIZE:
                 old, _ = lru.popitem(last=False)
                 for w in self._workers:
-                    if w is not None and old in w.fn_keys:
+                    if old in w.fn_keys:
                         w.fn_keys.discard(old)
                         w.forget_fns.append(old)
         return key, data, takes_out
