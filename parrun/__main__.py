@@ -140,12 +140,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m = args.tasks
         idx = parrun.asshared(np.arange(m))
         print(f"\n2. uneven work: {m} items, item i costs ~i (work stealing balances it)")
-        t_ser2 = _median_time(lambda: _uneven(idx), 1)
-        t_par2 = _median_time(lambda: pool.map(_uneven, idx), 1)
+        t_ser2 = _median_time(lambda: _uneven(idx), 3)
+        with parrun.Pool(1) as one:
+            t_one = _median_time(lambda: one.map(_uneven, idx), 3)
+        t_par2 = _median_time(lambda: pool.map(_uneven, idx), 3)
         ok = np.allclose(pool.map(_uneven, idx), _uneven(idx))
         st = pool.last_stats
-        print(f"   serial {t_ser2:.3f} s, parrun {t_par2:.3f} s: {t_ser2 / t_par2:.2f}x, "
-              f"efficiency {t_ser2 / (workers * t_par2):.2f}, results match: {ok}")
+        print(f"   serial {t_ser2:.3f} s, parrun 1 worker {t_one:.3f} s, {workers} workers "
+              f"{t_par2:.3f} s: {t_ser2 / t_par2:.2f}x serial; parallel efficiency "
+              f"{t_one / (workers * t_par2):.2f} (1-worker time / ({workers} x time)); "
+              f"results match: {ok}")
         print("   " + str(st).replace("\n", "\n   "))
         x.release()
         out.release()

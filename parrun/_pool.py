@@ -59,8 +59,9 @@ from ._scheduler import ControlBlock, control_size, initial_ranges
 # larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
 TILE_BYTES = 256 * 1024
 # Rows of the first piece, run alone in one worker to learn the output's shape, dtype and the
-# cost per row when map allocates ``out``. More delays the start of the parallel part.
-PROBE_ROWS = 64
+# cost per row when map allocates ``out``. More delays the parallel part (it runs alone);
+# fewer gives a noisier first cost estimate (pieces then grow over the first few).
+PROBE_ROWS = 8
 # A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
 # ~30-60 us, so smaller shares make a job slower, not faster.
 MIN_SHARE_S = 100e-6
