@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,56 +44,9 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def machine_info() -> dict:
-    """The machine and what parrun would use by default."""
-    import psutil
-
-    info = {
-        "cpu": _cpu_model(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "logical_cores": psutil.cpu_count(logical=True),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "parrun": parrun.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        st = os.statvfs("/dev/shm")
-        info["dev_shm_free_gib"] = round(st.f_bavail * st.f_frsize / 2**30, 1)
-    except OSError:
-        pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture",
-                                                "num_threads")} for i in threadpool_info()]
-    except Exception:
-        info["blas"] = "threadpoolctl could not inspect"
-    from ._process import default_start_method
-
-    info["default_workers"] = parrun.default_workers()
-    info["start_method"] = default_start_method()
-    info["blas_threads_per_worker"] = 1
-    info["openblas_env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE",
-                                                           "OPENBLAS_L2_SIZE")}
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from .bench import machine_info
+
     for k, v in machine_info().items():
         print(f"{k:>24}: {v}")
     return 0
@@ -170,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="describe this machine and parrun's defaults")
     i.set_defaults(func=cmd_info)
+    sub.add_parser("bench", help="core scaling with the peers (see python -m parrun bench -h)",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(argv[1:])
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,605 @@
+"""``python -m parrun bench``: core scaling of parrun's workloads, with the peers side by side.
+
+Each workload runs at each worker count after a warm-up, ``--repeat`` times; the peers that do
+the same work with the same number of processes or threads run beside it. Tables give the
+median, the spread (min-max), the throughput in the workload's unit, the speed-up over one
+worker, the parallel efficiency and the ratio to the best peer. ``--json`` keeps every raw
+timing and a description of the machine; ``--plot`` draws speed-up and throughput against
+workers (matplotlib). Uses only parrun's public API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import parrun
+
+SUITES = ("map", "tasks", "irregular", "mlp", "attention", "minilm", "mandelbrot")
+_OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+@dataclass
+class Method:
+    """One way of running a workload: parrun or a peer. ``run(workers)`` returns a callable
+    that does the work once; ``None`` workers means it does not scale (serial)."""
+
+    name: str
+    make: Callable[[int | None], Callable[[], Any]] | None
+    scales: bool = True
+    skipped: str | None = None
+    close: Callable[[], None] | None = None
+
+
+@dataclass
+class Workload:
+    name: str
+    unit: str
+    work: float  # units of work in one run (GB, GFLOP, tasks, ...)
+    methods: list[Method]
+    note: str = ""
+    check: Callable[[], None] | None = None
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+# -- workloads -----------------------------------------------------------------------------
+def _chain_into(x, out):
+    tmp = np.multiply(x, 1.7)
+    np.add(tmp, 0.3, out=tmp)
+    np.tanh(tmp, out=tmp)
+    np.square(tmp, out=tmp)
+    np.multiply(x, 0.5, out=out)
+    np.subtract(tmp, out, out=out)
+    return out
+
+
+def _chain(x):
+    return _chain_into(x, np.empty_like(x))
+
+
+def _noop(*args):
+    return None
+
+
+def _cost(i):
+    """Pure-Python work proportional to i: the irregular workload's item."""
+    s = 0
+    for k in range(int(i) * 40):
+        s += k % 7
+    return s
+
+
+def _cost_chunk(idx):
+    return [_cost(i) for i in idx]
+
+
+def _cost_array(idx):
+    return np.array([_cost(i) for i in idx], dtype=np.int64)
+
+
+def _pools(pools: dict[int, parrun.Pool]) -> Callable[[int | None], parrun.Pool]:
+    return lambda w: pools[w]
+
+
+def map_workload(quick: bool, pools) -> Workload:
+    n = 2**22 if quick else 2**26
+    x = parrun.asshared(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
+    out = parrun.empty(n, np.float32)
+    xs = np.asarray(x)
+    tile = 65536
+
+    def serial(_w):
+        def run():
+            for lo in range(0, n, tile):
+                _chain_into(xs[lo:lo + tile], out[lo:lo + tile])
+        return run
+
+    def with_parrun(w):
+        return lambda: pools[w].map(_chain_into, x, out=out)
+
+    def threads(w):
+        ex = cf.ThreadPoolExecutor(w)
+        held.append(ex)
+        block = 2**20
+
+        def one(lo):
+            _chain_into(xs[lo:lo + block], out[lo:lo + block])
+        return lambda: list(ex.map(one, range(0, n, block)))
+
+    def mp_pool(w):
+        p = mp.get_context("fork").Pool(w)
+        held.append(p)
+        block = 2**20
+        return lambda: np.concatenate(p.map(_chain, [xs[lo:lo + block]
+                                                     for lo in range(0, n, block)]), out=out)
+
+    held: list = []
+    methods = [Method("serial NumPy, 64K tiles", serial, scales=False),
+               Method("parrun.map", with_parrun),
+               Method("ThreadPoolExecutor, 4 MiB blocks", threads),
+               Method("multiprocessing.Pool, pickled blocks", mp_pool)]
+    try:
+        import numexpr as ne
+
+        def numexpr(w):
+            def run():
+                ne.set_num_threads(w)
+                ne.evaluate("tanh(1.7*x + 0.3)**2 - 0.5*x", local_dict={"x": xs}, out=out)
+            return run
+        methods.append(Method("numexpr", numexpr))
+    except ImportError:
+        methods.append(Method("numexpr", None, skipped="not installed"))
+    wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
+                  note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
+    wl.cleanup += [lambda: [h.shutdown() if hasattr(h, "shutdown") else h.terminate()
+                            for h in held], x.release, out.release]
+    return wl
+
+
+def tasks_workload(quick: bool, pools) -> Workload:
+    n = 2000 if quick else 20000
+    held: list = []
+
+    def with_parrun(w):
+        pool = pools[w]
+        return lambda: cf.wait([pool.submit(_noop) for _ in range(n)])
+
+    def executor(factory):
+        def make(w):
+            ex = factory(w)
+            held.append(ex)
+            ex.submit(_noop).result()
+            return lambda: cf.wait([ex.submit(_noop) for _ in range(n)])
+        return make
+
+    def mp_pool(w):
+        p = mp.get_context("fork").Pool(w)
+        held.append(p)
+
+        def run():
+            for r in [p.apply_async(_noop) for _ in range(n)]:
+                r.get()
+        return run
+
+    methods = [Method("parrun Pool.submit", with_parrun),
+               Method("ProcessPoolExecutor", executor(
+                   lambda w: cf.ProcessPoolExecutor(w, mp_context=mp.get_context("fork")))),
+               Method("multiprocessing.Pool.apply_async", mp_pool),
+               Method("ThreadPoolExecutor", executor(cf.ThreadPoolExecutor))]
+    try:
+        from loky import get_reusable_executor
+
+        methods.append(Method("loky", executor(lambda w: get_reusable_executor(w))))
+    except ImportError:
+        methods.append(Method("loky", None, skipped="not installed"))
+    wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
+    wl.cleanup.append(lambda: [h.shutdown() if hasattr(h, "shutdown") else h.terminate()
+                               for h in held])
+    return wl
+
+
+def irregular_workload(quick: bool, pools) -> Workload:
+    n = 400 if quick else 2000
+    idx = parrun.asshared(np.arange(n, dtype=np.int64))
+    held: list = []
+
+    def serial(_w):
+        return lambda: _cost_chunk(range(n))
+
+    def with_parrun(w):
+        return lambda: pools[w].map(_cost_array, idx)
+
+    def mp_pool(w, how):
+        p = mp.get_context("fork").Pool(w)
+        held.append(p)
+        items = list(range(n))
+        if how == "halves":
+            return lambda: p.map(_cost, items, chunksize=-(-n // w))
+        if how == "cyclic":
+            return lambda: p.map(_cost_chunk, [items[k::w] for k in range(w)])
+        if how == "chunks":
+            return lambda: p.map(_cost, items)
+        return lambda: list(p.imap_unordered(_cost, items, chunksize=1))
+
+    methods = [Method("serial Python", serial, scales=False),
+               Method("parrun.map (work stealing)", with_parrun),
+               Method("static contiguous split", lambda w: mp_pool(w, "halves")),
+               Method("static cyclic split", lambda w: mp_pool(w, "cyclic")),
+               Method("multiprocessing.Pool.map default chunks", lambda w: mp_pool(w, "chunks")),
+               Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap"))]
+    try:
+        from joblib import Parallel, delayed
+
+        def joblib_auto(w):
+            par = Parallel(n_jobs=w)
+            par.__enter__()
+            held.append(par)
+            return lambda: par(delayed(_cost)(i) for i in range(n))
+        methods.append(Method("joblib auto batching", joblib_auto))
+    except ImportError:
+        methods.append(Method("joblib auto batching", None, skipped="not installed"))
+
+    def close_all():
+        for h in held:
+            if hasattr(h, "terminate"):
+                h.terminate()
+            else:
+                h.__exit__(None, None, None)
+    wl = Workload("irregular", "items/s", n, methods,
+                  note=f"{n} pure-Python items, cost proportional to the index")
+    wl.cleanup += [close_all, idx.release]
+    return wl
+
+
+def nn_workload(name: str, quick: bool, pools) -> Workload:
+    from . import nn
+
+    rng = np.random.default_rng(0)
+    if name == "mlp":
+        b, d, h = (512, 256, 1024) if quick else (4096, 1024, 4096)
+        x = rng.standard_normal((b, d), dtype=np.float32)
+        w1 = (rng.standard_normal((d, h)) / np.sqrt(d)).astype(np.float32)
+        w2 = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
+        b1, b2 = np.zeros(h, np.float32), np.zeros(d, np.float32)
+        model = nn.MLPModel(w1, b1, w2, b2)
+        xs = parrun.asshared(x)
+        out = parrun.empty((b, d), np.float32)
+
+        def with_parrun(w):
+            model.pool = pools[w]
+            return lambda: model.predict(xs, out=out)
+        methods = [Method("parrun nn.mlp", with_parrun),
+                   Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
+                       x, w1, b1, w2, b2)))]
+        methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
+        wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
+                      note=f"{b}x{d} -> {h} -> {d} float32")
+        wl.cleanup += [model.release, xs.release, out.release]
+        return wl
+    if name == "attention":
+        shape = (2, 4, 256, 64) if quick else (8, 16, 1024, 64)
+        q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+        qs, ks, vs = (parrun.asshared(a) for a in (q, k, v))
+        out = parrun.empty(shape, np.float32)
+
+        def with_parrun(w):
+            return lambda: nn.attention(qs, ks, vs, out=out, pool=pools[w])
+        methods = [Method("parrun nn.attention", with_parrun),
+                   Method("NumPy per-head, BLAS threads",
+                          _blas(lambda: nn.attention_reference(q, k, v)))]
+        methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
+        B, H, S, D = shape
+        wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
+                      note="x".join(map(str, shape)) + " float32")
+        wl.cleanup += [a.release for a in (qs, ks, vs, out)]
+        return wl
+    if name == "mandelbrot":
+        size, it = (400, 128) if quick else (2000, 256)
+        img = parrun.empty((size, size), np.int32)
+
+        def with_parrun(w):
+            return lambda: nn.mandelbrot(size, size, it, pool=pools[w], out=img)
+        methods = [Method("parrun nn.mandelbrot", with_parrun)]
+        try:
+            import numba
+
+            from .nn import _mandelbrot as M
+            ref = np.empty((size, size), np.int32)
+
+            def prange(w):
+                def run():
+                    numba.set_num_threads(min(w, numba.config.NUMBA_NUM_THREADS))
+                    M.escape_prange(ref, size, size, it, *M.VIEW)
+                return run
+            methods.append(Method("numba parallel=True", prange))
+        except ImportError:
+            methods.append(Method("numba parallel=True", None, skipped="numba not installed"))
+        wl = Workload("mandelbrot", "Mpixel/s", size * size / 1e6, methods,
+                      note=f"{size}x{size}, {it} iterations")
+        wl.cleanup.append(img.release)
+        return wl
+    if name == "minilm":
+        try:
+            enc = nn.load_minilm()
+        except ImportError as e:
+            return Workload("minilm", "sentences/s", 0,
+                            [Method("parrun MiniLM", None, skipped=str(e))])
+        words = "the parallel worker shares memory and steals work from busy cores".split()
+        n = 64 if quick else 512
+        sents = [" ".join(rng.choice(words, int(rng.integers(3, 40)))) for _ in range(n)]
+
+        def with_parrun(w):
+            enc.pool = pools[w]
+            return lambda: enc.encode(sents, batch_size=32)
+        return Workload("minilm", "sentences/s", n, [Method("parrun MiniLM", with_parrun)],
+                        note=f"{n} sentences of 3-40 words")
+    raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+
+
+def _blas(fn):
+    """A peer that runs ``fn`` with the worker count as BLAS threads."""
+    from threadpoolctl import threadpool_limits
+
+    def make(w):
+        def run():
+            with threadpool_limits(w):
+                fn()
+        return run
+    return make
+
+
+def _torch_methods(make_fn) -> list[Method]:
+    try:
+        import torch
+    except ImportError:
+        return [Method("torch", None, skipped="not installed")]
+    fn = make_fn(torch)
+
+    def make(w):
+        def run():
+            torch.set_num_threads(w)
+            with torch.inference_mode():
+                fn()
+        return run
+    return [Method("torch, threads", make)]
+
+
+def _torch_mlp(torch, x, w1, b1, w2, b2):
+    F = torch.nn.functional
+    t = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, w1.T, b1, w2.T, b2)]
+    return lambda: F.linear(F.relu(F.linear(t[0], t[1], t[2])), t[3], t[4])
+
+
+def _torch_sdpa(torch, q, k, v):
+    t = [torch.from_numpy(a) for a in (q, k, v)]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(*t)
+
+
+# -- running and reporting -----------------------------------------------------------------
+def machine_info() -> dict:
+    """The machine, and what parrun uses by default on it."""
+    import platform
+
+    import psutil
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "parrun": parrun.__version__,
+        "platform": platform.platform(),
+        "default_workers": parrun.default_workers(),
+        "start_method": "forkserver" if "forkserver" in mp.get_all_start_methods()
+        else "spawn",
+        "blas_threads_per_worker": 1,
+        "openblas_env": {k: os.environ.get(k) for k in _OPENBLAS_VARS},
+    }
+    try:
+        st = os.statvfs("/dev/shm")
+        info["dev_shm_free_gib"] = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture",
+                                                "num_threads")} for i in threadpool_info()]
+    except Exception:
+        info["blas"] = "threadpoolctl could not inspect"
+    return info
+
+
+def _build(name: str, quick: bool, pools) -> Workload:
+    if name == "map":
+        return map_workload(quick, pools)
+    if name == "tasks":
+        return tasks_workload(quick, pools)
+    if name == "irregular":
+        return irregular_workload(quick, pools)
+    return nn_workload(name, quick, pools)
+
+
+def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
+        progress: bool = True) -> dict:
+    """Run the suites; return everything measured (what ``--json`` writes)."""
+    for s in suites:
+        if s not in SUITES:
+            raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
+    if not workers or min(workers) < 1:
+        raise ValueError(f"worker counts must be positive integers, got {workers}")
+    np.random.seed(0)
+    results: dict[str, Any] = {"machine": machine_info(),
+                               "config": {"suites": suites, "workers": workers,
+                                          "repeat": repeat, "quick": quick},
+                               "workloads": {}}
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(suites), unit="workload", file=sys.stderr)
+        except ImportError:
+            bar = None
+    pools = {w: parrun.Pool(w) for w in workers}
+    try:
+        for name in suites:
+            wl = _build(name, quick, pools)
+            rows: dict[str, Any] = {}
+            try:
+                for m in wl.methods:
+                    if m.make is None:
+                        rows[m.name] = {"skipped": m.skipped or "unavailable"}
+                        continue
+                    times: dict[str, list[float]] = {}
+                    for w in (workers if m.scales else [1]):
+                        fn = m.make(w)
+                        for _ in range(2):  # warm-up: every worker compiles, pages fault in
+                            fn()
+                        ts = []
+                        for _ in range(repeat):
+                            t0 = time.perf_counter()
+                            fn()
+                            ts.append(time.perf_counter() - t0)
+                        times[str(w)] = ts
+                    rows[m.name] = {"times_s": times, "scales": m.scales}
+            finally:
+                for c in wl.cleanup:
+                    c()
+            results["workloads"][name] = {"unit": wl.unit, "work": wl.work, "note": wl.note,
+                                          "methods": rows}
+            print(format_table(name, results["workloads"][name]), flush=True)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        for p in pools.values():
+            p.close()
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _summary(wl: dict) -> list[dict]:
+    """One row per (method, workers): median, spread, throughput, speed-up, efficiency."""
+    rows = []
+    serial = None
+    for m in wl["methods"].values():
+        if "times_s" in m and not m["scales"]:
+            serial = statistics.median(m["times_s"]["1"])
+    for name, m in wl["methods"].items():
+        if "times_s" not in m:
+            rows.append({"method": name, "skipped": m["skipped"]})
+            continue
+        one = statistics.median(m["times_s"].get("1", [float("nan")]))
+        for w, ts in m["times_s"].items():
+            med = statistics.median(ts)
+            wk = int(w)
+            base = serial if serial is not None else one
+            rows.append({"method": name, "workers": wk if m["scales"] else None,
+                         "median_s": med, "min_s": min(ts), "max_s": max(ts),
+                         "throughput": wl["work"] / med if wl["work"] else float("nan"),
+                         "speedup_vs_1": one / med if m["scales"] else None,
+                         "efficiency": base / (wk * med) if m["scales"] else None})
+    return rows
+
+
+def format_table(name: str, wl: dict) -> str:
+    rows = _summary(wl)
+    out = [f"\n{name}: {wl['note']}",
+           f"{'method':<40} {'W':>3} {'median s':>9} {'min-max s':>17} {wl['unit']:>12} "
+           f"{'speed-up':>8} {'effic.':>6} {'vs best peer':>12}"]
+    parrun_rows = [r for r in rows if r["method"].startswith("parrun") and "median_s" in r]
+    peers = [r for r in rows if not r["method"].startswith("parrun") and "median_s" in r
+             and r["workers"] is not None]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['method']:<40} skipped: {r['skipped']}")
+            continue
+        best = ""
+        if r in parrun_rows:
+            same = [p["median_s"] for p in peers if p["workers"] == r["workers"]]
+            if same:
+                best = f"{min(same) / r['median_s']:11.2f}x"
+        w = "-" if r["workers"] is None else str(r["workers"])
+        su = "" if r["speedup_vs_1"] is None else f"{r['speedup_vs_1']:7.2f}x"
+        ef = "" if r["efficiency"] is None else f"{r['efficiency']:6.2f}"
+        out.append(f"{r['method']:<40} {w:>3} {r['median_s']:9.4f} "
+                   f"{r['min_s']:8.4f}-{r['max_s']:<8.4f} {r['throughput']:12.2f} "
+                   f"{su:>8} {ef:>6} {best:>12}")
+    return "\n".join(out)
+
+
+def plot(results: dict, path: str) -> None:
+    """Speed-up over one worker (with the ideal line) and throughput, per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["workloads"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        wl = results["workloads"][name]
+        rows = [r for r in _summary(wl) if "median_s" in r]
+        ax_s, ax_t = axes[i]
+        ws = sorted({r["workers"] for r in rows if r["workers"] is not None})
+        if ws:
+            ax_s.plot(ws, ws, "k--", lw=1, label="ideal")
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method),
+                          key=lambda r: r["workers"] or 0)
+            style = "o-" if method.startswith("parrun") else "s:"
+            if mine[0]["workers"] is None:
+                ax_t.axhline(mine[0]["throughput"], ls=":", color="grey", label=method)
+                continue
+            x = [r["workers"] for r in mine]
+            ax_s.plot(x, [r["speedup_vs_1"] for r in mine], style, label=method)
+            ax_t.plot(x, [r["throughput"] for r in mine], style, label=method)
+        ax_s.set_title(f"{name}: speed-up over 1 worker")
+        ax_t.set_title(f"{name}: {wl['unit']}")
+        for ax in (ax_s, ax_t):
+            ax.set_xlabel("workers")
+            ax.grid(alpha=0.3)
+        ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parrun bench", description=__doc__)
+    ap.add_argument("--workers", default=None,
+                    help="comma-separated worker counts (default 1,2,4,... up to the cores)")
+    ap.add_argument("--suite", default="map,tasks,irregular,mlp,attention,minilm,mandelbrot")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke test")
+    ap.add_argument("--json", help="write machine description and raw timings here")
+    ap.add_argument("--plot", help="write a PNG of speed-up and throughput here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if any(v in os.environ for v in _OPENBLAS_VARS):
+        # These slow some NumPy kernels: unset them for the benchmark run only.
+        env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
+        os.execve(sys.executable, [sys.executable, "-m", "parrun", "bench",
+                                   *(argv if argv is not None else sys.argv[2:])], env)
+    if args.workers:
+        workers = [int(w) for w in args.workers.split(",")]
+    else:
+        cores, workers, w = parrun.default_workers(), [], 1
+        while w < cores:
+            workers.append(w)
+            w *= 2
+        workers.append(cores)
+    repeat = 2 if args.quick and args.repeat == 5 else args.repeat
+    results = run(args.suite.split(","), workers, repeat, args.quick,
+                  progress=not args.no_progress)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0

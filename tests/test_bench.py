@@ -1,0 +1,55 @@
+"""``python -m parrun bench --quick``: the CI smoke test of the scaling benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import parrun.bench
+
+
+def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--workers", "1,2",
+                        "--json", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=150)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+    data = json.loads(out.read_text())
+    assert set(data["workloads"]) == set(parrun.bench.SUITES)
+    assert data["machine"]["logical_cores"] >= 1 and "blas" in data["machine"]
+    assert data["config"]["workers"] == [1, 2]
+    pm = data["workloads"]["map"]["methods"]["parrun.map"]["times_s"]
+    assert set(pm) == {"1", "2"} and all(t > 0 for ts in pm.values() for t in ts)
+    irregular = data["workloads"]["irregular"]["methods"]
+    assert "parrun.map (work stealing)" in irregular and "static cyclic split" in irregular
+    for name in parrun.bench.SUITES:
+        assert f"\n{name}: " in r.stdout  # a table per workload
+    assert "speed-up" in r.stdout and "vs best peer" in r.stdout
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = {"workloads": {"toy": {"unit": "items/s", "work": 10, "note": "toy", "methods": {
+        "serial": {"times_s": {"1": [1.0]}, "scales": False},
+        "parrun x": {"times_s": {"1": [1.0, 1.1], "2": [0.55]}, "scales": True},
+        "peer": {"skipped": "not installed"}}}}}
+    path = tmp_path / "p.png"
+    parrun.bench.plot(results, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = parrun.bench.format_table("toy", results["workloads"]["toy"])
+    assert "skipped: not installed" in table
+    assert "1.91x" in table and "0.91" in table  # 1.05 / 0.55; serial / (2 x 0.55)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown suite"):
+        parrun.bench.run(["nope"], [1], 1, True, progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        parrun.bench.run(["map"], [0], 1, True, progress=False)
