@@ -11,19 +11,9 @@ import time
 import numpy as np
 
 import parrun
+from parrun.bench import _chain_into
 
 TILE = 65536
-
-
-def _chain_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = tanh(1.7 x + 0.3)**2 - 0.5 x, through one tile-sized temporary."""
-    tmp = np.multiply(x, 1.7)
-    np.add(tmp, 0.3, out=tmp)
-    np.tanh(tmp, out=tmp)
-    np.square(tmp, out=tmp)
-    np.multiply(x, 0.5, out=out)
-    np.subtract(tmp, out, out=out)
-    return out
 
 
 def _uneven(idx: np.ndarray) -> np.ndarray:

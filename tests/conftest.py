@@ -58,6 +58,22 @@ def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.02) -> b
     return predicate()
 
 
+class Counted:
+    """A callable that counts its own unpicklings in a shared counter (``c[0]``): how many
+    times it was shipped to a worker. Calling it adds ``add`` to its argument."""
+
+    def __init__(self, c, add=0):
+        self.c = c
+        self.add = add
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.c[0] += 1
+
+    def __call__(self, x):
+        return x + self.add
+
+
 @pytest.fixture(scope="module")
 def pool():
     with parrun.Pool(2) as p:

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from conftest import TIMEOUT, shm_segments, wait_until
+from conftest import TIMEOUT, Counted, shm_segments, wait_until
 
 import parrun
 
@@ -245,18 +245,7 @@ def test_shared_array_arguments_are_not_copied(ex):
 def test_function_shipped_once_per_worker(ex):
     counter = parrun.zeros(1, np.int64)
 
-    class Counted:
-        def __init__(self, c):
-            self.c = c
-
-        def __setstate__(self, state):
-            self.__dict__.update(state)
-            self.c[0] += 1
-
-        def __call__(self, x):
-            return x
-
-    fn = Counted(counter)
+    fn = Counted(counter, add=0)
     assert [f.result(timeout=TIMEOUT) for f in [ex.submit(fn, i) for i in range(300)]] == \
         list(range(300))
     assert 1 <= counter[0] <= 2

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import shm_segments
+from conftest import Counted, shm_segments
 
 import parrun
 
@@ -189,20 +189,7 @@ def test_closed_pool_refuses_work():
 def test_function_is_shipped_once_per_worker(pool):
     counter = parrun.zeros(1, np.int64)
 
-    class Counted:
-        """Counts its own unpicklings in a shared counter."""
-
-        def __init__(self, c):
-            self.c = c
-
-        def __setstate__(self, state):
-            self.__dict__.update(state)
-            self.c[0] += 1
-
-        def __call__(self, x):
-            return x + 1
-
-    fn = Counted(counter)
+    fn = Counted(counter, add=1)
     x = parrun.asshared(np.arange(20_000.0))
     out = parrun.empty(20_000)
     for _ in range(5):
