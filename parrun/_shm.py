@@ -259,11 +259,6 @@ def release_segment(name: str) -> None:
     _release_name(name)
 
 
-def owned_names() -> list[str]:
-    with _lock:
-        return list(_owned)
-
-
 def attach(name: str) -> np.ndarray:
     """Map a segment by name, once per process; return a uint8 array over all of it."""
     with _lock:
