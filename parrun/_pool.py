@@ -76,6 +76,13 @@ INTERRUPT_GRACE = 0.5
 # Seconds the caller polls for workers' replies before it sleeps. Longer burns a core that a
 # worker may need; shorter pays a sleep and a wake-up (~30 us) on every short call.
 SPIN_S = 100e-6
+# Worker deaths one call survives (re-running what they lost) before it fails with
+# WorkerCrashed. A function that kills its process every time (a segfault in compiled code)
+# would otherwise kill and replace workers forever; fewer turns a few unrelated deaths (the
+# OOM killer, an operator's kill) into a failed call.
+MAX_DEATHS_PER_CALL = 4
+# Tries to start a replacement worker that dies while starting (killed, out of memory).
+START_TRIES = 3
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -184,15 +191,27 @@ class Pool:
             in replacements); if it raises, the pool cannot start: ``BrokenPool``.
         retries: how many times a submitted task whose worker died is run again before its
             future fails with ``WorkerCrashed``.
+        backend: 'local' (worker processes on this machine), or 'dask': the same API on a
+            Dask distributed cluster, ``Pool(backend="dask", client=... or address=...)``,
+            which returns a ``parrun.backends.DaskPool`` (see it for its arguments).
 
     The pool is a context manager; ``close()`` stops the workers and frees the pool's segments.
     One job (a map, or the tasks in flight) runs at a time; calls from several threads queue.
     """
 
+    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Pool:
+        if backend == "dask" and cls is Pool:
+            from .backends._dask import DaskPool  # imports dask: only when asked for
+
+            return super().__new__(DaskPool)
+        if backend not in ("local", "dask"):
+            raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+        return super().__new__(cls)
+
     def __init__(self, workers: int | None = None, *, blas_threads: int | None = 1,
                  pin: bool = False, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-                 retries: int = 0):
+                 retries: int = 0, backend: str = "local"):
         if workers is None:
             workers = default_workers()
         if isinstance(workers, bool) or not isinstance(workers, int):
@@ -292,9 +311,16 @@ class Pool:
         old = self._workers[slot]
         if old is not None:
             _close_handle(old)
-        w = self._launch(slot)
-        self._workers[slot] = w
-        self._await_ready(w)
+        for attempt in range(1, START_TRIES + 1):
+            w = self._launch(slot)
+            self._workers[slot] = w
+            try:
+                self._await_ready(w)
+                return
+            except WorkerCrashed:  # died while starting (an initializer failure is final)
+                if attempt == START_TRIES:
+                    raise
+                _close_handle(w)
 
     def _terminate_all(self) -> None:
         for w in self._workers:
@@ -404,8 +430,13 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: stop now (as multiprocessing.Pool's __exit__ does) rather than wait
+            # for the tasks in flight, which may run for minutes.
+            self.terminate()
+        else:
+            self.close()
 
     def __del__(self) -> None:
         try:
@@ -566,14 +597,19 @@ class Pool:
 
     def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
         """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
-        nanoseconds it took. Retried once if that worker dies."""
-        for attempt in (1, 2):
+        nanoseconds it took. Run again (in a replacement) if that worker dies, up to
+        ``MAX_DEATHS_PER_CALL`` times."""
+        for attempt in range(1, MAX_DEATHS_PER_CALL + 1):
             try:
                 return self._run_job(fn_key, fn_data, ins, None, rows, 0, rows, False, False,
                                      None, P.NOTHING, collect=True)
-            except WorkerCrashed:
-                if attempt == 2:
-                    raise
+            except WorkerCrashed as e:
+                if attempt == MAX_DEATHS_PER_CALL:
+                    raise WorkerCrashed(
+                        f"{attempt} workers died running the first piece of map (rows 0:"
+                        f"{rows}), the last {describe_exit(e.exitcode)}: fn probably ends its "
+                        "process (a crash in compiled code, os._exit). Replacement workers "
+                        "have started.", pid=e.pid, exitcode=e.exitcode) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
@@ -614,6 +650,13 @@ class Pool:
                 raise result.interrupted
             if error is not None or red is not None or collect or not lost:
                 break
+            if len(crashed) >= MAX_DEATHS_PER_CALL:
+                slot, pid, code = crashed[-1]
+                raise WorkerCrashed(
+                    f"{len(crashed)} workers died during one map, the last worker {slot} (pid "
+                    f"{pid}, {describe_exit(code)}): fn probably ends its process (a crash in "
+                    "compiled code, os._exit). Replacement workers have started.",
+                    pid=pid, exitcode=code)
             # Re-run what dead workers left (map pieces are idempotent), one range per slot
             # and phase; the others steal from it as usual.
             phase, lost = lost[:self.workers], lost[self.workers:]

@@ -1,0 +1,941 @@
+"""``DaskPool``: parrun's ``map``, ``map_reduce`` and ``submit`` on a Dask distributed cluster.
+
+Data flow of ``pool.map(fn, x, out=out)``::
+
+    caller (this process)                         Dask worker (any machine, any thread)
+    ------                                        -----------
+    fn -> pickled by value (_ValuePickler); its
+          arrays of 1 MiB or more become Dask
+          data keyed by a hash of their content,
+          broadcast once to every worker and
+          kept across calls; the rest (< 64 KiB)
+          rides inside each task               -> fn loaded once per worker (cached by key),
+    x  -> pieces (a few per worker thread), each    BLAS limited to ``blas_threads``
+          scattered once, to one worker        -> fn over ``grain``-row tiles of its piece
+                                                    (L2-sized by default), into a local buffer
+    out[lo:hi] = rows, as pieces complete      <- the piece's rows (map_reduce: its partial)
+
+Who does what:
+
+* Dask schedules the tasks, moves the data, balances the workers (its own work stealing) and
+  re-runs the tasks of a worker that dies;
+* the caller splits the arrays, ships each function and array once, and writes what comes
+  back into its own (shared) arrays; it re-sends a piece whose scattered input died with a
+  worker;
+* workers never touch ``/dev/shm``: every array reaches them by value, so the cluster may be
+  on other machines.
+
+Shared arrays pickle as ``/dev/shm`` handles for the local pool, and a function may write into
+a shared array it captured (``parrun.nn.attention`` writes its output so). Here such arrays
+travel by value, and reach the function read-only. If the function writes into one (numpy
+raises "read-only"), the worker marks that function a writer and runs the piece again on
+private copies, then returns the elements that changed; the caller writes them into its
+arrays. So a function that only reads its captured arrays (model weights) pays nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import inspect
+import io
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+import parrun
+from parrun import _protocol
+
+try:
+    import distributed
+    from distributed.client import FutureCancelledError
+except ImportError as e:  # pragma: no cover - the extra is not installed
+    raise ImportError("parrun's Dask backend needs dask and distributed: "
+                      "pip install 'parrun[dask]'") from e
+
+# Arrays at least this big travel as Dask data of their own (keyed by content, sent once per
+# worker, reused across calls) instead of inside a pickle. Smaller ones cost less to send
+# with each task than a scatter round trip (~1 ms) and a hash.
+EXTERNAL_BYTES = 1 << 20
+# A pickled function (or task arguments) up to this size rides inside each task; a larger one
+# is broadcast once, as big arrays are. Larger inline payloads are re-sent with every task.
+INLINE_BYTES = 64 * 1024
+# Pieces per Dask worker thread. More balances uneven pieces and a lost worker better; fewer
+# pays the per-task cost (a scheduler round trip and a transfer, ~1-3 ms) less often.
+PIECES_PER_THREAD = 4
+# Smallest piece (bytes of input) when the caller gave no grain: a cheap function on a smaller
+# piece spends more on the task and its transfers than on the work.
+MIN_PIECE_BYTES = 4 << 20
+# Largest piece (bytes of input): larger pieces hold more memory per worker at once, and the
+# first results arrive later (less overlap of transfer with work).
+MAX_PIECE_BYTES = 64 << 20
+# Input bytes per call of fn inside a piece when no grain is given, as the local pool's tiles:
+# a chain of NumPy temporaries on a larger tile leaves L2 and runs up to 2x slower.
+TILE_BYTES = 256 * 1024
+# Content-keyed arrays and functions a pool keeps on the cluster between calls; the oldest
+# are released beyond either bound (more keeps model weights warm, but holds worker memory).
+CACHE_BYTES = 2 << 30
+CACHE_ENTRIES = 256
+# Loaded functions a worker process keeps (each may hold its arrays alive).
+WORKER_CACHE_ENTRIES = 32
+# Times a piece or task whose input died with its worker is sent again before the call fails.
+RESEND_ROUNDS = 3
+# Changed runs of a written-back array sent as (start, stop) spans; beyond this, a bit mask.
+MAX_SPANS = 4096
+# Seconds to reach the scheduler and to see a first worker, by default.
+CONNECT_TIMEOUT = 10.0
+
+
+# "No initial value": the default that parrun.map_reduce passes on.
+_NOTHING = _protocol.NOTHING
+
+
+# -- pickling by value -----------------------------------------------------------------------
+class _ValuePickler(cloudpickle.Pickler):
+    """cloudpickle that never sends a ``/dev/shm`` handle.
+
+    Arrays in shared memory (which may be written back) and plain arrays of
+    ``EXTERNAL_BYTES`` or more are left out of the bytes and listed in ``arrays``; the pickle
+    refers to them by position (``_array_at``). Other arrays are pickled by value.
+    """
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=5)
+        self.arrays: list[np.ndarray] = []
+        self.shared: list[bool] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            shared = parrun.is_shared(obj)
+            if shared or obj.nbytes >= EXTERNAL_BYTES:
+                self.arrays.append(obj)
+                self.shared.append(shared)
+                return _array_at, (len(self.arrays) - 1,)
+        return super().reducer_override(obj)
+
+
+_loading = threading.local()
+
+
+def _array_at(i: int) -> np.ndarray:
+    """Unpickling, in a worker: the array at position ``i`` of the payload being loaded."""
+    return _loading.table[i]
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """A pickled object (a function, or a task's arguments) and the arrays left out of it.
+
+    ``inline`` holds (position, array) of small arrays; ``external`` (position, Dask key) of
+    big ones, whose values the task receives beside the payload. ``shared`` lists positions of
+    arrays that were shared in the caller; ``writable`` those of them it may see written.
+    """
+
+    key: str
+    blob: bytes
+    inline: tuple[tuple[int, np.ndarray], ...]
+    external: tuple[tuple[int, str], ...]
+    shared: frozenset[int]
+    writable: frozenset[int]
+    n_arrays: int
+
+
+@dataclass
+class _Shipped:
+    """What the caller keeps of a shipped object: the payload (or its Dask future), the
+    futures of its external arrays, and its original arrays (write-back targets)."""
+
+    payload: Any
+    external: tuple
+    arrays: list[np.ndarray]
+    key: str
+
+
+def _plain(a: np.ndarray) -> np.ndarray:
+    """``a`` as a plain C-contiguous ndarray (a view where possible)."""
+    return np.ascontiguousarray(a).view(np.ndarray) if a.ndim else np.array(a)
+
+
+def _digest(a: np.ndarray) -> str:
+    """A content hash of an array: its dtype, shape and bytes."""
+    a = np.ascontiguousarray(a) if a.ndim else np.array(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a.reshape(-1)).cast("B"))
+    return h.hexdigest()[:32]
+
+
+# -- worker side -----------------------------------------------------------------------------
+_worker_lock = threading.Lock()
+# payload key -> loaded object (functions only: task arguments are loaded fresh every time).
+_worker_cache: OrderedDict[str, Any] = OrderedDict()
+# keys of payloads whose function wrote into its read-only shared arrays once: run on copies.
+_writers: set[str] = set()
+_blas_limit: list[Any] = [None]
+
+
+def _limit_blas(threads: int | None) -> None:
+    """Limit BLAS in this worker process to ``threads`` threads per task (once per value)."""
+    if threads is None or _blas_limit[0] == threads:
+        return
+    with _worker_lock:
+        if _blas_limit[0] != threads:
+            try:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(limits=threads)
+            except Exception:  # pragma: no cover - threadpoolctl cannot see this BLAS
+                pass
+            _blas_limit[0] = threads
+
+
+def _materialize(p: _Payload, ext: tuple, private: bool) -> tuple[Any, list, list]:
+    """Unpickle ``p``. Shared arrays are read-only views of the received data, or private
+    writable copies (``private``, for the writable ones); other arrays are writable copies.
+    Returns the object, the received arrays and the arrays the object holds."""
+    src: list[Any] = [None] * p.n_arrays
+    for i, a in p.inline:
+        src[i] = a
+    for (i, _key), a in zip(p.external, ext):
+        src[i] = a
+    table = []
+    for i, a in enumerate(src):
+        if i in p.shared and not (private and i in p.writable):
+            v = a.view()
+            v.flags.writeable = False
+        else:
+            v = np.array(a, order="C")
+        table.append(v)
+    _loading.table = table
+    try:
+        obj = cloudpickle.loads(p.blob)
+    finally:
+        _loading.table = None
+    return obj, src, table
+
+
+def _cached(p: _Payload, ext: tuple) -> Any:
+    with _worker_lock:
+        obj = _worker_cache.get(p.key)
+        if obj is not None:
+            _worker_cache.move_to_end(p.key)
+            return obj
+    obj = _materialize(p, ext, private=False)[0]
+    with _worker_lock:
+        _worker_cache[p.key] = obj
+        while len(_worker_cache) > WORKER_CACHE_ENTRIES:
+            _worker_cache.popitem(last=False)
+    return obj
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's elements as unsigned integers (rows of them for odd sizes), so
+    that comparing them compares bytes (NaN equals NaN)."""
+    flat = a.reshape(-1)
+    s = a.dtype.itemsize
+    if s in (1, 2, 4, 8):
+        return flat.view(f"u{s}")
+    return flat.view(np.uint8).reshape(-1, s)
+
+
+def _changes(p: _Payload, src: list, table: list) -> tuple:
+    """The elements of ``p``'s writable shared arrays that the task changed:
+    ``((position, kind, where, values), ...)``."""
+    out = []
+    for i in sorted(p.writable):
+        new, old = table[i], src[i]
+        diff = _words(new) != _words(old)
+        if diff.ndim == 2:
+            diff = diff.any(axis=1)
+        if not diff.any():
+            continue
+        values = new.reshape(-1)[diff]
+        edges = np.flatnonzero(np.diff(diff.view(np.int8), prepend=0, append=0))
+        if len(edges) // 2 <= MAX_SPANS:
+            out.append((i, "spans", edges.reshape(-1, 2), values))
+        else:
+            out.append((i, "mask", np.packbits(diff), values))
+    return tuple(out)
+
+
+def _call_tracked(fn_p: _Payload, fn_ext: tuple, args_p: _Payload | None, args_ext: tuple,
+                  run: Callable[..., Any]) -> tuple[Any, tuple, tuple]:
+    """``run(fn, args)`` with fn (cached) and args (fresh) loaded, their shared arrays
+    read-only; if the function writes into one, again on private copies, returning what
+    changed. Returns (result, changes in fn's arrays, changes in args' arrays)."""
+    writable = bool(fn_p.writable or (args_p is not None and args_p.writable))
+    if fn_p.key not in _writers:
+        fn = _cached(fn_p, fn_ext)
+        args = _materialize(args_p, args_ext, False)[0] if args_p is not None else None
+        try:
+            return run(fn, args), (), ()
+        except ValueError as e:
+            if not writable or "read-only" not in str(e):
+                raise
+            _writers.add(fn_p.key)
+    fn, fsrc, ftab = _materialize(fn_p, fn_ext, True)
+    args, asrc, atab = (_materialize(args_p, args_ext, True) if args_p is not None
+                        else (None, [], []))
+    res = run(fn, args)
+    return (res, _changes(fn_p, fsrc, ftab),
+            _changes(args_p, asrc, atab) if args_p is not None else ())
+
+
+def _result_value(v: Any) -> Any:
+    """A task's result, with an array that lives in this worker's shared memory copied out."""
+    if isinstance(v, np.ndarray) and parrun.is_shared(v):
+        return np.array(v)
+    return v
+
+
+@dataclass(frozen=True)
+class _MapSpec:
+    """How a worker runs its piece of a map or map_reduce."""
+
+    tile: int  # rows per call of fn
+    takes_out: bool
+    out_dtype: Any  # None: out was not given, the first tile's result decides
+    out_trail: tuple
+    reduce: bool
+    blas_threads: int | None
+
+
+@dataclass(frozen=True)
+class _PieceResult:
+    lo: int
+    value: Any
+    fn_changes: tuple
+    pid: int
+    address: str
+    busy_ns: int
+
+
+def _store(dst: np.ndarray, res: Any, rows: int) -> None:
+    if res is dst:
+        return
+    if res is None:
+        raise TypeError(f"fn returned None for a piece of {rows} rows; map needs fn to return "
+                        f"an array of shape {dst.shape}")
+    res = np.asarray(res)
+    if res.shape != dst.shape:
+        raise ValueError(f"fn returned shape {res.shape} for a piece of {rows} rows; map "
+                         f"needs {dst.shape}")
+    dst[...] = res
+
+
+def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | None,
+               red_ext: tuple, lo: int, piece: tuple) -> _PieceResult:
+    """A Dask task: fn over the tiles of one piece (its rows start at ``lo``)."""
+    _limit_blas(spec.blas_threads)
+    t0 = time.perf_counter_ns()
+    combine = _cached(red_p, red_ext) if red_p is not None else None
+    n = piece[0].shape[0]
+
+    def run(fn: Any, _args: Any) -> Any:
+        acc: Any = _NOTHING
+        buf = None if spec.out_dtype is None else np.empty((n, *spec.out_trail),
+                                                           spec.out_dtype)
+        for a in range(0, n, spec.tile):
+            b = min(n, a + spec.tile)
+            ins = [p[a:b] for p in piece]
+            if spec.reduce:
+                r = fn(*ins)
+                acc = r if acc is _NOTHING else combine(acc, r)
+            elif buf is None:  # out not given: the first tile decides its dtype and shape
+                r = fn(*ins)
+                if r is None:
+                    raise TypeError("fn returned None; map needs fn to return an array with "
+                                    "one row per input row (use map_reduce to reduce)")
+                r = np.asarray(r)
+                if r.ndim == 0 or r.shape[0] != b - a:
+                    raise ValueError(f"fn returned shape {r.shape} for a piece of {b - a} "
+                                     "rows; map needs one result row per input row (use "
+                                     "map_reduce to reduce)")
+                if r.dtype.hasobject:
+                    raise TypeError(f"fn returned dtype {r.dtype}; results must be numeric")
+                buf = np.empty((n, *r.shape[1:]), r.dtype)
+                buf[a:b] = r
+            elif spec.takes_out:
+                dst = buf[a:b]
+                r = fn(*ins, out=dst)
+                if r is not None:
+                    _store(dst, r, b - a)
+            else:
+                _store(buf[a:b], fn(*ins), b - a)
+        return acc if spec.reduce else buf
+
+    value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run)
+    worker = distributed.get_worker()
+    return _PieceResult(lo, _result_value(value), changes, os.getpid(), worker.address,
+                        time.perf_counter_ns() - t0)
+
+
+def _run_task(blas_threads: int | None, fn_p: _Payload, fn_ext: tuple, args_p: _Payload,
+              args_ext: tuple) -> tuple[Any, tuple, tuple]:
+    """A Dask task: ``fn(*args, **kwargs)``."""
+    _limit_blas(blas_threads)
+
+    def run(fn: Any, args: Any) -> Any:
+        a, kw = args
+        return fn(*a, **kw)
+
+    value, fn_changes, args_changes = _call_tracked(fn_p, fn_ext, args_p, args_ext, run)
+    return _result_value(value), fn_changes, args_changes
+
+
+# -- caller side -----------------------------------------------------------------------------
+def _apply_changes(arrays: list[np.ndarray], changes: tuple) -> None:
+    """Write the elements a task changed into the caller's arrays."""
+    for i, kind, where, values in changes:
+        target = arrays[i]
+        contiguous = target.flags.c_contiguous
+        flat = target.reshape(-1) if contiguous else np.array(target, order="C").reshape(-1)
+        if kind == "spans":
+            o = 0
+            for s, e in where:
+                flat[s:e] = values[o:o + e - s]
+                o += e - s
+        else:
+            flat[np.unpackbits(where, count=flat.size).view(bool)] = values
+        if not contiguous:
+            target[...] = flat.reshape(target.shape)
+
+
+def _lost(fut: Any) -> bool:
+    """True if a Dask future failed because its data or its task was lost with a worker
+    (rather than because the function raised)."""
+    if fut.status in ("cancelled", "lost"):
+        return True
+    if fut.status == "error":
+        exc = fut.exception()
+        return isinstance(exc, (FutureCancelledError, cf.CancelledError))
+    return False
+
+
+def _accepts_out(fn: Any) -> bool:
+    if isinstance(fn, np.ufunc):
+        return fn.nout == 1
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("out")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+class _TaskFuture(cf.Future):
+    """The ``concurrent.futures.Future`` of a task on Dask; ``cancel()`` cancels the Dask
+    task too (until it has finished)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dask: Any = None
+
+    def cancel(self) -> bool:
+        done = super().cancel()
+        if done and self._dask is not None:
+            self._dask.cancel()
+        return done
+
+
+class _Tasks:
+    """The submitted tasks not finished yet (what ``parrun.Executor.shutdown`` waits for or
+    cancels)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[_TaskFuture] = set()
+
+    def add(self, f: _TaskFuture) -> None:
+        with self._lock:
+            self._live.add(f)
+
+    def discard(self, f: _TaskFuture) -> None:
+        with self._lock:
+            self._live.discard(f)
+
+    def outstanding(self) -> list[_TaskFuture]:
+        with self._lock:
+            return list(self._live)
+
+    def cancel_pending(self) -> None:
+        for f in self.outstanding():
+            f.cancel()
+
+
+class DaskPool(parrun.Pool):
+    """parrun's pool API on a Dask distributed cluster: ``parrun.Pool(backend="dask", ...)``.
+
+    Accepted wherever parrun takes ``pool=`` (``parrun.map``, ``parrun.nn``...). Arrays reach
+    the workers by value, never as ``/dev/shm`` handles, so the cluster may span machines
+    (parrun, numpy and the function's modules must be installed on every worker).
+
+    Args:
+        workers: not used: the cluster's worker threads run the work (``parrun.Executor``
+            passes its ``max_workers``, which sizes its own batches).
+        client: a ``distributed.Client`` to run on; the pool leaves it open when it closes.
+        address: or the scheduler's address (``"tcp://host:8786"``); the pool opens a client
+            and closes it with itself.
+        timeout: seconds to reach the scheduler and to see at least one worker; past it,
+            ``ConnectionError``.
+        blas_threads: BLAS threads per task on the workers (threadpoolctl); None leaves BLAS
+            alone. One per task keeps a worker with N threads on N cores.
+        direct: send pieces and fetch results straight to and from the workers (they must be
+            reachable from here); False routes that data through the scheduler.
+        retries, initializer, initargs: only their defaults: Dask re-runs the tasks of a lost
+            worker itself (``distributed.scheduler.allowed-failures``), and per-worker set-up
+            is a ``distributed.WorkerPlugin``.
+
+    Raises:
+        ConnectionError: the scheduler cannot be reached, or has no workers, within
+            ``timeout``.
+    """
+
+    def __init__(self, workers: int | None = None, *, client: Any = None,
+                 address: str | None = None, timeout: float = CONNECT_TIMEOUT,
+                 blas_threads: int | None = 1, direct: bool = True, retries: int = 0,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+                 backend: str = "dask"):
+        if (client is None) == (address is None):
+            raise TypeError("parrun.Pool(backend='dask') needs client=distributed.Client(...) "
+                            "or address='tcp://host:port' (one of them)")
+        if blas_threads is not None and blas_threads < 1:
+            raise ValueError(f"blas_threads must be None or greater than 0, got {blas_threads}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be greater than 0, got {timeout}")
+        if retries:
+            raise ValueError("retries is not supported on the Dask backend: Dask re-runs the "
+                             "tasks of a lost worker itself (distributed.scheduler."
+                             "allowed-failures)")
+        if initializer is not None or initargs:
+            raise ValueError("initializer is not supported on the Dask backend; register a "
+                             "distributed.WorkerPlugin with client.register_plugin instead")
+        self._closed = True  # until connected (close() and __del__ then do nothing)
+        self._tasks = _Tasks()
+        self.retries = 0
+        self.blas_threads = blas_threads
+        self.timeout = float(timeout)
+        self.direct = direct
+        self.last_stats: parrun.JobStats | None = None
+        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.RLock()
+        t0 = time.perf_counter()
+        self._owns_client = client is None
+        if client is None:
+            try:
+                client = distributed.Client(address, timeout=self.timeout,
+                                            set_as_default=False)
+            except (OSError, TimeoutError) as e:
+                raise ConnectionError(
+                    f"cannot reach the Dask scheduler at {address!r} within {self.timeout:g} s "
+                    f"({type(e).__name__}: {e}). Start one with `dask scheduler` and workers "
+                    "with `dask worker tcp://host:8786`, or check the address.") from e
+        elif not isinstance(client, distributed.Client):
+            raise TypeError(f"client must be a distributed.Client, got "
+                            f"{type(client).__name__}")
+        elif client.status not in ("running", "connecting", "newly-created"):
+            raise ValueError(f"the Dask client is {client.status}; pass an open one")
+        self._client = client
+        try:
+            client.wait_for_workers(1, timeout=self.timeout)
+        except (OSError, TimeoutError) as e:
+            if self._owns_client:
+                client.close()
+            raise ConnectionError(
+                f"the Dask cluster at {client.scheduler.address} has no workers after "
+                f"{self.timeout:g} s; start some with `dask worker "
+                f"{client.scheduler.address}`") from e
+        self._threads = self._count_threads()
+        self.startup_s = time.perf_counter() - t0
+        self._closed = False
+
+    # -- the cluster ------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` this pool runs on."""
+        return self._client
+
+    def _count_threads(self) -> int:
+        return max(1, sum(self._client.nthreads().values()))
+
+    @property
+    def workers(self) -> int:  # type: ignore[override]
+        """Worker threads on the cluster (as of the last call): what runs pieces at once."""
+        return self._threads
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the Dask workers (on their own machines)."""
+        self._check_open()
+        return sorted(self._client.run(os.getpid).values())
+
+    def info(self) -> dict[str, Any]:
+        """The scheduler, the workers and their threads, BLAS threads per task."""
+        self._check_open()
+        return {"backend": "dask", "scheduler": self._client.scheduler.address,
+                "workers": self._threads, "nthreads": dict(self._client.nthreads()),
+                "blas_threads_per_task": self.blas_threads, "startup_s": self.startup_s}
+
+    @property
+    def task_stats(self) -> None:
+        """Not kept on the Dask backend (see Dask's dashboard)."""
+        return None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        where = getattr(getattr(self, "_client", None), "scheduler", None)
+        return (f"<parrun.backends.DaskPool scheduler={getattr(where, 'address', None)!r} "
+                f"threads={getattr(self, '_threads', 0)} {state}>")
+
+    def close(self) -> None:
+        """Cancel the tasks not finished, release what the pool keeps on the cluster, and
+        close the client if the pool opened it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._tasks.cancel_pending()
+        with self._cache_lock:
+            futures = [f for f, _ in self._cache.values()]
+            self._cache.clear()
+            self._cache_bytes = 0
+        try:
+            if futures and self._client.status == "running":
+                self._client.cancel(futures)
+        finally:
+            if self._owns_client:
+                self._client.close()
+
+    def terminate(self) -> None:
+        """As ``close``: the Dask workers belong to the cluster, not to the pool."""
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and not __import__("sys").is_finalizing():
+                self.close()
+        except Exception:
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise parrun.PoolClosedError("this DaskPool is closed; create a new one")
+
+    # -- shipping ---------------------------------------------------------------------------
+    def _put(self, key: str, value: Any, nbytes: int, broadcast: bool) -> Any:
+        """A Dask future holding ``value`` under ``key``: kept from an earlier call, or
+        scattered now (to every worker if ``broadcast``)."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0].status == "finished":
+                self._cache.move_to_end(key)
+                return hit[0]
+        fut = self._client.scatter({key: value}, broadcast=broadcast, direct=self.direct,
+                                   hash=False, timeout=self.timeout)[key]
+        with self._cache_lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cache_bytes -= old[1]
+            self._cache[key] = (fut, nbytes)
+            self._cache_bytes += nbytes
+            while len(self._cache) > 1 and (len(self._cache) > CACHE_ENTRIES
+                                            or self._cache_bytes > CACHE_BYTES):
+                _, (_f, b) = self._cache.popitem(last=False)
+                self._cache_bytes -= b
+        return fut
+
+    def _ship(self, obj: Any, what: str, local_ids: frozenset[int] = frozenset()) -> _Shipped:
+        """Pickle ``obj`` by value; put its big arrays on the cluster (broadcast, unless their
+        id is in ``local_ids``: those go to one worker). Cached by content across calls."""
+        buf = io.BytesIO()
+        p = _ValuePickler(buf)
+        try:
+            p.dump(obj)
+        except Exception as e:
+            raise TypeError(f"{what} could not be pickled for the Dask cluster (cloudpickle): "
+                            f"{type(e).__name__}: {e}") from e
+        blob = buf.getvalue()
+        h = hashlib.sha256(blob)
+        inline, external, ext_futs, writable = [], [], [], []
+        size = len(blob)
+        for i, (a, shared) in enumerate(zip(p.arrays, p.shared)):
+            if shared and a.flags.writeable:
+                writable.append(i)
+            if a.nbytes >= EXTERNAL_BYTES:
+                key = f"parrun-array-{_digest(a)}"
+                ext_futs.append(self._put(key, _plain(a), a.nbytes,
+                                          broadcast=id(a) not in local_ids))
+                external.append((i, key))
+                h.update(key.encode())
+            else:
+                c = np.array(a, order="C").view(np.ndarray)
+                inline.append((i, c))
+                size += c.nbytes
+                h.update(_digest(c).encode())
+            h.update(b"s" if shared else b"p")
+        key = f"parrun-payload-{h.hexdigest()[:32]}"
+        payload = _Payload(key, blob, tuple(inline), tuple(external),
+                           frozenset(i for i, s in enumerate(p.shared) if s),
+                           frozenset(writable), len(p.arrays))
+        ref = payload if size <= INLINE_BYTES else self._put(key, payload, size, True)
+        return _Shipped(ref, tuple(ext_futs), p.arrays, key)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def map(self, fn: Callable[..., Any], *arrays: Any, out: np.ndarray | None = None,
+            grain: int | None = None) -> np.ndarray:
+        """Apply ``fn`` to pieces of ``arrays`` along axis 0 on the cluster, into ``out``.
+
+        As ``parrun.Pool.map``, with these differences: the arrays are split into pieces of
+        a few MiB (a few per worker thread), each sent to one worker; there ``fn`` runs on
+        tiles of ``grain`` rows (default: about 256 KiB of input) and the piece's rows come
+        back into ``out`` (a shared array if None). A worker that dies costs a re-run of its
+        pieces (Dask reschedules them; lost inputs are sent again).
+
+        Raises:
+            TypeError / ValueError: bad arguments, or fn cannot be pickled.
+            Exception: the first exception fn raised (Dask keeps the worker's traceback).
+            parrun.BrokenPool: pieces kept failing because their workers died.
+        """
+        return self._run(fn, arrays, out=out, grain=grain, reduce=None)
+
+    def map_reduce(self, fn: Callable[..., Any], reduce: Callable[[Any, Any], Any],
+                   *arrays: Any, initial: Any = _NOTHING,
+                   grain: int | None = None) -> Any:
+        """Fold ``fn`` over pieces of ``arrays`` with ``reduce`` on the cluster.
+
+        Each task folds its tiles' results; the caller folds the tasks' partials (and
+        ``initial``) as they arrive. ``reduce`` must be associative and commutative. A worker
+        lost mid-reduction costs a re-run of its pieces, not a failure.
+        """
+        if not callable(reduce):
+            raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
+        return self._run(fn, arrays, out=None, grain=grain, reduce=reduce, initial=initial)
+
+    def _run(self, fn: Any, arrays: tuple, *, out: Any, grain: Any, reduce: Any,
+             initial: Any = _NOTHING) -> Any:
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        arrs = _check_arrays(arrays)
+        n = arrs[0].shape[0]
+        row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs)
+        if grain is not None:
+            if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
+                raise TypeError(f"grain must be an int, got {type(grain).__name__}")
+            if grain < 1:
+                raise ValueError(f"grain must be greater than 0, got {grain}")
+            tile = int(grain)
+        else:
+            tile = max(1, TILE_BYTES // max(1, row_bytes))
+        if out is not None:
+            out = _check_out(out, n)
+        if n == 0:  # nothing to split: learn the result's type here, as the local pool does
+            if reduce is not None:
+                if initial is _NOTHING:
+                    raise ValueError("map_reduce of empty arrays with no initial value")
+                return initial
+            if out is not None:
+                return out
+            res = np.asarray(fn(*arrs))
+            return parrun.empty((0, *res.shape[1:]), res.dtype)
+        fn_s = self._ship(fn, "fn")
+        red_s = self._ship(reduce, "reduce") if reduce is not None else None
+        spec = _MapSpec(tile=tile, takes_out=_accepts_out(fn),
+                        out_dtype=None if out is None else out.dtype,
+                        out_trail=() if out is None else tuple(out.shape[1:]),
+                        reduce=reduce is not None, blas_threads=self.blas_threads)
+        self._threads = self._count_threads()
+        bounds = _split(n, row_bytes, tile, self._threads, explicit=grain is not None)
+        t0 = time.perf_counter()
+        acc, allocated, per_worker = initial, None, {}
+        try:
+            for r in self._run_pieces(spec, fn_s, red_s, arrs, bounds):
+                w = per_worker.setdefault(r.address, [r.pid, 0, 0, 0])
+                w[1] += bounds[r.lo] - r.lo
+                w[2] += 1
+                w[3] += r.busy_ns
+                _apply_changes(fn_s.arrays, r.fn_changes)
+                if reduce is not None:
+                    acc = r.value if acc is _NOTHING else reduce(acc, r.value)
+                    continue
+                if out is None:
+                    out = allocated = parrun.empty((n, *r.value.shape[1:]), r.value.dtype)
+                out[r.lo:bounds[r.lo]] = r.value
+        except BaseException:
+            if allocated is not None:
+                allocated.release()
+            raise
+        wall = time.perf_counter() - t0
+        self.last_stats = parrun.JobStats(
+            items=n, pieces=len(bounds), steals=0, wall_s=wall,
+            workers=tuple(parrun.WorkerStats(k, w[0], w[1], w[2], 0, w[3] / 1e9,
+                                             max(0.0, wall - w[3] / 1e9))
+                          for k, w in enumerate(per_worker.values())))
+        if reduce is not None:
+            if acc is _NOTHING:
+                raise ValueError("map_reduce of empty arrays with no initial value")
+            return acc
+        return out
+
+    def _run_pieces(self, spec: _MapSpec, fn_s: _Shipped, red_s: _Shipped | None,
+                    arrs: list[np.ndarray], bounds: dict[int, int]) -> Iterator[_PieceResult]:
+        """Scatter each piece, run a task on it, yield the results as they complete; send a
+        piece again if its input was lost with a worker."""
+        client = self._client
+        red = (red_s.payload, red_s.external) if red_s is not None else (None, ())
+        lost_rounds: dict[int, int] = {}
+
+        def send(los: list[int]) -> list[Any]:
+            data = [tuple(_plain(a[lo:bounds[lo]]) for a in arrs) for lo in los]
+            pieces = client.scatter(data, direct=self.direct, hash=False,
+                                    timeout=self.timeout)
+            futs = []
+            for lo, piece in zip(los, pieces):
+                t = client.submit(_run_piece, spec, fn_s.payload, fn_s.external, *red, lo,
+                                  piece, pure=False, key=f"parrun-piece-{lo}-{piece.key}")
+                t.lo = lo
+                futs.append(t)
+            return futs
+
+        futs = send(sorted(bounds))
+        ac = distributed.as_completed(futs)
+        try:
+            for batch in ac.batches():
+                done = [f for f in batch if f.status == "finished"]
+                if done:
+                    yield from client.gather(done, direct=self.direct)
+                for f in batch:
+                    if f.status == "finished":
+                        continue
+                    if not _lost(f):
+                        f.result()  # raises the function's exception
+                    k = lost_rounds[f.lo] = lost_rounds.get(f.lo, 0) + 1
+                    if k > RESEND_ROUNDS:
+                        raise parrun.BrokenPool(
+                            f"the piece of rows {f.lo}:{bounds[f.lo]} was lost with its Dask "
+                            f"worker {k} times; giving up (is the cluster losing workers?)")
+                    ac.update(send([f.lo]))
+        except distributed.KilledWorker as e:
+            raise parrun.BrokenPool(f"Dask gave up on a piece whose workers kept dying: "
+                                    f"{e}") from e
+        finally:
+            ac.clear()
+            client.cancel([f for f in futs if not f.done()])
+
+    # -- tasks ------------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Run ``fn(*args, **kwargs)`` on a Dask worker; return a
+        ``concurrent.futures.Future``.
+
+        ``fn`` and the objects in its arguments are shipped by value; their arrays of 1 MiB or
+        more are put on the cluster once (keyed by content, kept across calls): broadcast to
+        every worker when held inside an object (model weights), sent to one when passed
+        directly. Exceptions end up on the future; a task whose worker died is re-run by
+        Dask, and sent again if its input died with it.
+        """
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        fn_s = self._ship(fn, "fn")
+        local = frozenset(id(a) for a in (*args, *kwargs.values()) if isinstance(a, np.ndarray))
+        args_s = self._ship((args, kwargs), "the task's arguments", local)
+        f = _TaskFuture()
+        self._tasks.add(f)
+        self._submit_task(f, fn, args, kwargs, fn_s, args_s, 0)
+        return f
+
+    def _submit_task(self, f: _TaskFuture, fn: Any, args: tuple, kwargs: dict,
+                     fn_s: _Shipped, args_s: _Shipped, resent: int) -> None:
+        d = self._client.submit(_run_task, self.blas_threads, fn_s.payload, fn_s.external,
+                                args_s.payload, args_s.external, pure=False)
+        f._dask = d
+
+        def done(d: Any) -> None:
+            try:
+                if f.done():
+                    return
+                if d.status == "finished":
+                    value, fn_changes, args_changes = d.result()
+                    _apply_changes(fn_s.arrays, fn_changes)
+                    _apply_changes(args_s.arrays, args_changes)
+                    if f.set_running_or_notify_cancel():
+                        f.set_result(value)
+                    return
+                if _lost(d) and not self._closed and resent < RESEND_ROUNDS:
+                    s2 = self._ship((args, kwargs), "the task's arguments",
+                                    frozenset(id(a) for a in (*args, *kwargs.values())
+                                              if isinstance(a, np.ndarray)))
+                    self._submit_task(f, fn, args, kwargs, self._ship(fn, "fn"), s2,
+                                      resent + 1)
+                    return
+                if d.status == "error":
+                    exc: BaseException = d.exception()
+                else:
+                    exc = cf.CancelledError(f"the Dask task was {d.status}")
+                if f.set_running_or_notify_cancel():
+                    f.set_exception(exc)
+            except BaseException as e:  # never leave the future pending
+                if not f.done() and f.set_running_or_notify_cancel():
+                    f.set_exception(e)
+            finally:
+                if f.done():
+                    self._tasks.discard(f)
+
+        d.add_done_callback(done)
+
+
+def _split(n: int, row_bytes: int, tile: int, threads: int, explicit: bool) -> dict[int, int]:
+    """Pieces of whole tiles: ``{lo: hi}``. A few per worker thread; with no explicit grain
+    (cheap rows, presumably) none under ``MIN_PIECE_BYTES``; none over ``MAX_PIECE_BYTES``."""
+    tiles = -(-n // tile)
+    count = min(tiles, threads * PIECES_PER_THREAD)
+    if not explicit:
+        count = min(count, max(threads, (n * row_bytes) // MIN_PIECE_BYTES))
+    count = max(1, count, -(-(n * row_bytes) // MAX_PIECE_BYTES))
+    count = min(count, tiles)
+    rows = -(-tiles // count) * tile
+    return {lo: min(n, lo + rows) for lo in range(0, n, rows)}
+
+
+def _check_arrays(arrays: tuple) -> list[np.ndarray]:
+    if not arrays:
+        raise TypeError("map needs at least one array to split")
+    out = []
+    for i, a in enumerate(arrays):
+        if not isinstance(a, np.ndarray):
+            try:
+                a = np.asarray(a)
+            except Exception as e:
+                raise TypeError(f"argument {i} is not an array: {type(a).__name__}") from e
+        if a.dtype.hasobject:
+            raise TypeError(f"argument {i} has dtype {a.dtype}, which holds Python objects; "
+                            "parrun moves numeric arrays only")
+        if a.ndim == 0:
+            raise ValueError(f"argument {i} is 0-dimensional; map splits arrays along axis 0")
+        out.append(a)
+    n = out[0].shape[0]
+    for i, a in enumerate(out[1:], 1):
+        if a.shape[0] != n:
+            raise ValueError(f"arrays must have the same length along axis 0: argument 0 has "
+                             f"{n} rows and argument {i} has {a.shape[0]}")
+    return out
+
+
+def _check_out(out: Any, n: int) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype.hasobject:
+        raise TypeError(f"out has dtype {out.dtype}, which holds Python objects")
+    if out.ndim == 0 or out.shape[0] != n:
+        raise ValueError(f"out has shape {out.shape}; it needs {n} rows along axis 0 to match "
+                         "the inputs")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out
