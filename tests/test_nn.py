@@ -121,16 +121,19 @@ def test_attention_matches_reference(pool, dtype, causal, shape):
     o.release()
 
 
-def test_attention_masks_and_cross_lengths(pool):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sk", [77, 33])
+def test_attention_masks_and_cross_lengths(pool, causal, sk):
     rng = np.random.default_rng(3)
-    q, k, v = _qkv(rng, 2, 2, 50, 8, np.float32, sk=77)
-    keep = rng.random((2, 1, 1, 77)) > 0.3
+    q, k, v = _qkv(rng, 2, 2, 50, 8, np.float32, sk=sk)
+    keep = rng.random((2, 1, 1, sk)) > 0.3
     keep[..., 0] = True
     for mask in (keep, np.where(keep, 0.0, -1e4).astype(np.float32),
-                 rng.standard_normal((2, 2, 50, 77)).astype(np.float32)):
-        o = nn.attention(q, k, v, mask=mask, pool=pool, block_q=16, block_k=32)
-        np.testing.assert_allclose(o, nn.attention_reference(q, k, v, mask=mask), rtol=1e-4,
-                                   atol=1e-5)
+                 rng.standard_normal((2, 2, 50, sk)).astype(np.float32)):
+        o = nn.attention(q, k, v, mask=mask, causal=causal, pool=pool, block_q=16,
+                         block_k=32)
+        np.testing.assert_allclose(o, nn.attention_reference(q, k, v, causal, mask=mask),
+                                   rtol=1e-4, atol=1e-5)
         o.release()
     with pytest.raises(ValueError, match="broadcast"):
         nn.attention(q, k, v, mask=keep[..., :5], pool=pool)
