@@ -41,8 +41,10 @@ import inspect
 import io
 import math
 import os
+import pickle
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -406,6 +408,21 @@ def _apply_changes(arrays: list[np.ndarray], changes: tuple) -> None:
             flat[np.unpackbits(where, count=flat.size).view(bool)] = values
         if not contiguous:
             target[...] = flat.reshape(target.shape)
+
+
+def _remote_error(fut: Any) -> BaseException:
+    """The exception of a failed Dask future, as a copy with the worker's traceback as its
+    ``__cause__`` (as the local pool raises it). A copy, because the Dask future keeps the
+    original until its key is released, and raising it would pin the caller's frames (and
+    their arrays) there."""
+    exc = fut.exception()
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+    except Exception:  # pragma: no cover - it came from a worker, so it pickles
+        copy = exc
+    tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback()))
+    copy.__cause__ = parrun.RemoteTraceback(f'\n"""\n{tb}"""')
+    return copy
 
 
 def _lost(fut: Any) -> bool:
@@ -805,7 +822,7 @@ class DaskPool(parrun.Pool):
             return futs
 
         futs = send(sorted(bounds))
-        ac = distributed.as_completed(futs)
+        ac = distributed.as_completed(futs, loop=client.loop)
         try:
             for batch in ac.batches():
                 done = [f for f in batch if f.status == "finished"]
@@ -815,7 +832,7 @@ class DaskPool(parrun.Pool):
                     if f.status == "finished":
                         continue
                     if not _lost(f):
-                        f.result()  # raises the function's exception
+                        raise _remote_error(f)
                     k = lost_rounds[f.lo] = lost_rounds.get(f.lo, 0) + 1
                     if k > RESEND_ROUNDS:
                         raise parrun.BrokenPool(
@@ -876,7 +893,7 @@ class DaskPool(parrun.Pool):
                                       resent + 1)
                     return
                 if d.status == "error":
-                    exc: BaseException = d.exception()
+                    exc: BaseException = _remote_error(d)
                 else:
                     exc = cf.CancelledError(f"the Dask task was {d.status}")
                 if f.set_running_or_notify_cancel():

@@ -1,0 +1,289 @@
+"""The Dask backend on a real ``distributed.LocalCluster`` (2 worker processes on 127.0.0.1):
+results equal the local pool's, arrays reach the workers by value (never as /dev/shm
+handles), a killed worker does not lose the job, an unreachable cluster fails fast."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import operator
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TIMEOUT
+
+import parrun
+from parrun import nn
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+    try:
+        yield cluster
+    finally:
+        cluster.close(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dpool(client):
+    with parrun.Pool(backend="dask", client=client) as p:
+        yield p
+
+
+def chain(x):
+    return np.tanh(1.7 * x + 0.3) ** 2 - 0.5 * x
+
+
+def test_import_parrun_does_not_import_dask():
+    code = ("import sys, parrun, parrun.backends, parrun.nn; "
+            "bad = [m for m in ('dask', 'distributed') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT)
+
+
+def test_pool_backend_dask_is_a_pool(dpool, client):
+    assert isinstance(dpool, parrun.Pool) and type(dpool).__name__ == "DaskPool"
+    assert dpool.workers == 2 and dpool.client is client
+    assert dpool.info()["backend"] == "dask" and len(dpool.pids) == 2
+    with pytest.raises(ValueError, match="backend must be"):
+        parrun.Pool(backend="ray")
+    with pytest.raises(TypeError, match=r"client=.*or address="):
+        parrun.Pool(backend="dask")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.complex128, bool])
+def test_map_matches_local_pool(dpool, pool, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(300_001) * 5).astype(dtype)
+    fn = (lambda t: t * 2) if dtype is not bool else np.logical_not
+    y, ref = dpool.map(fn, x), pool.map(fn, x)
+    np.testing.assert_array_equal(y, ref)
+    assert y.dtype == ref.dtype and parrun.is_shared(y)
+    st = dpool.last_stats
+    assert st.items == len(x) and sum(w.items for w in st.workers) == len(x)
+
+
+def test_map_several_inputs_out_and_grain(dpool, pool):
+    rng = np.random.default_rng(2)
+    a = parrun.asshared(rng.standard_normal((200_000, 7)).astype(np.float32))
+    b = rng.standard_normal((200_000, 7)).astype(np.float32)  # a plain array
+    np.testing.assert_array_equal(dpool.map(lambda p, q: chain(p) + q, a, b),
+                                  pool.map(lambda p, q: chain(p) + q, a, b))
+    out = parrun.empty(a.shape, np.float32)
+    assert dpool.map(np.sqrt, np.abs(a), out=out) is out  # a ufunc: writes into out itself
+    np.testing.assert_array_equal(out, np.sqrt(np.abs(a)))
+    plain = np.zeros(a.shape[0])
+
+    def rowsum(p, out):
+        np.sum(p, axis=1, out=out)
+
+    assert dpool.map(rowsum, a, out=plain, grain=1000) is plain
+    np.testing.assert_array_equal(plain, pool.map(rowsum, a, out=np.zeros(len(a)), grain=1000))
+    calls = dpool.map(lambda p: np.full(len(p), len(p)), np.arange(10_000), grain=7)
+    # fn sees tiles of grain rows: 1428 tiles of 7 rows, then one of 4
+    np.testing.assert_array_equal(calls, [7] * 9996 + [4] * 4)
+    with pytest.raises(ValueError, match="one result row per input row"):
+        dpool.map(lambda p: p[:1], np.arange(100.0))
+    with pytest.raises(ZeroDivisionError):
+        dpool.map(lambda p: 1 // 0, np.arange(100))
+
+
+def test_map_reduce_matches_local_pool(dpool, pool):
+    x = parrun.asshared(np.arange(1_000_000, dtype=np.int64))
+    assert dpool.map_reduce(np.sum, operator.add, x) == pool.map_reduce(np.sum, operator.add, x)
+    hist = dpool.map_reduce(lambda t: np.bincount(t % 10, minlength=10), operator.add, x,
+                            grain=4096)
+    np.testing.assert_array_equal(hist, np.bincount(x % 10))
+    assert parrun.map_reduce(np.max, max, x, initial=-1, pool=dpool) == 999_999
+    with pytest.raises(ValueError, match="no initial value"):
+        dpool.map_reduce(np.sum, operator.add, np.zeros(0))
+
+
+def test_workers_get_values_never_shared_memory(dpool):
+    w = parrun.asshared(np.arange(1 << 19, dtype=np.float32))  # 2 MiB: its own Dask data
+
+    def probe(t):
+        assert not parrun.is_shared(w) and not parrun.is_shared(t)
+        assert not w.flags.writeable  # a shared array the caller lent: read-only there
+        return t + w[-1]
+
+    x = parrun.asshared(np.ones(1 << 19, np.float32))
+    np.testing.assert_array_equal(dpool.map(probe, x), x + w[-1])
+
+
+def test_writes_into_captured_shared_arrays_come_back(dpool):
+    target = parrun.zeros((64, 1000))
+    big = parrun.zeros((4096, 64))  # 2 MiB: sent as its own Dask data, written back too
+
+    def fill(rows):
+        for r in rows:
+            target[r, ::3] = r + 1
+            big[r * 64:(r + 1) * 64] = -r
+        return len(rows)
+
+    assert dpool.map_reduce(fill, operator.add, np.arange(64), grain=4) == 64
+    expect = np.zeros((64, 1000))
+    expect[:, ::3] = np.arange(1, 65)[:, None]
+    np.testing.assert_array_equal(target, expect)
+    np.testing.assert_array_equal(big[::64, 0], -np.arange(64))
+    frozen = parrun.zeros(10)
+    frozen.flags.writeable = False  # read-only in the caller stays read-only remotely
+
+    def write(rows):
+        frozen[0] = 1
+        return 0
+
+    with pytest.raises(ValueError, match="read-only"):
+        dpool.map_reduce(write, operator.add, np.arange(4))
+
+
+def test_submit_returns_concurrent_futures(dpool):
+    big = np.random.default_rng(3).standard_normal(1 << 18)  # 2 MiB: scattered to a worker
+    futs = [dpool.submit(np.linalg.norm, big), dpool.submit(divmod, 7, 2),
+            dpool.submit(operator.truediv, 1, 0)]
+    _, not_done = cf.wait(futs, timeout=TIMEOUT)
+    assert not not_done and all(isinstance(f, cf.Future) for f in futs)
+    assert futs[0].result() == pytest.approx(np.linalg.norm(big))
+    assert futs[1].result() == (3, 1)
+    with pytest.raises(ZeroDivisionError):
+        futs[2].result()
+    out = parrun.zeros(5)
+    dpool.submit(np.copyto, out, np.arange(5.0)).result(TIMEOUT)  # writes into a shared arg
+    np.testing.assert_array_equal(out, np.arange(5.0))
+    assert sorted(f.result() for f in cf.as_completed(
+        [dpool.submit(pow, i, 2) for i in range(10)], timeout=TIMEOUT)) == \
+        [i * i for i in range(10)]
+
+
+def test_executor_on_dask(client):
+    with parrun.Executor(2, backend="dask", client=client) as ex:
+        assert list(ex.map(abs, range(-50, 50), timeout=TIMEOUT)) == \
+            [abs(i) for i in range(-50, 50)]
+        f = ex.submit(sum, [1, 2, 3])
+    assert f.result() == 6
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(sum, [1])
+
+
+def _mlp_weights(rng, d_in, d_h, d_out, dtype=np.float32):
+    return ((rng.standard_normal((d_in, d_h)) / np.sqrt(d_in)).astype(dtype),
+            (rng.standard_normal(d_h) * 0.1).astype(dtype),
+            (rng.standard_normal((d_h, d_out)) / np.sqrt(d_h)).astype(dtype),
+            (rng.standard_normal(d_out) * 0.1).astype(dtype))
+
+
+def test_mlp_matches_local_pool(dpool, pool):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1000, 256)).astype(np.float32)
+    w = _mlp_weights(rng, 256, 1024, 128)  # w1: 1 MiB, sent once and kept
+    for act in ("relu", "gelu"):
+        np.testing.assert_allclose(nn.mlp(x, *w, activation=act, pool=dpool),
+                                   nn.mlp(x, *w, activation=act, pool=pool),
+                                   rtol=1e-5, atol=1e-5)
+    model = nn.MLPModel(*w, pool=dpool)
+    try:
+        kept = len(dpool._cache)
+        ref = nn.mlp_reference(x, *w)
+        np.testing.assert_allclose(model.predict(x), ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(model.predict(x[:500]), ref[:500], rtol=1e-4, atol=1e-4)
+        assert len(dpool._cache) <= kept + 1  # the weights went once (their payload is new)
+        got = list(model.predict_many([x[:100], x[100:600], x[600:]]))
+        np.testing.assert_allclose(np.concatenate(got), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        model.release()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_local_pool(dpool, pool, causal):
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 3, 700, 32)).astype(np.float32) for _ in range(3))
+    mask = rng.random((2, 1, 1, 700)) > 0.1
+    got = nn.attention(q, k, v, causal=causal, mask=mask, pool=dpool)
+    ref = nn.attention(q, k, v, causal=causal, mask=mask, pool=pool)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    got.release()  # the pools keep the tile functions (which hold out) cached
+    ref.release()
+
+
+def test_killed_worker_mid_map_still_gives_the_answer(dpool, client):
+    def slow(t):
+        time.sleep(0.05)
+        return t * 3
+
+    x = np.arange(64, dtype=np.float64)
+    pid = next(iter(client.run(os.getpid).values()))
+    killer = threading.Timer(0.4, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    try:
+        y = dpool.map(slow, x, grain=2)
+    except parrun.BrokenPool as e:  # allowed: a clear failure
+        assert "lost" in str(e) or "dying" in str(e)
+    else:
+        np.testing.assert_array_equal(y, x * 3)
+    finally:
+        killer.join()
+    assert pid not in client.run(os.getpid).values()
+    client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny starts a replacement
+    np.testing.assert_array_equal(dpool.map(slow, x, grain=8), x * 3)
+
+
+def test_killed_worker_mid_tasks(dpool, client):
+    def slow(i):
+        time.sleep(0.05)
+        return i * i
+
+    pid = next(iter(client.run(os.getpid).values()))
+    futs = [dpool.submit(slow, i) for i in range(30)]
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    for i, f in enumerate(futs):
+        try:
+            assert f.result(TIMEOUT) == i * i
+        except (parrun.BrokenPool, distributed.KilledWorker):  # allowed: a clear failure
+            pass
+    client.wait_for_workers(2, timeout=TIMEOUT)
+
+
+def test_unreachable_cluster_fails_fast():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler"):
+        parrun.Pool(backend="dask", address=f"tcp://127.0.0.1:{port}", timeout=1.5)
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_input_and_closed_pool(client):
+    p = parrun.Pool(backend="dask", client=client)
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="could not be pickled"):
+        p.map(lambda t: (lock, t)[1], np.arange(10))
+    with pytest.raises(TypeError, match="must be callable"):
+        p.submit(42)
+    with pytest.raises(ValueError, match="same length"):
+        p.map(np.add, np.arange(3), np.arange(4))
+    with pytest.raises(ValueError, match="retries"):
+        parrun.Pool(backend="dask", client=client, retries=2)
+    p.close()
+    assert client.status == "running"  # a client passed in stays open
+    with pytest.raises(parrun.PoolClosedError):
+        p.map(np.sqrt, np.arange(3.0))
+    with pytest.raises(parrun.PoolClosedError):
+        p.submit(abs, 1)
