@@ -76,6 +76,13 @@ INTERRUPT_GRACE = 0.5
 # Seconds the caller polls for workers' replies before it sleeps. Longer burns a core that a
 # worker may need; shorter pays a sleep and a wake-up (~30 us) on every short call.
 SPIN_S = 100e-6
+# Worker deaths one call survives (re-running what they lost) before it fails with
+# WorkerCrashed. A function that kills its process every time (a segfault in compiled code)
+# would otherwise kill and replace workers forever; fewer turns a few unrelated deaths (the
+# OOM killer, an operator's kill) into a failed call.
+MAX_DEATHS_PER_CALL = 4
+# Tries to start a replacement worker that dies while starting (killed, out of memory).
+START_TRIES = 3
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -304,9 +311,16 @@ class Pool:
         old = self._workers[slot]
         if old is not None:
             _close_handle(old)
-        w = self._launch(slot)
-        self._workers[slot] = w
-        self._await_ready(w)
+        for attempt in range(1, START_TRIES + 1):
+            w = self._launch(slot)
+            self._workers[slot] = w
+            try:
+                self._await_ready(w)
+                return
+            except WorkerCrashed:  # died while starting (an initializer failure is final)
+                if attempt == START_TRIES:
+                    raise
+                _close_handle(w)
 
     def _terminate_all(self) -> None:
         for w in self._workers:
@@ -416,8 +430,13 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: stop now (as multiprocessing.Pool's __exit__ does) rather than wait
+            # for the tasks in flight, which may run for minutes.
+            self.terminate()
+        else:
+            self.close()
 
     def __del__(self) -> None:
         try:
@@ -476,7 +495,8 @@ class Pool:
             TypeError / ValueError: bad arguments (the message names which).
             Exception: the first exception ``fn`` raised, with the worker's traceback as
                 ``__cause__``; the other workers stop at their next piece.
-            WorkerCrashed: never for map: lost pieces are re-run after a worker dies.
+            WorkerCrashed: only when ``MAX_DEATHS_PER_CALL`` (4) workers die in one call (fn
+                kills its process); fewer deaths are recovered: lost pieces are re-run.
         """
         return self._run(fn, arrays, out=out, grain=grain, reduce=None)
 
@@ -578,14 +598,19 @@ class Pool:
 
     def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
         """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
-        nanoseconds it took. Retried once if that worker dies."""
-        for attempt in (1, 2):
+        nanoseconds it took. Run again (in a replacement) if that worker dies, up to
+        ``MAX_DEATHS_PER_CALL`` times."""
+        for attempt in range(1, MAX_DEATHS_PER_CALL + 1):
             try:
                 return self._run_job(fn_key, fn_data, ins, None, rows, 0, rows, False, False,
                                      None, P.NOTHING, collect=True)
-            except WorkerCrashed:
-                if attempt == 2:
-                    raise
+            except WorkerCrashed as e:
+                if attempt == MAX_DEATHS_PER_CALL:
+                    raise WorkerCrashed(
+                        f"{attempt} workers died running the first piece of map (rows 0:"
+                        f"{rows}), the last {describe_exit(e.exitcode)}: fn probably ends its "
+                        "process (a crash in compiled code, os._exit). Replacement workers "
+                        "have started.", pid=e.pid, exitcode=e.exitcode) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
@@ -626,6 +651,13 @@ class Pool:
                 raise result.interrupted
             if error is not None or red is not None or collect or not lost:
                 break
+            if len(crashed) >= MAX_DEATHS_PER_CALL:
+                slot, pid, code = crashed[-1]
+                raise WorkerCrashed(
+                    f"{len(crashed)} workers died during one map, the last worker {slot} (pid "
+                    f"{pid}, {describe_exit(code)}): fn probably ends its process (a crash in "
+                    "compiled code, os._exit). Replacement workers have started.",
+                    pid=pid, exitcode=code)
             # Re-run what dead workers left (map pieces are idempotent), one range per slot
             # and phase; the others steal from it as usual.
             phase, lost = lost[:self.workers], lost[self.workers:]

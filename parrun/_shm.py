@@ -109,7 +109,15 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
     """shm_open a new segment (exclusive, mode 0600) and reserve its pages; (name, fd, size)."""
     name = _new_name()
     size = max(int(nbytes), 1)  # mmap refuses a length of 0
-    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    # Tell the resource tracker first: a process killed at any instant after shm_open then
+    # leaves nothing behind (the tracker ignores a name that was never created). Registering
+    # after shm_open leaked the segment when SIGKILL came in between.
+    resource_tracker.register("/" + name, "shared_memory")
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    except BaseException:
+        resource_tracker.unregister("/" + name, "shared_memory")
+        raise
     try:
         # Reserve the pages now: tmpfs would otherwise accept the size and SIGBUS the first
         # process that touches a page it has no room for.
@@ -120,6 +128,7 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
     except OSError as e:
         os.close(fd)
         _posixshmem.shm_unlink("/" + name)
+        resource_tracker.unregister("/" + name, "shared_memory")
         raise SharedMemoryError(
             f"cannot create a shared array of {_fmt_bytes(size)} in {_SHM_DIR}: {e.strerror}; "
             f"{_SHM_DIR} has {_shm_space()}. Free space there (leaked segments are files "
@@ -127,6 +136,7 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
     except BaseException:
         os.close(fd)
         _posixshmem.shm_unlink("/" + name)
+        resource_tracker.unregister("/" + name, "shared_memory")
         raise
     return name, fd, size
 
@@ -145,13 +155,13 @@ class _Segment:
         except BaseException:
             os.close(fd)
             _posixshmem.shm_unlink("/" + name)
+            resource_tracker.unregister("/" + name, "shared_memory")
             raise
         if keep_fd:
             self.fd = fd
         else:
             os.close(fd)
             self.fd = -1
-        resource_tracker.register("/" + name, "shared_memory")
         raw = np.frombuffer(mm, dtype=np.uint8)
         self.raw_ref = weakref.ref(raw)
         self.start = raw.__array_interface__["data"][0]
@@ -174,6 +184,8 @@ class _Segment:
         except FileNotFoundError:
             raise SharedMemoryError(f"shared segment {name!r} handed over by a worker no "
                                     "longer exists") from None
+        # Ours now. (The worker registered it with the same tracker, which keeps a set.)
+        resource_tracker.register("/" + name, "shared_memory")
         return cls(name, fd, os.fstat(fd).st_size)
 
     def take_raw(self) -> np.ndarray:
@@ -218,12 +230,11 @@ def create_detached(nbytes: int) -> tuple[str, np.ndarray]:
     It is registered with the resource tracker (shared with the parent), so it is unlinked if
     nobody adopts it before the parent exits, but this process never unlinks it.
     """
-    name, fd, size = _create_fd(nbytes)
+    name, fd, size = _create_fd(nbytes)  # registered with the tracker there
     try:
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    resource_tracker.register("/" + name, "shared_memory")
     return name, np.frombuffer(mm, dtype=np.uint8)
 
 

@@ -291,20 +291,28 @@ class TaskService:
         oldest = next(iter(self.inflight), self.next_tid)
         room = min(ARENA_SLOTS - (self.next_tid - oldest), self._window() - len(self.inflight))
         while self.pending and len(batch) < room:
-            batch.append(self.pending.popleft())
-        first = self.next_tid
-        for t in batch:
-            if not t.future.set_running_or_notify_cancel():
+            t = self.pending.popleft()
+            # Cancelled while it waited: it takes no room. (It did once, so that a queue of
+            # cancelled tasks left the window empty, no worker reported, and the tasks
+            # behind them waited forever.)
+            if t.future.set_running_or_notify_cancel():
+                batch.append(t)
+            else:
                 self.stats.cancelled += 1
                 self._release(t)
-                continue
+        first = self.next_tid
+        for t in batch:
             tid = self.next_tid
             self.next_tid += 1
             self._write(tid, t)
             self.inflight[tid] = t
             for w in pool._workers:
                 if t.key not in w.fn_keys:
-                    w.cmd.send_bytes(pickle.dumps(P.Function(t.key, t.fn_data), protocol=5))
+                    try:
+                        w.cmd.send_bytes(pickle.dumps(P.Function(t.key, t.fn_data),
+                                                      protocol=5))
+                    except OSError:  # dead: its sentinel will tell (and once, a
+                        continue     # BrokenPipeError here ended the collector thread)
                     w.fn_keys.add(t.key)
         ranges = list(self.redo)
         self.redo.clear()
@@ -441,7 +449,10 @@ class TaskService:
         self.wake_seq[slot] = 0  # a fresh worker has answered everything
         new = pool._workers[slot]
         for key, data in {(t.key, t.fn_data) for t in self.inflight.values()}:
-            new.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
+            try:
+                new.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
+            except OSError:  # the replacement died too: its sentinel will tell
+                break
             new.fn_keys.add(key)
         self.idle.add(slot)
 
