@@ -72,6 +72,34 @@ def test_fused_bias_activation_and_layer_norm(dtype, contiguous):
                                atol=1e-5 if dtype == np.float32 else 1e-10)
 
 
+def test_softmax_step_fused_matches_numpy():
+    """The numba online-softmax step (its own vectorised exp) against NumPy's exp, over two
+    blocks, with masked keys and a query whose keys are all masked in the first block."""
+    from parrun.nn import _ops
+
+    rng = np.random.default_rng(4)
+    blocks = [(rng.standard_normal((3, 70, 45)) * 8).astype(np.float32) for _ in range(2)]
+    blocks[0][:, 10:20, 5] = -np.inf
+    blocks[0][1, :, 7] = -np.inf  # query 7 of group 1 sees nothing in the first block
+    results = []
+    for fused in (True, False):
+        m = np.full((3, 1, 45), -np.inf, np.float32)
+        denom = np.zeros((3, 1, 45), np.float32)
+        outs = []
+        for b in blocks:
+            # A Fortran-ordered copy takes the NumPy path; a C-ordered one the fused kernel.
+            st = b.copy() if fused else np.asfortranarray(b)
+            corr = _ops.softmax_step_(st, m, denom)
+            outs.append((st.copy(), corr.copy(), m.copy(), denom.copy()))
+        results.append(outs)
+    for got, ref in zip(*results):
+        for a, r in zip(got, ref):
+            np.testing.assert_allclose(a, r, rtol=5e-7, atol=1e-30)
+    first, second = results[0]
+    assert (first[0][:, 10:20, 5] == 0).all()  # masked keys weigh exactly 0
+    assert second[1][1, 0, 7] == 0 and np.isfinite(second[3]).all()
+
+
 def test_mlp_rejects_bad_input(pool):
     args = _mlp_args(np.random.default_rng(0), 4, 8, 16, 4, np.float32)
     with pytest.raises(ValueError, match="activation"):

@@ -9,6 +9,8 @@ import numpy as np
 
 import parrun
 
+from ._ops import softmax_step_
+
 # Query rows per tile: the scheduled item. Smaller tiles pay more Python and smaller BLAS
 # calls per FLOP; larger ones leave fewer tiles to steal and push the (block_k x block_q)
 # scores out of L2. Measured on 1024 x 64 heads, one core, scores kept transposed and the
@@ -125,7 +127,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     m = np.full((*lead, 1, Lq), -np.inf, q.dtype)  # running max over keys
     denom = np.zeros((*lead, 1, Lq), q.dtype)  # running sum of exp
-    acc = np.zeros((*lead, Lq, v.shape[-1]), q.dtype)
+    acc = np.zeros((*lead, Lq, v.shape[-1]), q.dtype)  # sum of exp x values
     hidden = None  # (..., Lk, Lq) or (..., Lk, 1): True where a key is masked out
     if mask is not None:
         mt = np.swapaxes(mask, -1, -2)
@@ -140,6 +142,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
             blocks.append((q_offset, min(Lk, q_offset + Lq), True))
     else:
         blocks = [(k0, min(Lk, k0 + block_k), False) for k0 in range(0, Lk, block_k)]
+    first = True
     for k0, k1, diagonal in blocks:
         st = k[..., k0:k1, :] @ qt  # (..., kb, Lq)
         if diagonal:  # key k0 + j is later than query q_offset + i where j > i
@@ -150,22 +153,13 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
                 np.copyto(st, dt(-np.inf), where=hb)
             else:
                 st += mt[..., k0:k1, :] if mt.shape[-2] != 1 else mt
-        m_new = np.maximum(m, st.max(axis=-2, keepdims=True))
-        # With a mask, rows with every key masked so far keep m = -inf: avoid inf - inf.
-        # (Causal rows always see key 0 in the first block, so their max is finite.)
-        safe = np.where(np.isneginf(m_new), dt(0), m_new) if mask is not None else m_new
-        st -= safe
-        np.exp(st, out=st)
-        if k0 == 0:  # the first block: nothing to rescale
-            denom = st.sum(axis=-2, keepdims=True)
-            acc = np.matmul(np.swapaxes(st, -1, -2), v[..., k0:k1, :], out=acc)
+        corr = softmax_step_(st, m, denom)
+        if first:  # nothing accumulated yet: no rescaling
+            np.matmul(np.swapaxes(st, -1, -2), v[..., k0:k1, :], out=acc)
+            first = False
         else:
-            corr = np.exp(m - safe)
-            denom *= corr
-            denom += st.sum(axis=-2, keepdims=True)
             acc *= np.swapaxes(corr, -1, -2)
             acc += np.swapaxes(st, -1, -2) @ v[..., k0:k1, :]
-        m = m_new
     acc /= np.swapaxes(denom, -1, -2)
     return acc
 

@@ -4,7 +4,7 @@ in place; fused into one pass per row with numba when it is installed, NumPy oth
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,7 +70,21 @@ _ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
 _ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
             -7.37332916720468e-03, -1.42647390514189e-02)  # even denominator, x^8 to x^0
 
+# exp(x) for float32 as Cephes' expf does it: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7
+# polynomial, 2^n by building the float's exponent bits (max relative error 2.5e-7, tested).
+# Written out so that numba vectorises it (libm's expf is scalar without SVML).
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
+_EXP_LOW = -87.33654  # below this e^x is not a normal float32: taken as 0
+
 _kernels: dict[Any, Any] = {}
+
+
+class _Kernels(NamedTuple):
+    gelu: Any
+    relu: Any
+    add_layer_norm: Any
+    softmax_step: Any  # float32 only, else None
 
 
 def _build(dtype: np.dtype) -> Any:
@@ -84,7 +98,9 @@ def _build(dtype: np.dtype) -> Any:
     b8, b6, b4, b2, b0 = (t(c) for c in _ERF_DEN)
     half, one, lim, rsqrt2 = t(0.5), t(1.0), t(4.0), t(1 / np.sqrt(2))
     # error_model="numpy": no zero-division branch, which would stop the loop vectorising.
-    jit = numba.njit(fastmath=True, nogil=True, error_model="numpy")
+    # fastmath without "nnan"/"ninf": masked scores are -inf and must stay so.
+    jit = numba.njit(fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, nogil=True,
+                     error_model="numpy")
 
     @jit
     def bias_gelu_exact(x, b):
@@ -132,9 +148,52 @@ def _build(dtype: np.dtype) -> Any:
             for j in range(n):
                 row[j] = t((row[j] - mu) * inv) * g[j] + b[j]
 
+    p0, p1, p2, p3, p4, p5 = (t(c) for c in _EXP_POLY)
+    log2e, ln2_hi, ln2_lo = t(1.4426950408889634), t(0.693359375), t(-2.12194440e-4)
+    low, neg_inf, zero = t(_EXP_LOW), t(-np.inf), t(0)
+
+    @jit
+    def softmax_step(st, m, denom, corr):
+        # One online-softmax step over transposed scores st (G, keys, queries): m, denom
+        # (G, queries) hold each query's running max and sum of exp. st <- exp(st - new max);
+        # corr <- exp(old max - new max), the factor for what was accumulated so far.
+        n_groups, n_keys, n_q = st.shape
+        col = np.empty(n_q, st.dtype)
+        bits = np.empty(n_q, np.int32)
+        pow2 = bits.view(st.dtype)
+        for g in range(n_groups):
+            for i in range(n_q):
+                col[i] = m[g, i]
+            for j in range(n_keys):
+                for i in range(n_q):
+                    col[i] = max(col[i], st[g, j, i])
+            for i in range(n_q):
+                # A query with every key masked so far keeps max -inf: shift by 0 instead.
+                shift = col[i] if col[i] > neg_inf else zero
+                c = math.exp(m[g, i] - shift) if m[g, i] > neg_inf else zero
+                corr[g, i] = c
+                denom[g, i] *= c
+                m[g, i] = col[i]
+                col[i] = shift
+            for j in range(n_keys):
+                for i in range(n_q):
+                    x = st[g, j, i] - col[i]
+                    xc = max(x, low)
+                    n = np.floor(xc * log2e + half)
+                    r = xc - n * ln2_hi - n * ln2_lo
+                    e = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r * r + r + one
+                    st[g, j, i] = e if x >= low else zero
+                    bits[i] = (np.int32(n) + 127) << 23
+                for i in range(n_q):
+                    e = st[g, j, i] * pow2[i]
+                    st[g, j, i] = e
+                    denom[g, i] += e
+
     # float64 users expect float64 accuracy: libm's erf (scalar, ~4x slower than the
-    # rational form, which is accurate to float32 only).
-    return (bias_gelu_exact if t is np.float64 else bias_gelu), bias_relu, add_layer_norm
+    # rational form, which is accurate to float32 only); the softmax's exp likewise.
+    if t is np.float64:
+        return _Kernels(bias_gelu_exact, bias_relu, add_layer_norm, None)
+    return _Kernels(bias_gelu, bias_relu, add_layer_norm, softmax_step)
 
 
 def _fused(dtype: np.dtype) -> Any:
@@ -154,7 +213,7 @@ def bias_act_(x: np.ndarray, b: np.ndarray, activation: str) -> np.ndarray:
     NumPy a cache-sized slab of rows at a time."""
     k = _fused(x.dtype) if _rows(x) and b.dtype == x.dtype else None
     if k is not None:
-        (k[0] if activation == "gelu" else k[1])(x, b)
+        (k.gelu if activation == "gelu" else k.relu)(x, b)
         return x
     act = ACTIVATIONS[activation]
     # GELU makes ~15 passes over its input, 2.4x faster when those stay in L2 (measured,
@@ -172,7 +231,7 @@ def add_layer_norm_(x: np.ndarray, r: np.ndarray, g: np.ndarray, b: np.ndarray,
     """x <- LayerNorm(x + r) over the last axis (weight g, bias b), in place; x, r 2-D."""
     k = _fused(x.dtype) if _rows(x) and _rows(r) and g.dtype == b.dtype == x.dtype else None
     if k is not None:
-        k[2](x, r, g, b, eps)
+        k.add_layer_norm(x, r, g, b, eps)
         return x
     x += r
     return layer_norm(x, g, b, eps)
@@ -188,3 +247,37 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     x *= g
     x += b
     return x
+
+
+def softmax_step_(st: np.ndarray, m: np.ndarray, denom: np.ndarray) -> np.ndarray:
+    """One online-softmax step over a block of transposed scores, in place.
+
+    Args:
+        st: (..., keys, queries) scores, -inf where masked; becomes exp(st - new max).
+        m: (..., 1, queries) each query's running max; becomes the new max.
+        denom: (..., 1, queries) running sum of exp; rescaled to the new max, plus this block.
+
+    Returns:
+        corr (..., 1, queries): exp(old max - new max), the factor by which what was
+        accumulated before this block must be rescaled. One fused pass with numba for
+        contiguous float32 (vectorised exp); NumPy otherwise.
+    """
+    k = _fused(st.dtype)
+    if k is not None and k.softmax_step is not None and st.flags.c_contiguous and \
+            m.flags.c_contiguous and denom.flags.c_contiguous:
+        corr = np.empty_like(m)
+        n_q = st.shape[-1]
+        k.softmax_step(st.reshape(-1, st.shape[-2], n_q), m.reshape(-1, n_q),
+                       denom.reshape(-1, n_q), corr.reshape(-1, n_q))
+        return corr
+    dt = st.dtype.type
+    m_new = np.maximum(m, st.max(axis=-2, keepdims=True))
+    # Queries with every key masked so far keep max -inf: avoid inf - inf.
+    shift = np.where(np.isneginf(m_new), dt(0), m_new)
+    st -= shift
+    np.exp(st, out=st)
+    corr = np.exp(m - shift)
+    denom *= corr
+    denom += st.sum(axis=-2, keepdims=True)
+    m[...] = m_new
+    return corr
