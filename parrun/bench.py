@@ -234,6 +234,17 @@ def irregular_workload(quick: bool, pools) -> Workload:
             return lambda: p.map(_cost, items, chunksize=-(-n // w))
         if how == "cyclic":
             return lambda: p.map(_cost_chunk, [items[k::w] for k in range(w)])
+        if how == "oracle":
+            # Costs known in advance: the dearest item first to the least loaded share
+            # (LPT), so each process gets an equal share of the work, and nothing is
+            # scheduled while it runs. What w processes can reach on this machine.
+            shares: list[list[int]] = [[] for _ in range(w)]
+            load = [0] * w
+            for i in reversed(items):
+                k = load.index(min(load))
+                shares[k].append(i)
+                load[k] += i
+            return lambda: p.map(_cost_chunk, shares, chunksize=1)
         if how == "chunks":
             return lambda: p.map(_cost, items)
         return lambda: list(p.imap_unordered(_cost, items, chunksize=1))
@@ -243,7 +254,9 @@ def irregular_workload(quick: bool, pools) -> Workload:
                Method("static contiguous split", lambda w: mp_pool(w, "halves")),
                Method("static cyclic split", lambda w: mp_pool(w, "cyclic")),
                Method("multiprocessing.Pool.map default chunks", lambda w: mp_pool(w, "chunks")),
-               Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap"))]
+               Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap")),
+               Method("oracle split (costs known; the ceiling)",
+                      lambda w: mp_pool(w, "oracle"))]
     try:
         from joblib import Parallel, delayed
 
