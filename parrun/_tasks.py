@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
-from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
+from ._errors import BrokenPool, PoolClosedError, SharedMemoryError, WorkerCrashed, describe_exit
 from ._scheduler import CUR_HI, CUR_LO, HI, LO
 from ._worker import TARGET_PIECE_NS
 
@@ -116,11 +116,25 @@ class TaskService:
         f: Future = Future()
         try:
             payload, temps = _shm.dumps_args((args, kwargs))
+        except SharedMemoryError as e:  # /dev/shm is full: say so, not "could not be pickled"
+            f.set_exception(e)
+            return f
         except Exception as e:
             f.set_exception(TypeError(f"the task's arguments could not be pickled: "
                                       f"{type(e).__name__}: {e}"))
             return f
-        task = _Task(f, key, data, payload, temps, self.retries)
+        overflow = None
+        if len(payload) > SLOT_BYTES - _HEADER:
+            # Too big for an arena slot: a segment of its own, made here so that a full
+            # /dev/shm fails this future (it once ended the collector thread instead).
+            try:
+                overflow = _shm.asshared(np.frombuffer(payload, np.uint8))
+            except SharedMemoryError as e:
+                for tmp in temps:
+                    tmp.release()
+                f.set_exception(e)
+                return f
+        task = _Task(f, key, data, payload, temps, self.retries, overflow)
         with self.cv:
             if self.closing:
                 for t in temps:
@@ -376,9 +390,8 @@ class TaskService:
         if n <= SLOT_BYTES - _HEADER:
             _SLOT_HEAD.pack_into(mv, off, n, t.key)
             mv[off + _HEADER:off + _HEADER + n] = t.payload
-        else:
-            seg = _shm.asshared(np.frombuffer(t.payload, np.uint8))
-            t.overflow = seg
+        else:  # the payload's own segment, made by submit
+            seg = t.overflow
             _SLOT_HEAD.pack_into(mv, off, -n, t.key)
             struct.pack_into(f"{_NAME_FIELD}s", mv, off + _HEADER, seg.segment.encode())
 

@@ -40,6 +40,26 @@ def _die_with_parent() -> None:
         pass
 
 
+def _close_on_exec() -> None:
+    """Make the descriptors this worker inherited close-on-exec.
+
+    The pipes to the pool and to the resource tracker arrive through the fork server as
+    inheritable descriptors; a program a task starts (``os.system``, ``subprocess`` with
+    ``close_fds=False``) would otherwise hold them, and could read the pool's commands or keep
+    the pool's pipes open after the worker dies.
+    """
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # pragma: no cover - no /proc: the standard ones only
+        fds = list(range(3, 256))
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # closed meanwhile (listdir's own descriptor)
+                pass
+
+
 def _keep_heap() -> None:
     """Let glibc keep freed tile-sized temporaries in the heap.
 
@@ -301,6 +321,7 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
          blas_threads: int | None, cpu: int | None, initializer: bytes | None = None) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
     detach_from_forkserver()
+    _close_on_exec()
     _die_with_parent()
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
