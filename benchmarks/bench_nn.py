@@ -267,6 +267,21 @@ def bench_mandelbrot(rep, pools):
         assert (shared == ref).all()
         report("mandelbrot", f"parrun + numba {w} worker{'s' * (w > 1)} (steals "
                f"{pool.last_stats.steals})", med, best)
+    # The classic view is symmetric about the real axis, so prange's static halves happen to
+    # cost the same. Its upper half is not: rows near the axis are the dear ones.
+    upper = (M.VIEW[0], M.VIEW[1], 0.0, M.VIEW[3])
+    M.escape_rows(rows, ref, W, H, it, *upper)
+    med, best = timeit(lambda: M.escape_prange(img, W, H, it, *upper), rep)
+    assert (img == ref).all()
+    report("mandelbrot", "upper half view: numba parallel=True (prange)", med, best)
+    for w, pool in pools.items():
+        if w < 2:
+            continue
+        med, best = timeit(lambda p=pool: nn.mandelbrot(W, H, it, view=upper, pool=p,
+                                                        out=shared), rep)
+        assert (shared == ref).all()
+        report("mandelbrot", f"upper half view: parrun + numba {w} workers (steals "
+               f"{pool.last_stats.steals})", med, best)
     shared.release()
 
 

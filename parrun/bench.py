@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -579,8 +580,11 @@ def format_table(name: str, wl: dict) -> str:
             if same:
                 best = f"{min(same) / r['median_s']:11.2f}x"
         w = "-" if r["workers"] is None else str(r["workers"])
-        su = "" if r["speedup_vs_1"] is None else f"{r['speedup_vs_1']:7.2f}x"
-        ef = "" if r["efficiency"] is None else f"{r['efficiency']:6.2f}"
+        # Without a 1-worker run there is no speed-up to show (nan): print a dash.
+        su = "" if r["speedup_vs_1"] is None else (
+            "-" if math.isnan(r["speedup_vs_1"]) else f"{r['speedup_vs_1']:7.2f}x")
+        ef = "" if r["efficiency"] is None else (
+            "-" if math.isnan(r["efficiency"]) else f"{r['efficiency']:6.2f}")
         out.append(f"{r['method']:<40} {w:>3} {r['median_s']:9.4f} "
                    f"{r['min_s']:8.4f}-{r['max_s']:<8.4f} {r['throughput']:12.2f} "
                    f"{su:>8} {ef:>6} {best:>12}")
