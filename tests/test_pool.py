@@ -341,6 +341,6 @@ def test_numba_kernel(pool):
 def test_public_api_is_sorted_and_complete():
     assert parrun.__all__ == sorted(parrun.__all__)
     public = {n for n in dir(parrun) if not n.startswith("_")} - {"annotations"}
-    assert public <= set(parrun.__all__) | {"nn", "bench"}  # subpackages, imported on use
+    assert public <= set(parrun.__all__) | {"nn", "bench", "backends"}  # subpackages, on use
     assert parrun.Pool.__module__ == "parrun"
     assert repr(parrun.Pool).startswith("<class 'parrun.Pool'")
