@@ -8,7 +8,8 @@ processes with one thread each on 127.0.0.1 (the local pool gets as many workers
 the same script runs against that scheduler (the local pool then gets one worker per Dask
 worker thread, on this machine). Workloads: a round trip of one no-op task (submit, wait),
 1000 no-op tasks in flight; the NumPy chain ``tanh(1.7x + 0.3)^2 - 0.5x`` over ``--map-size``
-float32 elements into a shared ``out``; ``nn.MLPModel.predict`` on a 4096x1024 float32 batch,
+float32 elements into a shared ``out``, and a compute-bound chain of ~20 transcendental
+operations per element over the same array; ``nn.MLPModel.predict`` on a 4096x1024 float32 batch,
 1024 -> 4096 -> 1024 (weights shipped once). Reports median and min of ``--repeat`` runs after
 a warm-up, and the ratio Dask / local (lower is better; 1.0 is parity).
 """
@@ -40,6 +41,17 @@ def chain(x, out):
     np.tanh(out, out=out)
     np.square(out, out=out)
     out -= 0.5 * x
+    return out
+
+
+def heavy(x, out):
+    """About 20 transcendental operations per element: compute-bound, not memory-bound."""
+    chain(x, out)
+    for _ in range(4):
+        np.sin(out, out=out)
+        np.exp(out, out=out)
+        np.tanh(out, out=out)
+        np.sqrt(out, out=out)
     return out
 
 
@@ -127,6 +139,9 @@ def main() -> None:
     expect = out.copy()
     local.map(chain, x, out=out)
     np.testing.assert_array_equal(out, expect)
+    compare(f"map heavy (~20 ops/elt), {args.map_size * 4 >> 20} MiB",
+            lambda: local.map(heavy, x, out=out), lambda: dask_pool.map(heavy, x, out=out),
+            args.map_size / 1e6, "M elements/s")
 
     # MLP: weights shipped once (MLPModel keeps them shared; Dask keeps them on the workers).
     b, d_in, d_h, d_out = (int(v) for v in args.mlp.split(","))
