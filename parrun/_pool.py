@@ -533,6 +533,13 @@ class Pool:
             grain, adaptive = self.default_grain(n, arrs), True
         if out is not None:
             out = _check_out(out, n)
+            if isinstance(fn, np.ufunc):
+                # A ufunc broadcasts each piece against its slice of out: (k,) into (k, 2)
+                # passes for k = 1 (found by fuzzing), so check the whole shapes here.
+                want = np.broadcast_shapes(*(a.shape for a in arrs))
+                if out.shape != want:
+                    raise ValueError(f"out has shape {out.shape}, but {fn.__name__} of the "
+                                     f"inputs has shape {want}; pass an out of that shape")
         fn_key, fn_data, takes_out = self._register(fn)
         red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
         temps: list[np.ndarray] = []

@@ -407,6 +407,11 @@ class SharedArray(np.ndarray):
         """Free the segment now (this array, and every other view of it, must not be used
         across processes after this). Idempotent; only the owning process may release."""
         loc = locate(self)
+        base = self.base
+        while loc is None and self.size == 0 and isinstance(base, np.ndarray):
+            # An empty view may point past its segment (a[::-1] of shape (5, 0)): find the
+            # segment through the arrays it views. (It was silently left in place.)
+            loc, base = locate(base), base.base
         if loc is None:
             return
         with _lock:
