@@ -73,6 +73,11 @@ STOP_TIMEOUT = 5.0
 # Seconds a worker may take to finish its current piece after Ctrl-C before it is killed and
 # replaced. Longer keeps the caller waiting; shorter kills workers in healthy long pieces.
 INTERRUPT_GRACE = 0.5
+# Seconds a dead worker's status pipe may take to report its end (EOF) once its process is
+# gone. It normally does at once; if a stray copy of the pipe's write end outlives the worker
+# (a process it forked, say), the pipe never does, and the worker counts as dead after this.
+# Shorter could drop a last Done still in flight; longer delays the recovery.
+DEAD_PIPE_GRACE = 1.0
 # Seconds the caller polls for workers' replies before it sleeps. Longer burns a core that a
 # worker may need; shorter pays a sleep and a wake-up (~30 us) on every short call.
 SPIN_S = 100e-6
@@ -725,8 +730,23 @@ class Pool:
             sentinels[w.process.sentinel] = w.slot
         deadline = None
         spin_until = time.perf_counter() + SPIN_S
+        gone: dict[int, float] = {}  # slot -> when its process was seen dead
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if gone:
+                now = time.monotonic()
+                for r, slot in list(pending.items()):
+                    if slot in gone and now - gone[slot] > DEAD_PIPE_GRACE:
+                        # Dead, and its pipe never said so: count it dead all the same.
+                        del pending[r]
+                        gone.pop(slot)
+                        result.dead.append(slot)
+                if not pending:
+                    break
+                wait_more = min(gone.values()) + DEAD_PIPE_GRACE - now if gone else None
+                if wait_more is not None:
+                    timeout = max(0.0, wait_more) if timeout is None else \
+                        min(timeout, max(0.0, wait_more))
             try:
                 if spin_until:
                     # Short jobs finish within microseconds: poll before paying for a sleep
@@ -744,7 +764,10 @@ class Pool:
                 result.interrupted = e
                 deadline = time.monotonic() + INTERRUPT_GRACE
                 continue
-            if not ready:  # interrupted, and some workers are stuck in a long piece
+            if not ready:
+                if deadline is None or time.monotonic() < deadline:
+                    continue  # a dead worker's grace ran out: handled at the loop's top
+                # Interrupted, and some workers are stuck in a long piece.
                 for slot in list(pending.values()):
                     self._workers[slot].process.kill()
                     self._workers[slot].process.join(STOP_TIMEOUT)
@@ -760,6 +783,7 @@ class Pool:
                         self._workers[slot].process.join(STOP_TIMEOUT)
                         del pending[r]
                         sentinels = {s: k for s, k in sentinels.items() if k != slot}
+                        gone.pop(slot, None)
                         result.dead.append(slot)
                         continue
                     try:
@@ -770,16 +794,19 @@ class Pool:
                         continue  # not this job's (cannot happen; harmless if it does)
                     del pending[r]
                     sentinels = {s: k for s, k in sentinels.items() if k != slot}
+                    gone.pop(slot, None)  # its Done came before its end: the next call
+                    # sees the death (a map_reduce partial that arrived still counts)
                     if done.error is not None and result.error is None:
                         result.error = done.error
                     if done.partial is not P.NOTHING:
                         result.partials.append(done.partial)
                 elif r in sentinels:
                     # Dead. Its status pipe is now readable (a last message or EOF); reading
-                    # it above decides, so that a Done sent before dying still counts.
-                    w = self._workers[sentinels[r]]
-                    if w.status not in pending:
-                        del sentinels[r]
+                    # it above decides, so that a Done sent before dying still counts. Stop
+                    # watching the sentinel (it stays ready: waiting on it would spin).
+                    slot = sentinels.pop(r)
+                    if self._workers[slot].status in pending:
+                        gone[slot] = time.monotonic()
         return result
 
     # -- introspection --------------------------------------------------------------------
