@@ -42,6 +42,7 @@ import io
 import math
 import os
 import pickle
+import queue
 import threading
 import time
 import traceback
@@ -63,6 +64,11 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
     raise ImportError("parrun's Dask backend needs dask and distributed: "
                       "pip install 'parrun[dask]'") from e
 
+# Results fetched per round trip by the fetcher thread: more makes one gather hold more
+# results in memory at once; fewer pays a round trip (~3 ms) for fewer tasks.
+FETCH_BATCH = 256
+# Seconds close() waits for the fetcher thread to finish its batch.
+FETCH_STOP_TIMEOUT = 5.0
 # Arrays at least this big travel as Dask data of their own (keyed by content, sent once per
 # worker, reused across calls) instead of inside a pickle. Smaller ones cost less to send
 # with each task than a scatter round trip (~1 ms) and a hash.
@@ -495,6 +501,56 @@ class _Tasks:
             f.cancel()
 
 
+class _Fetcher(threading.Thread):
+    """Fetches the results of finished tasks, as many per ``client.gather`` as have finished
+    meanwhile. Dask runs ``add_done_callback`` callbacks on one thread; a ``result()`` there
+    is one round trip to a worker per task (~3 ms here: 1,000 tasks took 4.6 s); a gather of
+    many costs about one."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(name="parrun-dask-fetcher", daemon=True)
+        self.client = client
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def fetch(self, d: Any, deliver: Callable[[Any], None],
+              settle: Callable[[Any], None]) -> None:
+        """Fetch ``d``'s result and call ``deliver(result)``; if the batch fails, ``settle(d)``
+        (the one-at-a-time path, which handles lost workers and errors)."""
+        self.queue.put((d, deliver, settle))
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < FETCH_BATCH:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                values = self.client.gather([d for d, _, _ in batch])
+            except BaseException:  # a result lost with its worker, a closed client...
+                values = None
+            for k, (d, deliver, settle) in enumerate(batch):
+                try:
+                    if values is None:
+                        settle(d)
+                    else:
+                        deliver(values[k])
+                except BaseException:  # pragma: no cover - both handle their own errors
+                    pass
+
+
 class DaskPool(parrun.Pool):
     """parrun's pool API on a Dask distributed cluster: ``parrun.Pool(backend="dask", ...)``.
 
@@ -552,6 +608,7 @@ class DaskPool(parrun.Pool):
         self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.RLock()
+        self._fetch: _Fetcher | None = None
         t0 = time.perf_counter()
         self._owns_client = client is None
         if client is None:
@@ -627,6 +684,9 @@ class DaskPool(parrun.Pool):
             return
         self._closed = True
         self._tasks.cancel_pending()
+        if self._fetch is not None:
+            self._fetch.stop()
+            self._fetch.join(FETCH_STOP_TIMEOUT)
         with self._cache_lock:
             futures = [f for f, _ in self._cache.values()]
             self._cache.clear()
@@ -882,16 +942,36 @@ class DaskPool(parrun.Pool):
                                 args_s.payload, args_s.external, pure=False)
         f._dask = d
 
+        def deliver(result: Any) -> None:
+            try:
+                if f.done():
+                    return
+                value, fn_changes, args_changes = result
+                _apply_changes(fn_s.arrays, fn_changes)
+                _apply_changes(args_s.arrays, args_changes)
+                if f.set_running_or_notify_cancel():
+                    f.set_result(value)
+            except BaseException as e:  # never leave the future pending
+                if not f.done() and f.set_running_or_notify_cancel():
+                    f.set_exception(e)
+            finally:
+                if f.done():
+                    self._tasks.discard(f)
+
+        def on_done(d: Any) -> None:
+            # A finished task's result is fetched by the fetcher thread, many per round trip;
+            # anything else (an error, a lost worker) is settled here.
+            if d.status == "finished" and not f.done() and not self._closed:
+                self._fetcher().fetch(d, deliver, done)
+            else:
+                done(d)
+
         def done(d: Any) -> None:
             try:
                 if f.done():
                     return
                 if d.status == "finished":
-                    value, fn_changes, args_changes = d.result()
-                    _apply_changes(fn_s.arrays, fn_changes)
-                    _apply_changes(args_s.arrays, args_changes)
-                    if f.set_running_or_notify_cancel():
-                        f.set_result(value)
+                    deliver(d.result())
                     return
                 if _lost(d) and not self._closed and resent < RESEND_ROUNDS:
                     s2 = self._ship((args, kwargs), "the task's arguments",
@@ -913,7 +993,14 @@ class DaskPool(parrun.Pool):
                 if f.done():
                     self._tasks.discard(f)
 
-        d.add_done_callback(done)
+        d.add_done_callback(on_done)
+
+    def _fetcher(self) -> _Fetcher:
+        with self._cache_lock:
+            if self._fetch is None:
+                self._fetch = _Fetcher(self._client)
+                self._fetch.start()
+            return self._fetch
 
 
 def _split(n: int, row_bytes: int, tile: int, threads: int, explicit: bool) -> dict[int, int]:
