@@ -6,6 +6,7 @@ leftover worker processes once its pools are closed.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import time
@@ -84,6 +85,16 @@ def pool():
 def pool1():
     with parrun.Pool(1) as p:
         yield p
+
+
+@pytest.fixture(autouse=True)
+def long_runs_are_not_hangs(request):
+    """A ``slow`` test runs for minutes on purpose; ``faulthandler_timeout`` (100 s) would dump
+    every thread's stack in the middle of it, which reads like a hang (it was once taken for
+    one). Its own ``pytest.mark.timeout`` still ends, and dumps, a slow test that hangs."""
+    if request.node.get_closest_marker("slow"):
+        faulthandler.cancel_dump_traceback_later()
+    yield
 
 
 @pytest.fixture(autouse=True)
