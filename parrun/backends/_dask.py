@@ -492,6 +492,9 @@ class _Tasks:
         with self._lock:
             self._live.discard(f)
 
+    def count(self) -> int:
+        return len(self._live)
+
     def outstanding(self) -> list[_TaskFuture]:
         with self._lock:
             return list(self._live)
@@ -959,9 +962,12 @@ class DaskPool(parrun.Pool):
                     self._tasks.discard(f)
 
         def on_done(d: Any) -> None:
-            # A finished task's result is fetched by the fetcher thread, many per round trip;
-            # anything else (an error, a lost worker) is settled here.
-            if d.status == "finished" and not f.done() and not self._closed:
+            # With other tasks in flight, a finished task's result is fetched by the fetcher
+            # thread, many per round trip. A task alone is fetched here: handing it to
+            # another thread costs ~5 ms (measured: 16 ms a round trip instead of 11).
+            # Anything else (an error, a lost worker) is settled here too.
+            if d.status == "finished" and not f.done() and not self._closed and \
+                    self._tasks.count() > 1:
                 self._fetcher().fetch(d, deliver, done)
             else:
                 done(d)
