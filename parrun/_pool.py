@@ -51,6 +51,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
+from ._checks import check_arrays, check_out
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
@@ -526,7 +527,7 @@ class Pool:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        arrs = _check_arrays(arrays)
+        arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
         if grain is not None:
             if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
@@ -537,7 +538,7 @@ class Pool:
         else:
             grain, adaptive = self.default_grain(n, arrs), True
         if out is not None:
-            out = _check_out(out, n)
+            out = check_out(out, n)
             if isinstance(fn, np.ufunc):
                 # A ufunc broadcasts each piece against its slice of out: (k,) into (k, 2)
                 # passes for k = 1 (found by fuzzing), so check the whole shapes here.
@@ -909,43 +910,6 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
     if acc is P.NOTHING:
         raise ValueError("map_reduce of empty arrays with no initial value")
     return acc
-
-
-def _check_arrays(arrays: tuple) -> list[np.ndarray]:
-    if not arrays:
-        raise TypeError("map needs at least one array to split")
-    out = []
-    for i, a in enumerate(arrays):
-        if not isinstance(a, np.ndarray):
-            try:
-                a = np.asarray(a)
-            except Exception as e:
-                raise TypeError(f"argument {i} is not an array: {type(a).__name__}") from e
-        if a.dtype.hasobject:
-            raise TypeError(f"argument {i} has dtype {a.dtype}, which holds Python objects; "
-                            "parrun shares numeric memory only")
-        if a.ndim == 0:
-            raise ValueError(f"argument {i} is 0-dimensional; map splits arrays along axis 0")
-        out.append(a)
-    n = out[0].shape[0]
-    for i, a in enumerate(out[1:], 1):
-        if a.shape[0] != n:
-            raise ValueError(f"arrays must have the same length along axis 0: argument 0 has "
-                             f"{n} rows and argument {i} has {a.shape[0]}")
-    return out
-
-
-def _check_out(out: Any, n: int) -> np.ndarray:
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype.hasobject:
-        raise TypeError(f"out has dtype {out.dtype}, which holds Python objects")
-    if out.ndim == 0 or out.shape[0] != n:
-        raise ValueError(f"out has shape {out.shape}; it needs {n} rows along axis 0 to match "
-                         "the inputs")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    return out
 
 
 def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:

@@ -56,6 +56,7 @@ import numpy as np
 
 import parrun
 from parrun import _protocol
+from parrun._checks import check_arrays, check_out
 
 try:
     import distributed
@@ -811,7 +812,7 @@ class DaskPool(parrun.Pool):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        arrs = _check_arrays(arrays)
+        arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs)
         if grain is not None:
@@ -823,7 +824,7 @@ class DaskPool(parrun.Pool):
         else:
             tile = max(1, TILE_BYTES // max(1, row_bytes))
         if out is not None:
-            out = _check_out(out, n)
+            out = check_out(out, n)
         if n == 0:  # nothing to split: learn the result's type here, as the local pool does
             if reduce is not None:
                 if initial is _NOTHING:
@@ -1020,40 +1021,3 @@ def _split(n: int, row_bytes: int, tile: int, threads: int, explicit: bool) -> d
     count = min(count, tiles)
     rows = -(-tiles // count) * tile
     return {lo: min(n, lo + rows) for lo in range(0, n, rows)}
-
-
-def _check_arrays(arrays: tuple) -> list[np.ndarray]:
-    if not arrays:
-        raise TypeError("map needs at least one array to split")
-    out = []
-    for i, a in enumerate(arrays):
-        if not isinstance(a, np.ndarray):
-            try:
-                a = np.asarray(a)
-            except Exception as e:
-                raise TypeError(f"argument {i} is not an array: {type(a).__name__}") from e
-        if a.dtype.hasobject:
-            raise TypeError(f"argument {i} has dtype {a.dtype}, which holds Python objects; "
-                            "parrun moves numeric arrays only")
-        if a.ndim == 0:
-            raise ValueError(f"argument {i} is 0-dimensional; map splits arrays along axis 0")
-        out.append(a)
-    n = out[0].shape[0]
-    for i, a in enumerate(out[1:], 1):
-        if a.shape[0] != n:
-            raise ValueError(f"arrays must have the same length along axis 0: argument 0 has "
-                             f"{n} rows and argument {i} has {a.shape[0]}")
-    return out
-
-
-def _check_out(out: Any, n: int) -> np.ndarray:
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype.hasobject:
-        raise TypeError(f"out has dtype {out.dtype}, which holds Python objects")
-    if out.ndim == 0 or out.shape[0] != n:
-        raise ValueError(f"out has shape {out.shape}; it needs {n} rows along axis 0 to match "
-                         "the inputs")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    return out
