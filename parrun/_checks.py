@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,16 @@ def check_out(out: Any, n: int) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     return out
+
+
+def accepts_out(fn: Any) -> bool:
+    """True if ``fn`` takes an ``out`` argument, as NumPy ufuncs do: map then passes it the
+    slice of ``out`` to fill in place (no temporary result, no copy)."""
+    if isinstance(fn, np.ufunc):
+        return fn.nout == 1
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("out")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
-import inspect
 import math
 import multiprocessing as mp
 import os
@@ -51,7 +50,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
-from ._checks import check_arrays, check_out
+from ._checks import accepts_out, check_arrays, check_out
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
@@ -860,7 +859,7 @@ def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool]:
         raise TypeError(f"{what} could not be pickled (cloudpickle): "
                         f"{type(e).__name__}: {e}") from e
     key = hashlib.blake2b(data, digest_size=16).digest()
-    takes_out = _accepts_out(fn)
+    takes_out = accepts_out(fn)
     with _pickled_lock:
         _pickled[id(fn)] = (fn, fp, key, data, takes_out)
         while len(_pickled) > FN_CACHE_SIZE:
@@ -876,19 +875,6 @@ class _PhaseResult:
         self.interrupted: BaseException | None = None
         self.partials: list[Any] = []
         self.dead: list[int] = []
-
-
-def _accepts_out(fn: Any) -> bool:
-    """True if ``fn`` takes an ``out`` argument, as NumPy ufuncs do: map then passes it the
-    slice of ``out`` to fill in place (no temporary result, no copy)."""
-    if isinstance(fn, np.ufunc):
-        return fn.nout == 1
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get("out")
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def _close_handle(w: _WorkerHandle) -> None:

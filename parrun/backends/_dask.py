@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import inspect
 import io
 import math
 import os
@@ -56,7 +55,7 @@ import numpy as np
 
 import parrun
 from parrun import _protocol
-from parrun._checks import check_arrays, check_out
+from parrun._checks import accepts_out, check_arrays, check_out
 
 try:
     import distributed
@@ -451,17 +450,6 @@ def _lost(fut: Any) -> bool:
     return False
 
 
-def _accepts_out(fn: Any) -> bool:
-    if isinstance(fn, np.ufunc):
-        return fn.nout == 1
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get("out")
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-
-
 class _TaskFuture(cf.Future):
     """The ``concurrent.futures.Future`` of a task on Dask; ``cancel()`` cancels the Dask
     task too (until it has finished)."""
@@ -836,7 +824,7 @@ class DaskPool(parrun.Pool):
             return parrun.empty((0, *res.shape[1:]), res.dtype)
         fn_s = self._ship(fn, "fn")
         red_s = self._ship(reduce, "reduce") if reduce is not None else None
-        spec = _MapSpec(tile=tile, takes_out=_accepts_out(fn),
+        spec = _MapSpec(tile=tile, takes_out=accepts_out(fn),
                         out_dtype=None if out is None else out.dtype,
                         out_trail=() if out is None else tuple(out.shape[1:]),
                         reduce=reduce is not None, blas_threads=self.blas_threads)
@@ -946,21 +934,47 @@ class DaskPool(parrun.Pool):
                                 args_s.payload, args_s.external, pure=False)
         f._dask = d
 
+        def guarded(step: Callable[[Any], None]) -> Callable[[Any], None]:
+            """``step``, unless the future is done; an exception in it fails the future: it
+            is never left pending."""
+            def run(arg: Any) -> None:
+                try:
+                    if not f.done():
+                        step(arg)
+                except BaseException as e:
+                    if not f.done() and f.set_running_or_notify_cancel():
+                        f.set_exception(e)
+                finally:
+                    if f.done():
+                        self._tasks.discard(f)
+            return run
+
+        @guarded
         def deliver(result: Any) -> None:
-            try:
-                if f.done():
-                    return
-                value, fn_changes, args_changes = result
-                _apply_changes(fn_s.arrays, fn_changes)
-                _apply_changes(args_s.arrays, args_changes)
-                if f.set_running_or_notify_cancel():
-                    f.set_result(value)
-            except BaseException as e:  # never leave the future pending
-                if not f.done() and f.set_running_or_notify_cancel():
-                    f.set_exception(e)
-            finally:
-                if f.done():
-                    self._tasks.discard(f)
+            value, fn_changes, args_changes = result
+            _apply_changes(fn_s.arrays, fn_changes)
+            _apply_changes(args_s.arrays, args_changes)
+            if f.set_running_or_notify_cancel():
+                f.set_result(value)
+
+        @guarded
+        def done(d: Any) -> None:
+            if d.status == "finished":
+                deliver(d.result())
+                return
+            if _lost(d) and not self._closed and resent < RESEND_ROUNDS:
+                s2 = self._ship((args, kwargs), "the task's arguments",
+                                frozenset(id(a) for a in (*args, *kwargs.values())
+                                          if isinstance(a, np.ndarray)))
+                self._submit_task(f, fn, args, kwargs, self._ship(fn, "fn"), s2,
+                                  resent + 1)
+                return
+            if d.status == "error":
+                exc: BaseException = _remote_error(d)
+            else:
+                exc = cf.CancelledError(f"the Dask task was {d.status}")
+            if f.set_running_or_notify_cancel():
+                f.set_exception(exc)
 
         def on_done(d: Any) -> None:
             # With other tasks in flight, a finished task's result is fetched by the fetcher
@@ -972,33 +986,6 @@ class DaskPool(parrun.Pool):
                 self._fetcher().fetch(d, deliver, done)
             else:
                 done(d)
-
-        def done(d: Any) -> None:
-            try:
-                if f.done():
-                    return
-                if d.status == "finished":
-                    deliver(d.result())
-                    return
-                if _lost(d) and not self._closed and resent < RESEND_ROUNDS:
-                    s2 = self._ship((args, kwargs), "the task's arguments",
-                                    frozenset(id(a) for a in (*args, *kwargs.values())
-                                              if isinstance(a, np.ndarray)))
-                    self._submit_task(f, fn, args, kwargs, self._ship(fn, "fn"), s2,
-                                      resent + 1)
-                    return
-                if d.status == "error":
-                    exc: BaseException = _remote_error(d)
-                else:
-                    exc = cf.CancelledError(f"the Dask task was {d.status}")
-                if f.set_running_or_notify_cancel():
-                    f.set_exception(exc)
-            except BaseException as e:  # never leave the future pending
-                if not f.done() and f.set_running_or_notify_cancel():
-                    f.set_exception(e)
-            finally:
-                if f.done():
-                    self._tasks.discard(f)
 
         d.add_done_callback(on_done)
 
