@@ -41,6 +41,9 @@ class Method:
     scales: bool = True
     skipped: str | None = None
     close: Callable[[], None] | None = None
+    # A ceiling to read parrun against (a plain copy, an oracle split), not a peer: left out
+    # of "vs best peer".
+    ceiling: bool = False
 
 
 @dataclass
@@ -80,6 +83,14 @@ def _cost(i):
     for k in range(int(i) * 40):
         s += k % 7
     return s
+
+
+_COPY: list[np.ndarray] = []  # (x, out) of the map workload, inherited by forked copiers
+
+
+def _copy_share(bounds: tuple[int, int]) -> None:
+    lo, hi = bounds
+    np.copyto(_COPY[1][lo:hi], _COPY[0][lo:hi])
 
 
 def _cost_chunk(idx):
@@ -139,9 +150,20 @@ def map_workload(quick: bool, pools) -> Workload:
         return lambda: np.concatenate(list(ex.map(_chain, [xs[lo:lo + block] for lo in
                                                            range(0, n, block)])), out=out)
 
+    def plain_copy(w):
+        # Where memory bandwidth binds: w forked processes, each copying its contiguous share
+        # of x into out (read + write, as the chain does), nothing computed or scheduled.
+        _COPY[:] = [xs, out]
+        p = mp.get_context("fork").Pool(w)
+        held.append(p)
+        shares = [(n * k // w, n * (k + 1) // w) for k in range(w)]
+        return lambda: p.map(_copy_share, shares, chunksize=1)
+
     held: list = []
     methods = [Method("serial NumPy, 64K tiles", serial, scales=False),
                Method("parrun.map", with_parrun),
+               Method("plain copy, forked (bandwidth ceiling)", plain_copy,
+                      ceiling=True),
                Method("ThreadPoolExecutor, 4 MiB blocks", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool),
                Method("ProcessPoolExecutor, pickled blocks", ppe)]
@@ -171,7 +193,7 @@ def map_workload(quick: bool, pools) -> Workload:
         methods.append(Method("numexpr", None, skipped="not installed"))
     wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
                   note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
-    wl.cleanup += [lambda: [_close(h) for h in held], x.release, out.release]
+    wl.cleanup += [lambda: [_close(h) for h in held], _COPY.clear, x.release, out.release]
     return wl
 
 
@@ -257,7 +279,7 @@ def irregular_workload(quick: bool, pools) -> Workload:
                Method("multiprocessing.Pool.map default chunks", lambda w: mp_pool(w, "chunks")),
                Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap")),
                Method("oracle split (costs known; the ceiling)",
-                      lambda w: mp_pool(w, "oracle"))]
+                      lambda w: mp_pool(w, "oracle"), ceiling=True)]
     try:
         from joblib import Parallel, delayed
 
@@ -521,7 +543,8 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                             fn()
                             ts.append(time.perf_counter() - t0)
                         times[str(w)] = ts
-                    rows[m.name] = {"times_s": times, "scales": m.scales}
+                    rows[m.name] = {"times_s": times, "scales": m.scales,
+                                    "ceiling": m.ceiling}
             finally:
                 for c in wl.cleanup:
                     c()
@@ -554,7 +577,8 @@ def _summary(wl: dict) -> list[dict]:
             med = statistics.median(ts)
             wk = int(w)
             base = serial if serial is not None else one
-            rows.append({"method": name, "workers": wk if m["scales"] else None,
+            rows.append({"method": name, "ceiling": m.get("ceiling", False),
+                         "workers": wk if m["scales"] else None,
                          "median_s": med, "min_s": min(ts), "max_s": max(ts),
                          "throughput": wl["work"] / med if wl["work"] else float("nan"),
                          "speedup_vs_1": one / med if m["scales"] else None,
@@ -569,7 +593,7 @@ def format_table(name: str, wl: dict) -> str:
            f"{'speed-up':>8} {'effic.':>6} {'vs best peer':>12}"]
     parrun_rows = [r for r in rows if r["method"].startswith("parrun") and "median_s" in r]
     peers = [r for r in rows if not r["method"].startswith("parrun") and "median_s" in r
-             and r["workers"] is not None]
+             and r["workers"] is not None and not r.get("ceiling")]
     for r in rows:
         if "skipped" in r:
             out.append(f"{r['method']:<40} skipped: {r['skipped']}")
