@@ -97,6 +97,7 @@ class TaskService:
         self.next_tid = 0
         self.closing = False
         self.serving = False
+        self.broken: BaseException | None = None  # what ended the collector thread, if not close
         self.stats = TaskStats(tasks_per_worker=[0] * pool.workers,
                                busy_s_per_worker=[0.0] * pool.workers)
         self.arena_seg, self.arena = _shm.create_segment(ARENA_SLOTS * SLOT_BYTES)
@@ -136,9 +137,16 @@ class TaskService:
                 return f
         task = _Task(f, key, data, payload, temps, self.retries, overflow)
         with self.cv:
-            if self.closing:
+            if self.closing or self.broken is not None:
                 for t in temps:
                     t.release()
+                if overflow is not None:
+                    overflow.release()
+                if self.broken is not None:
+                    raise BrokenPool(
+                        f"this pool's task collector failed ({type(self.broken).__name__}: "
+                        f"{self.broken}); close the pool and create a new one"
+                    ) from self.broken
                 raise PoolClosedError("this parrun.Pool is closed; create a new Pool")
             self.pending.append(task)
             self.stats.submitted += 1
@@ -227,8 +235,16 @@ class TaskService:
                 except BaseException as e:  # a bug here must not hang the futures
                     with self.cv:
                         self.serving = False
+                        self.broken = e
                         self.fail_all(e)
-                    raise
+                        queued, self.pending = list(self.pending), deque()
+                    for t in queued:  # and those not handed out yet, and later submits
+                        self._release(t)
+                        if t.future.set_running_or_notify_cancel():
+                            t.future.set_exception(BrokenPool(
+                                f"this pool's task collector failed ({type(e).__name__}: "
+                                f"{e}) before the task ran"))
+                    return
                 finally:
                     self._account_steals()
 

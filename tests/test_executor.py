@@ -310,3 +310,26 @@ def test_maps_right_after_task_bursts_see_no_stale_task_mode(pool):
         np.testing.assert_array_equal(y, -x)
         y.release()
     x.release()
+
+
+def test_a_failed_task_collector_fails_futures_instead_of_hanging(monkeypatch):
+    """If the thread that serves tasks dies of a bug, the futures it held fail, and later
+    submits raise BrokenPool at once; map still works and the pool closes cleanly."""
+    from parrun import _tasks
+
+    def broken_serve(self):
+        raise RuntimeError("injected collector bug")
+
+    monkeypatch.setattr(_tasks.TaskService, "_serve", broken_serve)
+    with parrun.Pool(2) as p:
+        f = p.submit(pow, 2, 10)
+        with pytest.raises((RuntimeError, parrun.BrokenPool), match="injected collector bug"):
+            f.result(timeout=TIMEOUT)
+        assert wait_until(lambda: not p._tasks.thread.is_alive())
+        with pytest.raises(parrun.BrokenPool, match="task collector failed"):
+            p.submit(pow, 2, 3)
+        x = parrun.asshared(np.arange(1000.0))
+        y = p.map(np.negative, x)
+        np.testing.assert_array_equal(y, -x)
+        x.release()
+        y.release()
