@@ -238,8 +238,8 @@ def tasks_workload(quick: bool, pools) -> Workload:
     return wl
 
 
-def irregular_workload(quick: bool, pools) -> Workload:
-    n = 400 if quick else 2000
+def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload:
+    n = items or (400 if quick else 2000)
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
     held: list = []
 
@@ -491,19 +491,22 @@ def machine_info() -> dict:
     return info
 
 
-def _build(name: str, quick: bool, pools) -> Workload:
+def _build(name: str, quick: bool, pools, irregular_items: int | None = None) -> Workload:
     if name == "map":
         return map_workload(quick, pools)
     if name == "tasks":
         return tasks_workload(quick, pools)
     if name == "irregular":
-        return irregular_workload(quick, pools)
+        return irregular_workload(quick, pools, irregular_items)
     return nn_workload(name, quick, pools)
 
 
 def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
-        progress: bool = True) -> dict:
-    """Run the suites; return everything measured (what ``--json`` writes)."""
+        progress: bool = True, warmup: int = 2, irregular_items: int | None = None,
+        json_path: str | None = None) -> dict:
+    """Run the suites; return everything measured (what ``--json`` writes). With
+    ``json_path``, the results so far are written there after each workload, so that a run
+    cut short (a time limit) keeps what it measured."""
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
@@ -525,7 +528,7 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     pools = {w: parrun.Pool(w) for w in workers}
     try:
         for name in suites:
-            wl = _build(name, quick, pools)
+            wl = _build(name, quick, pools, irregular_items)
             rows: dict[str, Any] = {}
             try:
                 for m in wl.methods:
@@ -535,7 +538,7 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                     times: dict[str, list[float]] = {}
                     for w in (workers if m.scales else [1]):
                         fn = m.make(w)
-                        for _ in range(2):  # warm-up: every worker compiles, pages fault in
+                        for _ in range(warmup):  # every worker compiles, pages fault in
                             fn()
                         ts = []
                         for _ in range(repeat):
@@ -551,6 +554,9 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
             results["workloads"][name] = {"unit": wl.unit, "work": wl.work, "note": wl.note,
                                           "methods": rows}
             print(format_table(name, results["workloads"][name]), flush=True)
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump(results, f, indent=1)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -662,7 +668,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write machine description and raw timings here")
     ap.add_argument("--plot", help="write a PNG of speed-up and throughput here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed runs before the timed ones, per method and worker count")
+    ap.add_argument("--irregular-items", type=int, default=None,
+                    help="items of the irregular workload (default 2000; its cost grows as "
+                         "the square)")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="print the tables (and --plot) of a saved run instead of running")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        for name, wl in results["workloads"].items():
+            print(format_table(name, wl))
+        if args.plot:
+            plot(results, args.plot)
+        return 0
+    if args.warmup < 0 or args.repeat < 1:
+        raise SystemExit("--warmup must be >= 0 and --repeat >= 1")
     if any(v in os.environ for v in _OPENBLAS_VARS):
         # These slow some NumPy kernels: unset them for the benchmark run only.
         env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
@@ -678,10 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         workers.append(cores)
     repeat = 2 if args.quick and args.repeat == 5 else args.repeat
     results = run(args.suite.split(","), workers, repeat, args.quick,
-                  progress=not args.no_progress)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+                  progress=not args.no_progress, warmup=args.warmup,
+                  irregular_items=args.irregular_items, json_path=args.json)
     if args.plot:
         plot(results, args.plot)
     return 0
