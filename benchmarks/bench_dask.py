@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
     env = {k: v for k, v in os.environ.items()
@@ -33,6 +31,7 @@ import numpy as np
 
 import parrun
 from parrun import nn
+from parrun.bench import timeit
 
 
 def chain(x, out):
@@ -57,17 +56,6 @@ def heavy(x, out):
 
 def noop():
     return None
-
-
-def timeit(fn, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), min(ts)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -27,19 +26,9 @@ from threadpoolctl import threadpool_limits
 
 import parrun
 from parrun import nn
+from parrun.bench import timeit
 
 RESULTS: dict[str, dict] = {}
-
-
-def timeit(fn, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), min(ts)
 
 
 def report(section, name, med, best, unit=None, work=None):

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import numpy as np
 
 import parrun
-from parrun.bench import _chain_into
+from parrun.bench import _chain_into, timeit
 
 TILE = 65536
 
@@ -25,13 +24,7 @@ def _uneven(idx: np.ndarray) -> np.ndarray:
 
 
 def _median_time(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return timeit(fn, repeat)[0]
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -57,6 +57,18 @@ class Workload:
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
 
+def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; (median, min) seconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), min(ts)
+
+
 # -- workloads -----------------------------------------------------------------------------
 def _chain_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = tanh(1.7 x + 0.3)**2 - 0.5 x, through one tile-sized temporary."""
