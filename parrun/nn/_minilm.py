@@ -176,11 +176,10 @@ class MiniLMEncoder:
         forward pass is one task on the pool, and the batches balance across workers.
         """
         single = isinstance(sentences, str)
-        if single:
-            sentences = [sentences]
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if batch_size < 1:
             raise ValueError(f"batch_size must be greater than 0, got {batch_size}")
-        toks = self.tokenize(sentences)
+        toks = self.tokenize(texts)
         order = np.argsort([-len(t) for t in toks], kind="stable")
         pool = self.pool or parrun.default_pool()
         futures = []
@@ -193,7 +192,7 @@ class MiniLMEncoder:
                 ids[r, :len(toks[i])] = toks[i]
                 keep[r, :len(toks[i])] = True
             futures.append((idx, pool.submit(_encode_batch, self.weights, ids, keep)))
-        out = np.empty((len(sentences), self.dim), np.float32)
+        out = np.empty((len(texts), self.dim), np.float32)
         for idx, f in futures:
             out[idx] = f.result()
         return out[0] if single else out

@@ -108,7 +108,8 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
             # couple of rows here (a row costs ~0.1 ms) and run at a tenth of the speed.
             grain = max(MIN_TILE_ROWS, min(MAX_TILE_ROWS,
                                            -(-x.shape[0] // (4 * pool.workers))))
-        return pool.map(_MLPTile(*weights, activation), x, out=out, grain=grain)
+        w1s, b1s, w2s, b2s = weights
+        return pool.map(_MLPTile(w1s, b1s, w2s, b2s, activation), x, out=out, grain=grain)
     finally:
         for t in temps:
             t.release()
