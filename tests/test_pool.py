@@ -279,40 +279,45 @@ def test_worker_killed_mid_map_is_recovered():
             a.release()
 
 
-def _die_leaving_a_forked_child(state):
+def _die_leaving_a_forked_child(flag_dir: str):
     def fn(x):
-        if x[0] >= 3000 and state[0] == 0:
+        if x[0] >= 3000:
+            try:  # the first worker here (an exclusive create), not both at once
+                os.close(os.open(os.path.join(flag_dir, "claimed"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return x * 2
             child = os.fork()  # holds copies of the worker's pipes, long after it dies
             if child == 0:
                 time.sleep(60)
                 os._exit(0)
-            state[0], state[1] = os.getpid(), child
+            with open(os.path.join(flag_dir, "pids"), "w") as f:
+                f.write(f"{os.getpid()} {child}")
             os.kill(os.getpid(), signal.SIGKILL)
         return x * 2
     return fn
 
 
-def test_worker_killed_while_its_pipes_live_on_is_recovered():
+def test_worker_killed_while_its_pipes_live_on_is_recovered(tmp_path):
     """A dead worker whose status pipe never reaches EOF (a process it forked holds the
     write end) still counts as dead: the map completes instead of waiting for that pipe."""
+    pids = tmp_path / "pids"
     with parrun.Pool(2) as p:
-        state = parrun.zeros(2, np.int64)
         x = parrun.asshared(np.arange(10_000, dtype=np.float64))
         try:
             t0 = time.monotonic()
-            y = p.map(_die_leaving_a_forked_child(state), x, grain=100)
+            y = p.map(_die_leaving_a_forked_child(str(tmp_path)), x, grain=100)
             assert time.monotonic() - t0 < 20  # the child lives 60 s
             np.testing.assert_array_equal(y, 2 * x)
-            assert state[1] > 0 and p.last_stats.recovered >= 1
-            assert state[0] not in p.pids and len(p.pids) == 2
+            worker, _child = map(int, pids.read_text().split())
+            assert p.last_stats.recovered >= 1
+            assert worker not in p.pids and len(p.pids) == 2
             y.release()
         finally:
-            if state[1]:
+            if pids.exists():
                 try:
-                    os.kill(int(state[1]), signal.SIGKILL)
-                except ProcessLookupError:
+                    os.kill(int(pids.read_text().split()[1]), signal.SIGKILL)
+                except (ProcessLookupError, IndexError, ValueError):
                     pass
-            state.release()
             x.release()
 
 
