@@ -57,8 +57,8 @@ class Workload:
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
 
-def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[float, float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; (median, min) seconds."""
+def _times(fn: Callable[[], Any], repeat: int, warmup: int) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; the timed seconds."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -66,6 +66,12 @@ def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[float, 
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
+    return ts
+
+
+def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; (median, min) seconds."""
+    ts = _times(fn, repeat, warmup)
     return statistics.median(ts), min(ts)
 
 
@@ -549,15 +555,8 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                         continue
                     times: dict[str, list[float]] = {}
                     for w in (workers if m.scales else [1]):
-                        fn = m.make(w)
-                        for _ in range(warmup):  # every worker compiles, pages fault in
-                            fn()
-                        ts = []
-                        for _ in range(repeat):
-                            t0 = time.perf_counter()
-                            fn()
-                            ts.append(time.perf_counter() - t0)
-                        times[str(w)] = ts
+                        # Warm-up runs: every worker compiles, pages fault in.
+                        times[str(w)] = _times(m.make(w), repeat, warmup)
                     rows[m.name] = {"times_s": times, "scales": m.scales,
                                     "ceiling": m.ceiling}
             finally:

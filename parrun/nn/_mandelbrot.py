@@ -39,6 +39,8 @@ def _compile():
         return None, None
     serial = numba.njit(cache=False, nogil=True)(escape_rows_py)
 
+    # The peer parrun is measured against: escape_rows_py's loop, written out again with
+    # prange over the rows, so that numba compiles the same per-pixel code both ways.
     def escape_prange(out, width, height, max_iter, x0, x1, y0, y1):
         for r in numba.prange(height):
             y = y0 + (y1 - y0) * r / (height - 1)
