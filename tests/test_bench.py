@@ -53,3 +53,23 @@ def test_bad_arguments():
         parrun.bench.run(["nope"], [1], 1, True, progress=False)
     with pytest.raises(ValueError, match="positive"):
         parrun.bench.run(["map"], [0], 1, True, progress=False)
+
+
+def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
+    log: list[tuple[str, int]] = []
+
+    def method(name, scales=True):
+        return parrun.bench.Method(name, lambda w: (lambda: log.append((name, w))),
+                                   scales=scales)
+    wl = parrun.bench.Workload("toy", "items/s", 1, [
+        method("serial", scales=False), method("a"), method("b"),
+        parrun.bench.Method("c", None, skipped="not installed")])
+    rows = parrun.bench._measure(wl, [1, 2], repeat=3, warmup=1)
+    assert rows["c"] == {"skipped": "not installed"}
+    assert set(rows["a"]["times_s"]) == {"1", "2"} and set(rows["serial"]["times_s"]) == {"1"}
+    assert all(len(ts) == 3 for m in ("serial", "a", "b") for ts in rows[m]["times_s"].values())
+    calls = [("serial", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert log[:5] == calls  # one warm-up each
+    rounds = [log[5 + 5 * r:10 + 5 * r] for r in range(3)]
+    assert all(sorted(r) == sorted(calls) for r in rounds)  # every round runs each once
+    assert [r[0] for r in rounds] == [("serial", 1), ("a", 1), ("a", 2)]  # each starts further on
