@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import time
@@ -33,17 +34,19 @@ _OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 @dataclass
 class Method:
-    """One way of running a workload: parrun or a peer. ``run(workers)`` returns a callable
-    that does the work once; ``None`` workers means it does not scale (serial)."""
+    """One way of running a workload: parrun or a peer. ``make(workers)`` returns a callable
+    that does the work once; a method that does not scale (serial) is made once, with 1."""
 
     name: str
-    make: Callable[[int | None], Callable[[], Any]] | None
+    make: Callable[[int], Callable[[], Any]] | None
     scales: bool = True
     skipped: str | None = None
-    close: Callable[[], None] | None = None
     # A ceiling to read parrun against (a plain copy, an oracle split), not a peer: left out
     # of "vs best peer".
     ceiling: bool = False
+    # Its worker counts share one process-wide pool (joblib's loky backend resizes a single
+    # reusable executor), so they cannot interleave: timed one count at a time.
+    exclusive: bool = False
 
 
 @dataclass
@@ -53,7 +56,6 @@ class Workload:
     work: float  # units of work in one run (GB, GFLOP, tasks, ...)
     methods: list[Method]
     note: str = ""
-    check: Callable[[], None] | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -195,7 +197,7 @@ def map_workload(quick: bool, pools) -> Workload:
             chunk = -(-n // (4 * w))
             return lambda: np.concatenate(par(delayed(_chain)(xs[lo:lo + chunk])
                                               for lo in range(0, n, chunk)), out=out)
-        methods.append(Method("joblib, memmapped input", joblib_blocks))
+        methods.append(Method("joblib, memmapped input", joblib_blocks, exclusive=True))
     except ImportError:
         methods.append(Method("joblib, memmapped input", None, skipped="not installed"))
     try:
@@ -246,9 +248,11 @@ def tasks_workload(quick: bool, pools) -> Workload:
                Method("multiprocessing.Pool.apply_async", mp_pool),
                Method("ThreadPoolExecutor", executor(cf.ThreadPoolExecutor))]
     try:
-        from loky import get_reusable_executor
+        from loky import ProcessPoolExecutor as LokyExecutor
 
-        methods.append(Method("loky", executor(lambda w: get_reusable_executor(w))))
+        # One executor per worker count (not loky's reusable one, which is a single
+        # process-wide pool that each count would resize), so the counts interleave.
+        methods.append(Method("loky", executor(lambda w: LokyExecutor(w))))
     except ImportError:
         methods.append(Method("loky", None, skipped="not installed"))
     wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
@@ -306,7 +310,7 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
             par.__enter__()
             held.append(par)
             return lambda: par(delayed(_cost)(i) for i in range(n))
-        methods.append(Method("joblib auto batching", joblib_auto))
+        methods.append(Method("joblib auto batching", joblib_auto, exclusive=True))
     except ImportError:
         methods.append(Method("joblib auto batching", None, skipped="not installed"))
 
@@ -535,6 +539,8 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
             rows[m.name] = {"skipped": m.skipped or "unavailable"}
             continue
         rows[m.name] = {"times_s": {}, "scales": m.scales, "ceiling": m.ceiling}
+        if m.exclusive:
+            continue
         for w in (workers if m.scales else [1]):
             fn = m.make(w)
             for _ in range(warmup):  # every worker compiles, pages fault in
@@ -547,6 +553,10 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
             t = time.perf_counter()
             fn()
             rows[name]["times_s"][w].append(time.perf_counter() - t)
+    for m in wl.methods:
+        if m.make is not None and m.exclusive:
+            for w in (workers if m.scales else [1]):
+                rows[m.name]["times_s"][str(w)] = _times(m.make(w), repeat, warmup)
     return rows
 
 
@@ -690,6 +700,20 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a batch system) ends the run as Ctrl-C does: through the
+    ``finally`` blocks that close every pool and release every segment."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a peer's forked worker inherited this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parrun bench", description=__doc__)
     ap.add_argument("--workers", default=None,
@@ -732,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             w *= 2
         workers.append(cores)
     repeat = 2 if args.quick and args.repeat == 5 else args.repeat
+    _exit_on_sigterm()
     results = run(args.suite.split(","), workers, repeat, args.quick,
                   progress=not args.no_progress, warmup=args.warmup,
                   irregular_items=args.irregular_items, json_path=args.json)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,12 +59,12 @@ def test_bad_arguments():
 def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
     log: list[tuple[str, int]] = []
 
-    def method(name, scales=True):
+    def method(name, scales=True, exclusive=False):
         return parrun.bench.Method(name, lambda w: (lambda: log.append((name, w))),
-                                   scales=scales)
+                                   scales=scales, exclusive=exclusive)
     wl = parrun.bench.Workload("toy", "items/s", 1, [
-        method("serial", scales=False), method("a"), method("b"),
-        parrun.bench.Method("c", None, skipped="not installed")])
+        method("serial", scales=False), method("a"), method("one pool", exclusive=True),
+        method("b"), parrun.bench.Method("c", None, skipped="not installed")])
     rows = parrun.bench._measure(wl, [1, 2], repeat=3, warmup=1)
     assert rows["c"] == {"skipped": "not installed"}
     assert set(rows["a"]["times_s"]) == {"1", "2"} and set(rows["serial"]["times_s"]) == {"1"}
@@ -73,3 +74,36 @@ def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
     rounds = [log[5 + 5 * r:10 + 5 * r] for r in range(3)]
     assert all(sorted(r) == sorted(calls) for r in rounds)  # every round runs each once
     assert [r[0] for r in rounds] == [("serial", 1), ("a", 1), ("a", 2)]  # each starts further on
+    # a method whose counts share one pool runs last, one count at a time (1 warm-up each)
+    assert log[20:] == [("one pool", 1)] * 4 + [("one pool", 2)] * 4
+    assert list(rows) == ["serial", "a", "one pool", "b", "c"]  # the table keeps its order
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_ends_a_run_cleanly(tmp_path):
+    """``timeout`` cuts a long bench with SIGTERM: pools close, segments go, JSON is kept."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "cut.json"
+    p = subprocess.Popen([sys.executable, "-m", "parrun", "bench", "--workers", "1,2",
+                          "--suite", "mandelbrot,irregular", "--quick", "--no-progress",
+                          "--irregular-items", "4000", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not out.exists():  # mandelbrot done: now in the irregular workload
+            assert p.poll() is None, p.stderr.read()[-3000:]
+            assert time.monotonic() - t0 < 90, "the first workload never finished"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        children = psutil.Process(p.pid).children(recursive=True)
+        assert children  # parrun's workers and the peers' pools are running
+        p.terminate()
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + 15, err[-3000:]
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [c.pid for c in alive]
+    assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*"))
+    assert "mandelbrot" in json.loads(out.read_text())["workloads"]
