@@ -1,0 +1,129 @@
+"""The irregular workload, measured against process-to-process noise: fresh pools per trial.
+
+    python benchmarks/bench_irregular.py [--workers 2] [--trials 5] [--repeat 3] [--items 2000]
+
+Items cost time proportional to their index (``parrun.bench``'s irregular workload). On a
+shared VM one process can run the same pure-Python work 10% faster or slower than another for
+its whole life, so a single pool per method (as ``python -m parrun bench`` has) carries that
+luck into its number. Here every trial starts fresh pools for every method, warms them once,
+then times them in ``--repeat`` interleaved rounds beside the serial run in the parent;
+efficiency = serial time / (workers x time), per trial, and its median over trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import parrun
+from parrun.bench import _cost, _cost_array, _cost_chunk, machine_info
+
+
+def lpt_shares(n: int, w: int) -> list[list[int]]:
+    """The oracle split: costs known, dearest item first to the least loaded share."""
+    shares: list[list[int]] = [[] for _ in range(w)]
+    load = [0] * w
+    for i in reversed(range(n)):
+        k = load.index(min(load))
+        shares[k].append(i)
+        load[k] += i
+    return shares
+
+
+def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
+    """Fresh pools for every method: the median seconds of each over interleaved rounds, and
+    what parrun's last map says of its workers."""
+    items = list(range(n))
+    pool = parrun.Pool(w)
+    fork = mp.get_context("fork")
+    cyclic, oracle, chunks = fork.Pool(w), fork.Pool(w), fork.Pool(w)
+    runs = {
+        "serial Python": lambda: _cost_chunk(items),
+        "parrun.map (work stealing)": lambda: pool.map(_cost_array, idx),
+        "static cyclic split": lambda: cyclic.map(_cost_chunk, [items[k::w] for k in range(w)]),
+        "oracle split (costs known)": lambda: oracle.map(_cost_chunk, lpt_shares(n, w),
+                                                         chunksize=1),
+        "multiprocessing.Pool.map default chunks": lambda: chunks.map(_cost, items),
+    }
+    try:
+        from joblib import Parallel, delayed
+
+        par = Parallel(n_jobs=w)
+        runs["joblib auto batching"] = lambda: par(delayed(_cost)(i) for i in items)
+    except ImportError:
+        pass
+    try:
+        for fn in runs.values():
+            fn()  # warm-up: imports, page faults
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        names = list(runs)
+        for r in range(repeat):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t)
+        st = pool.last_stats
+        busy = ", ".join(f"{x.busy_s / st.wall_s:.0%}" for x in st.workers)
+        return ({k: statistics.median(v) for k, v in times.items()},
+                f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time")
+    finally:
+        pool.close()
+        for p in (cyclic, oracle, chunks):
+            p.terminate()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--items", type=int, default=2000)
+    ap.add_argument("--json", help="write every trial's medians here")
+    a = ap.parse_args()
+    w, n = a.workers, a.items
+    print(f"irregular: {n} pure-Python items, cost proportional to the index; {w} workers, "
+          f"{a.trials} trials of fresh pools, median of {a.repeat} interleaved rounds each")
+    idx = parrun.asshared(np.arange(n, dtype=np.int64))
+    trials = []
+    try:
+        for t in range(a.trials):
+            med, stats = trial(n, w, a.repeat, idx)
+            trials.append(med)
+            serial = med["serial Python"]
+            fastest = min((v, k) for k, v in med.items() if k != "serial Python")[1]
+            print(f"trial {t}: serial {serial:.3f} s; " + ", ".join(
+                f"{k.split(' (')[0]} {v:.3f} s ({serial / (w * v):.2f})"
+                for k, v in med.items() if k != "serial Python")
+                + f"; fastest: {fastest.split(' (')[0]}; {stats}", flush=True)
+    finally:
+        idx.release()
+    print(f"\n{'method':<42} {'median s':>9} {'efficiency: median':>19} {'min-max':>11}")
+    for name in trials[0]:
+        effs = [tr["serial Python"] / (w * tr[name]) for tr in trials]
+        secs = statistics.median(tr[name] for tr in trials)
+        if name == "serial Python":
+            print(f"{name:<42} {secs:9.3f}")
+            continue
+        print(f"{name:<42} {secs:9.3f} {statistics.median(effs):19.2f} "
+              f"{min(effs):5.2f}-{max(effs):.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine_info(), "workers": w, "items": n,
+                       "repeat": a.repeat, "trials": trials}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
