@@ -7,7 +7,8 @@
 #     bash benchmarks/device_scaling.sh          # -> benchmarks/results/scaling_16core.*
 #     OUT=$OUT bash benchmarks/device_scaling.sh # on the device tool: files under $OUT return
 #
-# Sized to finish within the device's 10-minute command limit (the bench is cut at 500 s);
+# Sized to finish within the device's 10-minute command limit (the bench is cut at 500 s by
+# SIGTERM, which it turns into a clean exit, and killed 30 s later if that hangs);
 # the JSON is rewritten after each workload, so a run cut short keeps what it measured, and
 # the plot is drawn from it at the end. Left out: MiniLM (its model package is not on that
 # machine) and tasks (no-op tasks do not scale with workers). WORKERS overrides the counts.
@@ -19,7 +20,7 @@ export PYTHONPATH=.
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 python -m parrun info > "$out/scaling_16core_info.txt" 2>&1
 start=$(date +%s)
-timeout 500 python -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
+timeout -k 30 500 python -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
     --suite map,irregular,mlp,attention,mandelbrot --repeat 3 --irregular-items 1000 \
     --no-progress --json "$out/scaling_16core.json" > "$out/scaling_16core.txt" 2>&1
 echo "# bench exit status $?, $(( $(date +%s) - start )) s" >> "$out/scaling_16core.txt"
