@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -28,33 +27,31 @@ if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import parrun
-from parrun.bench import _cost, _cost_array, _cost_chunk, machine_info
-
-
-def lpt_shares(n: int, w: int) -> list[list[int]]:
-    """The oracle split: costs known, dearest item first to the least loaded share."""
-    shares: list[list[int]] = [[] for _ in range(w)]
-    load = [0] * w
-    for i in reversed(range(n)):
-        k = load.index(min(load))
-        shares[k].append(i)
-        load[k] += i
-    return shares
+from parrun.bench import (
+    Method,
+    Workload,
+    _cost,
+    _cost_array,
+    _cost_chunk,
+    _measure,
+    lpt_shares,
+    machine_info,
+)
 
 
 def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
     """Fresh pools for every method: the median seconds of each over interleaved rounds, and
     what parrun's last map says of its workers."""
     items = list(range(n))
+    cyc, lpt = [items[k::w] for k in range(w)], lpt_shares(n, w)
     pool = parrun.Pool(w)
     fork = mp.get_context("fork")
     cyclic, oracle, chunks = fork.Pool(w), fork.Pool(w), fork.Pool(w)
     runs = {
         "serial Python": lambda: _cost_chunk(items),
         "parrun.map (work stealing)": lambda: pool.map(_cost_array, idx),
-        "static cyclic split": lambda: cyclic.map(_cost_chunk, [items[k::w] for k in range(w)]),
-        "oracle split (costs known)": lambda: oracle.map(_cost_chunk, lpt_shares(n, w),
-                                                         chunksize=1),
+        "static cyclic split": lambda: cyclic.map(_cost_chunk, cyc),
+        "oracle split (costs known)": lambda: oracle.map(_cost_chunk, lpt, chunksize=1),
         "multiprocessing.Pool.map default chunks": lambda: chunks.map(_cost, items),
     }
     try:
@@ -65,18 +62,15 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
     except ImportError:
         pass
     try:
-        for fn in runs.values():
-            fn()  # warm-up: imports, page faults
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        names = list(runs)
-        for r in range(repeat):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                t = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - t)
+        # One warm-up each (imports, page faults), then interleaved rounds, as the suite does.
+        wl = Workload("irregular", "items/s", n, [
+            Method(name, lambda _w, fn=fn: fn, scales=name != "serial Python")
+            for name, fn in runs.items()])
+        rows = _measure(wl, [w], repeat, warmup=1)
         st = pool.last_stats
         busy = ", ".join(f"{x.busy_s / st.wall_s:.0%}" for x in st.workers)
-        return ({k: statistics.median(v) for k, v in times.items()},
+        return ({k: statistics.median(next(iter(r["times_s"].values())))
+                 for k, r in rows.items()},
                 f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time")
     finally:
         pool.close()

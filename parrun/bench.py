@@ -260,6 +260,19 @@ def tasks_workload(quick: bool, pools) -> Workload:
     return wl
 
 
+def lpt_shares(n: int, w: int) -> list[list[int]]:
+    """The irregular workload's oracle split: costs known in advance, the dearest item first
+    to the least loaded share (LPT), so each process gets an equal share of the work and
+    nothing is scheduled while it runs. What w processes can reach on this machine."""
+    shares: list[list[int]] = [[] for _ in range(w)]
+    load = [0] * w
+    for i in reversed(range(n)):
+        k = load.index(min(load))
+        shares[k].append(i)
+        load[k] += i
+    return shares
+
+
 def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload:
     n = items or (400 if quick else 2000)
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
@@ -280,15 +293,7 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
         if how == "cyclic":
             return lambda: p.map(_cost_chunk, [items[k::w] for k in range(w)])
         if how == "oracle":
-            # Costs known in advance: the dearest item first to the least loaded share
-            # (LPT), so each process gets an equal share of the work, and nothing is
-            # scheduled while it runs. What w processes can reach on this machine.
-            shares: list[list[int]] = [[] for _ in range(w)]
-            load = [0] * w
-            for i in reversed(items):
-                k = load.index(min(load))
-                shares[k].append(i)
-                load[k] += i
+            shares = lpt_shares(n, w)
             return lambda: p.map(_cost_chunk, shares, chunksize=1)
         if how == "chunks":
             return lambda: p.map(_cost, items)
