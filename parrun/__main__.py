@@ -64,6 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         t_par = _median_time(lambda: pool.map(_chain_into, x, out=out), args.repeat)
         err = float(np.max(np.abs(out - ref)))
         st = pool.last_stats
+        assert st is not None  # the pool has run a map
         print(f"   plain NumPy, whole array        {t_nat:8.4f} s")
         print(f"   serial NumPy, 64K tiles         {t_ser:8.4f} s")
         print(f"   parrun.map, {workers} workers          {t_par:8.4f} s   "

@@ -778,7 +778,7 @@ class Pool:
                 if r in pending:
                     slot = pending[r]
                     try:
-                        data = r.recv_bytes()
+                        data = r.recv_bytes()  # type: ignore[union-attr]  # a Connection
                     except (EOFError, OSError):  # it died before saying it was done
                         self._workers[slot].process.join(STOP_TIMEOUT)
                         del pending[r]
@@ -831,7 +831,7 @@ def _fingerprint(fn: Any) -> tuple:
     if code is None:
         return ()
     cells = getattr(fn, "__closure__", None) or ()
-    contents = []
+    contents: list[int | None] = []
     for c in cells:
         try:
             contents.append(id(c.cell_contents))

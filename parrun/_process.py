@@ -33,7 +33,7 @@ def process_class(start_method: str) -> Any:
     """The Process class to start workers with under ``start_method``."""
     ctx = mp.get_context(start_method)
     if start_method != "forkserver" or _ForkserverWorkerProcess is None:
-        return ctx.Process
+        return ctx.Process  # type: ignore[attr-defined]
     # Workers fork from a server that has imported numpy and parrun already; leaving out
     # '__main__' keeps the user's script from being imported by the server too.
     ctx.set_forkserver_preload(["parrun._worker"])
@@ -68,7 +68,7 @@ else:
                 f.write(buf.getbuffer())
             self.pid = forkserver.read_signed(self.sentinel)
 
-    class _ForkserverWorkerProcess(mp.get_context("forkserver").Process):  # type: ignore[no-redef]
+    class _ForkserverWorkerProcess(mp.get_context("forkserver").Process):  # type: ignore[no-redef, misc]
         @staticmethod
         def _Popen(process_obj):
             return _Popen(process_obj)
@@ -89,6 +89,6 @@ def detach_from_forkserver() -> None:
         fd = getattr(fs, "_forkserver_alive_fd", None)
         if fd is not None:
             os.close(fd)
-            fs._forkserver_alive_fd = None
+            fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
     except Exception:  # pragma: no cover - internals differ: the ppid check still applies
         pass

@@ -30,8 +30,9 @@ import pickle
 import secrets
 import threading
 import weakref
+from collections.abc import Iterable
 from multiprocessing import resource_tracker
-from typing import Any
+from typing import Any, Literal
 
 import cloudpickle
 import numpy as np
@@ -74,7 +75,7 @@ def _new_name() -> str:
     return f"{PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -299,7 +300,7 @@ def attach(name: str) -> np.ndarray:
     return raw
 
 
-def forget(names: list[str]) -> None:
+def forget(names: Iterable[str]) -> None:
     """Drop cached attachments (their memory is freed once no view of them is left)."""
     with _lock:
         for name in names:
@@ -357,10 +358,10 @@ def from_handle(handle: tuple) -> SharedArray:
     name, offset, shape, strides, dtype, writeable = handle
     raw = attach(name)
     arr = np.ndarray(shape, dtype, buffer=raw, offset=offset, strides=strides)
-    arr = arr.view(SharedArray)
+    shared = arr.view(SharedArray)
     if not writeable:
-        arr.flags.writeable = False
-    return arr
+        shared.flags.writeable = False
+    return shared
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
@@ -433,7 +434,7 @@ class SharedArray(np.ndarray):
 
 
 def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
-          order: str = "C") -> SharedArray:
+          order: Literal["C", "F"] = "C") -> SharedArray:
     """A new shared array of ``shape`` and ``dtype``. Its memory reads as zeros.
 
     Raises:
@@ -441,7 +442,7 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
         SharedMemoryError: when ``/dev/shm`` has no room (the message gives the sizes).
     """
     dt = _check_dtype(dtype)
-    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in np.atleast_1d(shape))
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     if order not in ("C", "F"):
@@ -453,13 +454,13 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
 
 
 def zeros(shape: int | tuple[int, ...], dtype: Any = np.float64,
-          order: str = "C") -> SharedArray:
+          order: Literal["C", "F"] = "C") -> SharedArray:
     """A new shared array filled with zeros (fresh segments are zeroed by the kernel)."""
     return empty(shape, dtype, order)
 
 
 def full(shape: int | tuple[int, ...], fill_value: Any, dtype: Any = None,
-         order: str = "C") -> SharedArray:
+         order: Literal["C", "F"] = "C") -> SharedArray:
     """A new shared array filled with ``fill_value``."""
     if dtype is None:
         dtype = np.asarray(fill_value).dtype
@@ -476,8 +477,8 @@ def asshared(a: Any, dtype: Any = None) -> SharedArray:
     arr = np.asarray(a, dtype=dtype)
     if locate(arr) is not None:
         return arr.view(SharedArray)
-    order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
-    out = empty(arr.shape, arr.dtype, order)
+    f_only = arr.flags.f_contiguous and not arr.flags.c_contiguous
+    out = empty(arr.shape, arr.dtype, "F" if f_only else "C")
     np.copyto(out, arr, casting="no")
     return out
 

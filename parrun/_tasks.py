@@ -100,8 +100,10 @@ class TaskService:
         self.broken: BaseException | None = None  # what ended the collector thread, if not close
         self.stats = TaskStats(tasks_per_worker=[0] * pool.workers,
                                busy_s_per_worker=[0.0] * pool.workers)
+        self.arena_seg: _shm._Segment | None
+        self.arena: np.ndarray | None
         self.arena_seg, self.arena = _shm.create_segment(ARENA_SLOTS * SLOT_BYTES)
-        self.arena_mv = memoryview(self.arena)
+        self.arena_mv = self.arena.data
         self.wake = P.TaskWake(self.arena_seg.name, ARENA_SLOTS, SLOT_BYTES)
         self.next_wake = 0
         self.wake_seq = [0] * pool.workers  # the last wake-up sent to each worker
@@ -192,7 +194,7 @@ class TaskService:
         self._poke()
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
-        if not self.thread.is_alive():
+        if not self.thread.is_alive() and self.arena_seg is not None:  # once
             os.close(self._poke_r)
             os.close(self._poke_w)
             self.arena_mv.release()

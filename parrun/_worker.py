@@ -130,11 +130,12 @@ class _Worker:
             raise TypeError(fn.message)
         return fn
 
-    def run_task(self, arena: np.ndarray, wake: P.TaskWake, tid: int) -> tuple:
+    def run_task(self, arena: memoryview, wake: P.TaskWake, tid: int) -> tuple:
         """Run task ``tid`` from the arena; return ``(tid, ok, payload)``."""
         off = (tid % wake.cap) * wake.slot_bytes
         length, key = _SLOT_HEAD.unpack_from(arena, off)
         try:
+            data: Any
             if length >= 0:
                 data = arena[off + 24:off + 24 + length]
             else:
@@ -171,7 +172,7 @@ class _Worker:
 
     def serve_tasks(self, wake: P.TaskWake, status) -> None:
         """Take (or steal) pieces of tasks until none is left; report each piece."""
-        arena = memoryview(_shm.attach(wake.arena))
+        arena = _shm.attach(wake.arena).data
         cb, me = self.cb, self.slot
         ppid = self.ppid
         idle_said = False
@@ -224,7 +225,8 @@ class _Worker:
         acc: Any = P.NOTHING
         try:
             fn = self.fn(job.fn_key)
-            combine = self.fn(job.reduce_key) if job.reduce_key is not None else None
+            combine: Callable[[Any, Any], Any] | None = (
+                self.fn(job.reduce_key) if job.reduce_key is not None else None)
             ins = [self.array(h) for h in job.inputs]
             out = self.array(job.out) if job.out is not None else None
         except BaseException as e:
@@ -257,7 +259,8 @@ class _Worker:
                         _store(dst, fn(*[a[lo:hi] for a in ins]), lo, hi)
                 else:
                     res = fn(*[a[lo:hi] for a in ins])
-                    acc = res if acc is P.NOTHING else combine(acc, res)
+                    # combine is None only for a probe, which runs one piece
+                    acc = res if acc is P.NOTHING else combine(acc, res)  # type: ignore[misc]
             except BaseException as e:
                 cb.abort()
                 error = exception_for_transport(e)

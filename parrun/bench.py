@@ -20,7 +20,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,16 @@ def _close(peer: Any) -> None:
         peer.__exit__(None, None, None)
 
 
+def _close_all(peers: list) -> None:
+    for p in peers:
+        _close(p)
+
+
+def _release_all(arrays: Iterable[Any]) -> None:
+    for a in arrays:
+        a.release()
+
+
 def map_workload(quick: bool, pools) -> Workload:
     n = 2**22 if quick else 2**26
     x = parrun.asshared(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
@@ -213,7 +223,7 @@ def map_workload(quick: bool, pools) -> Workload:
         methods.append(Method("numexpr", None, skipped="not installed"))
     wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
                   note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
-    wl.cleanup += [lambda: [_close(h) for h in held], _COPY.clear, x.release, out.release]
+    wl.cleanup += [lambda: _close_all(held), _COPY.clear, x.release, out.release]
     return wl
 
 
@@ -256,7 +266,7 @@ def tasks_workload(quick: bool, pools) -> Workload:
     except ImportError:
         methods.append(Method("loky", None, skipped="not installed"))
     wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
-    wl.cleanup.append(lambda: [_close(h) for h in held])
+    wl.cleanup.append(lambda: _close_all(held))
     return wl
 
 
@@ -319,12 +329,9 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
     except ImportError:
         methods.append(Method("joblib auto batching", None, skipped="not installed"))
 
-    def close_all():
-        for h in held:
-            _close(h)
     wl = Workload("irregular", "items/s", n, methods,
                   note=f"{n} pure-Python items, cost proportional to the index")
-    wl.cleanup += [close_all, idx.release]
+    wl.cleanup += [lambda: _close_all(held), idx.release]
     return wl
 
 
@@ -430,7 +437,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             methods.append(Method("sentence-transformers", None,
                                   skipped="sentence-transformers or torch not installed"))
         wl = Workload("minilm", "sentences/s", n, methods, note=f"{n} sentences of 3-40 words")
-        wl.cleanup.append(lambda: [a.release() for a in enc.weights.w.values()])
+        wl.cleanup.append(lambda: _release_all(enc.weights.w.values()))
         return wl
     raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
 
@@ -554,10 +561,10 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
             calls.append((m.name, str(w), fn))
     for r in range(repeat):
         k = r % len(calls) if calls else 0
-        for name, w, fn in calls[k:] + calls[:k]:
+        for name, wk, fn in calls[k:] + calls[:k]:
             t = time.perf_counter()
             fn()
-            rows[name]["times_s"][w].append(time.perf_counter() - t)
+            rows[name]["times_s"][wk].append(time.perf_counter() - t)
     for m in wl.methods:
         if m.make is not None and m.exclusive:
             for w in (workers if m.scales else [1]):

@@ -593,8 +593,15 @@ INTERRUPT_FUTURES = textwrap.dedent("""
 """)
 
 
+# Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
+# (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler.
+AS_AT_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _interrupt(script: str, after: float) -> tuple[list[int], float, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL + script],
+                            stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()[1:]]
         time.sleep(after)

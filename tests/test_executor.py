@@ -275,9 +275,15 @@ CTRL_C = textwrap.dedent("""
 """)
 
 
+# Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
+# (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler.
+AS_AT_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def test_ctrl_c_while_waiting_cancels_and_cleans_up():
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL + CTRL_C],
+                            stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         time.sleep(0.5)

@@ -176,7 +176,7 @@ def _digest(a: np.ndarray) -> str:
     """A content hash of an array: its dtype, shape and bytes."""
     a = np.ascontiguousarray(a) if a.ndim else np.array(a)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a.reshape(-1)).cast("B"))
+    h.update(a.reshape(-1).data.cast("B"))
     return h.hexdigest()[:32]
 
 
@@ -263,7 +263,7 @@ def _words(a: np.ndarray) -> np.ndarray:
 def _changes(p: _Payload, src: list, table: list) -> tuple:
     """The elements of ``p``'s writable shared arrays that the task changed:
     ``((position, kind, where, values), ...)``."""
-    out = []
+    out: list[tuple[int, str, np.ndarray, np.ndarray]] = []
     for i in sorted(p.writable):
         new, old = table[i], src[i]
         diff = _words(new) != _words(old)
@@ -363,7 +363,7 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
             ins = [p[a:b] for p in piece]
             if spec.reduce:
                 r = fn(*ins)
-                acc = r if acc is _NOTHING else combine(acc, r)
+                acc = r if acc is _NOTHING else combine(acc, r)  # type: ignore[misc]
             elif buf is None:  # out not given: the first tile decides its dtype and shape
                 r = fn(*ins)
                 if r is None:
@@ -831,7 +831,8 @@ class DaskPool(parrun.Pool):
         self._threads = self._count_threads()
         bounds = _split(n, row_bytes, tile, self._threads, explicit=grain is not None)
         t0 = time.perf_counter()
-        acc, allocated, per_worker = initial, None, {}
+        acc, allocated = initial, None
+        per_worker: dict[str, list[int]] = {}
         try:
             for r in self._run_pieces(spec, fn_s, red_s, arrs, bounds):
                 w = per_worker.setdefault(r.address, [r.pid, 0, 0, 0])
