@@ -33,6 +33,7 @@ from parrun.bench import (
     _cost,
     _cost_array,
     _cost_chunk,
+    _exit_on_sigterm,
     _measure,
     lpt_shares,
     machine_info,
@@ -87,10 +88,12 @@ def main() -> int:
     ap.add_argument("--json", help="write every trial's medians here")
     a = ap.parse_args()
     w, n = a.workers, a.items
+    _exit_on_sigterm()  # a run cut by `timeout` closes its pools and keeps its JSON
     print(f"irregular: {n} pure-Python items, cost proportional to the index; {w} workers, "
           f"{a.trials} trials of fresh pools, median of {a.repeat} interleaved rounds each")
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
-    trials = []
+    trials: list[dict[str, float]] = []
+    info = machine_info()
     try:
         for t in range(a.trials):
             med, stats = trial(n, w, a.repeat, idx)
@@ -101,6 +104,10 @@ def main() -> int:
                 f"{k.split(' (')[0]} {v:.3f} s ({serial / (w * v):.2f})"
                 for k, v in med.items() if k != "serial Python")
                 + f"; fastest: {fastest.split(' (')[0]}; {stats}", flush=True)
+            if a.json:  # after every trial: a run cut short keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump({"machine": info, "workers": w, "items": n,
+                               "repeat": a.repeat, "trials": trials}, f, indent=1)
     finally:
         idx.release()
     print(f"\n{'method':<42} {'median s':>9} {'efficiency: median':>19} {'min-max':>11}")
@@ -112,10 +119,6 @@ def main() -> int:
             continue
         print(f"{name:<42} {secs:9.3f} {statistics.median(effs):19.2f} "
               f"{min(effs):5.2f}-{max(effs):.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": machine_info(), "workers": w, "items": n,
-                       "repeat": a.repeat, "trials": trials}, f, indent=1)
     return 0
 
 
