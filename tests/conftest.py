@@ -18,6 +18,11 @@ import parrun
 
 TIMEOUT = 30.0  # seconds any wait in a test may take before it counts as a hang
 
+# Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
+# (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler.
+AS_AT_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
 
 def shm_segments(pid: int | None = None) -> set[str]:
     """parrun segment names in /dev/shm (of one creating pid, if given)."""

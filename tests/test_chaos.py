@@ -33,7 +33,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from conftest import TIMEOUT, shm_segments, wait_until
+from conftest import AS_AT_A_TERMINAL, TIMEOUT, shm_segments, wait_until
 
 import parrun
 
@@ -591,12 +591,6 @@ INTERRUPT_FUTURES = textwrap.dedent("""
     print("after", pool.closed, sum(f.cancelled() for f in fs),
           sum(f.done() for f in fs), flush=True)
 """)
-
-
-# Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
-# (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python then installs no
-# KeyboardInterrupt handler.
-AS_AT_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
 def _interrupt(script: str, after: float) -> tuple[list[int], float, list[str]]:

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from conftest import TIMEOUT, Counted, shm_segments, wait_until
+from conftest import AS_AT_A_TERMINAL, TIMEOUT, Counted, shm_segments, wait_until
 
 import parrun
 
@@ -273,12 +273,6 @@ CTRL_C = textwrap.dedent("""
         print("interrupted", sum(f.cancelled() for f in fs), sum(f.done() for f in fs),
               flush=True)
 """)
-
-
-# Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
-# (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python then installs no
-# KeyboardInterrupt handler.
-AS_AT_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
 def test_ctrl_c_while_waiting_cancels_and_cleans_up():
