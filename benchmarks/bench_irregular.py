@@ -30,6 +30,7 @@ import parrun
 from parrun.bench import (
     Method,
     Workload,
+    _close_all,
     _cost,
     _cost_array,
     _cost_chunk,
@@ -75,8 +76,7 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
                 f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time")
     finally:
         pool.close()
-        for p in (cyclic, oracle, chunks):
-            p.terminate()
+        _close_all([cyclic, oracle, chunks])
 
 
 def main() -> int:

@@ -10,8 +10,8 @@
 # Sized to finish within the device's 10-minute command limit (the bench is cut at 500 s by
 # SIGTERM, which it turns into a clean exit, and killed 30 s later if that hangs). The signal
 # goes to the bench alone (--foreground): sent to its whole process group it would also kill
-# the multiprocessing.Pool peers' workers, one of which may hold the pool's queue lock, and
-# CPython's Pool.terminate() then waits for that lock for ever.
+# the multiprocessing.Pool peers' workers, and the bench would spend 5 s per stuck peer
+# (CPython's Pool.terminate() waits for ever on a queue lock a killed worker held).
 # the JSON is rewritten after each workload, so a run cut short keeps what it measured, and
 # the plot is drawn from it at the end. Left out: MiniLM (its model package is not on that
 # machine) and tasks (no-op tasks do not scale with workers). WORKERS overrides the counts.

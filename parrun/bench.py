@@ -19,6 +19,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -121,8 +122,10 @@ def _cost_array(idx):
     return np.array([_cost(i) for i in idx], dtype=np.int64)
 
 
-def _close(peer: Any) -> None:
-    """Stop a peer's processes or threads, whatever kind of pool it is."""
+PEER_CLOSE_TIMEOUT = 5.0  # seconds peers' pools may take to stop before their workers are killed
+
+
+def _close_now(peer: Any) -> None:
     if hasattr(peer, "shutdown"):
         peer.shutdown()
     elif hasattr(peer, "terminate"):
@@ -132,8 +135,22 @@ def _close(peer: Any) -> None:
 
 
 def _close_all(peers: list) -> None:
-    for p in peers:
-        _close(p)
+    """Stop peers' pools (processes or threads, whatever kind), all at once. A signal to the
+    whole process group (``timeout``, ``kill -TERM -PGID``) can kill a
+    ``multiprocessing.Pool`` worker while it holds the pool's queue lock, and CPython's
+    ``Pool.terminate()`` then waits for that lock for ever: past ``PEER_CLOSE_TIMEOUT`` the
+    workers of a pool still stopping are killed and the stuck call is left to its daemon
+    thread."""
+    threads = [(peer, threading.Thread(target=_close_now, args=(peer,), daemon=True))
+               for peer in peers]
+    for _, t in threads:
+        t.start()
+    deadline = time.monotonic() + PEER_CLOSE_TIMEOUT
+    for peer, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            for proc in getattr(peer, "_pool", None) or []:
+                proc.kill()
 
 
 def _release_all(arrays: Iterable[Any]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,14 +82,17 @@ def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_ends_a_run_cleanly(tmp_path):
-    """``timeout`` cuts a long bench with SIGTERM: pools close, segments go, JSON is kept."""
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_ends_a_run_cleanly(tmp_path, to):
+    """A long bench cut by SIGTERM: pools close, segments go, JSON is kept. Sent to the whole
+    process group (as ``timeout`` does) it also kills the peers' pool workers."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "cut.json"
     p = subprocess.Popen([sys.executable, "-m", "parrun", "bench", "--workers", "1,2",
                           "--suite", "mandelbrot,irregular", "--quick", "--no-progress",
                           "--irregular-items", "4000", "--json", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         t0 = time.monotonic()
         while not out.exists():  # mandelbrot done: now in the irregular workload
@@ -97,13 +102,53 @@ def test_sigterm_ends_a_run_cleanly(tmp_path):
         time.sleep(1.0)
         children = psutil.Process(p.pid).children(recursive=True)
         assert children  # parrun's workers and the peers' pools are running
-        p.terminate()
+        if to == "group":
+            os.killpg(p.pid, signal.SIGTERM)
+        else:
+            p.terminate()
         _, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 128 + 15, err[-3000:]
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.pid for c in alive]
     assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*"))
     assert "mandelbrot" in json.loads(out.read_text())["workloads"]
+
+
+KILLED_POOL = """
+import multiprocessing as mp, os, signal, time
+import parrun.bench as B
+B.PEER_CLOSE_TIMEOUT = 1.0
+p = mp.get_context("fork").Pool(2)
+p.map(abs, range(10))
+time.sleep(0.3)
+for w in p._pool:  # idle workers: one of them holds the pool's task-queue lock
+    os.kill(w.pid, signal.SIGKILL)
+time.sleep(0.5)
+t = time.monotonic()
+B._close_all([p])
+for w in p._pool:
+    w.join(5)
+print(round(time.monotonic() - t, 2), [w.exitcode for w in p._pool], flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_pool_whose_workers_were_killed_still_closes():
+    """What a SIGTERM to the process group does to ``multiprocessing.Pool``: its
+    ``terminate()`` then waits for ever on the lock the killed worker held. The bench's
+    cleanup gives it ``PEER_CLOSE_TIMEOUT`` and kills what is left."""
+    p = subprocess.Popen([sys.executable, "-c", KILLED_POOL], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:  # hung: take its pool's workers down with it
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err[-3000:]
+    took, codes = out.split(" ", 1)
+    assert float(took) < 10
+    assert codes.strip() != "[]" and "None" not in codes  # every worker it had is dead
