@@ -28,6 +28,7 @@ if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import parrun
+from parrun.bench import _times
 
 TILE = 65536  # elements per serial tile: 256 KiB of float32, L2-resident
 
@@ -106,16 +107,6 @@ class PeakAnon:
         return self.peak - self.base
 
 
-def timeit(fn, repeat):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return ts
-
-
 def _mp_chunk(block):
     return chain(block)
 
@@ -155,7 +146,7 @@ def main():
             raise AssertionError(f"{name}: max abs error {err}")
 
     def run(name, fn, result=None):
-        ts = timeit(fn, rep)
+        ts = _times(fn, rep, warmup=1)
         results[name] = ts
         if result is not None:
             check(name, result())
