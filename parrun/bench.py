@@ -134,13 +134,29 @@ def _close_now(peer: Any) -> None:
         peer.__exit__(None, None, None)
 
 
+class _JoblibWorkers:
+    """joblib's loky backend keeps one process-wide executor alive after its ``Parallel``
+    exits (for 300 s idle): closed as a peer of its own, so no worker outlives a workload."""
+
+    def shutdown(self) -> None:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
+
+
 def _close_all(peers: list) -> None:
     """Stop peers' pools (processes or threads, whatever kind), all at once. A signal to the
     whole process group (``timeout``, ``kill -TERM -PGID``) can kill a
     ``multiprocessing.Pool`` worker while it holds the pool's queue lock, and CPython's
     ``Pool.terminate()`` then waits for that lock for ever: past ``PEER_CLOSE_TIMEOUT`` the
     workers of a pool still stopping are killed and the stuck call is left to its daemon
-    thread."""
+    thread. joblib's process-wide workers are shut down after its ``Parallel`` objects."""
+    _stop_all(peers)
+    if any(type(peer).__name__ == "Parallel" for peer in peers):
+        _stop_all([_JoblibWorkers()])
+
+
+def _stop_all(peers: list) -> None:
     threads = [(peer, threading.Thread(target=_close_now, args=(peer,), daemon=True))
                for peer in peers]
     for _, t in threads:
@@ -352,10 +368,101 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
     return wl
 
 
+# -- the nn workloads' split peers: the work cut into blocks along its first axis ---------------
+BLOCKS_PER_WORKER = 4
+_SPLIT: list = []  # (fn, consts) of the workload being measured, inherited by forked workers
+
+
+def _one_blas_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _split_block(blocks: tuple) -> np.ndarray:
+    fn, consts = _SPLIT
+    return fn(*blocks, *consts)
+
+
+def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return fn(*args)
+
+
+def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], consts: tuple,
+                out: np.ndarray, held: list) -> list[Method]:
+    """The ways a user splits a workload by hand: ``fn(*blocks, *consts)`` returns the block of
+    ``out`` that blocks of ``inputs`` (cut along the first axis, ``BLOCKS_PER_WORKER`` a worker)
+    give. Each thread or process runs one BLAS thread, as parrun's workers do. Threads write
+    their blocks into ``out``; ``multiprocessing.Pool`` (fork) is sent pickled input blocks and
+    returns pickled results, with ``consts`` (the model's weights) inherited once at fork;
+    joblib gets everything as arguments (it memmaps the large ones)."""
+    n = len(inputs[0])
+
+    def bounds(w: int) -> list[tuple[int, int]]:
+        k = min(n, BLOCKS_PER_WORKER * w)
+        return [(n * i // k, n * (i + 1) // k) for i in range(k)]
+
+    def threads(w):
+        from threadpoolctl import threadpool_limits
+
+        ex = cf.ThreadPoolExecutor(w)
+        held.append(ex)
+
+        def one(b):
+            out[b[0]:b[1]] = fn(*(a[b[0]:b[1]] for a in inputs), *consts)
+
+        def run():
+            with threadpool_limits(1):
+                list(ex.map(one, bounds(w)))
+        return run
+
+    def mp_pool(w):
+        _SPLIT[:] = [fn, consts]
+        p = mp.get_context("fork").Pool(w, initializer=_one_blas_thread)
+        held.append(p)
+        blocks = [tuple(a[lo:hi] for a in inputs) for lo, hi in bounds(w)]
+        return lambda: np.concatenate(p.map(_split_block, blocks, chunksize=1), out=out)
+
+    methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
+               Method("multiprocessing.Pool, pickled blocks", mp_pool)]
+    try:
+        from joblib import Parallel, delayed
+
+        def joblib_blocks(w):
+            par = Parallel(n_jobs=w)
+            par.__enter__()
+            held.append(par)
+            return lambda: np.concatenate(
+                par(delayed(_one_thread_call)(fn, *(a[lo:hi] for a in inputs), *consts)
+                    for lo, hi in bounds(w)), out=out)
+        methods.append(Method("joblib, memmapped blocks", joblib_blocks, exclusive=True))
+    except ImportError:
+        methods.append(Method("joblib, memmapped blocks", None, skipped="not installed"))
+    return methods
+
+
+def _attention_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    from .nn import attention_reference
+
+    return attention_reference(q[:, None], k[:, None], v[:, None])[:, 0]
+
+
+def _mandelbrot_rows(rows: np.ndarray, width: int, height: int, max_iter: int,
+                     *view: float) -> np.ndarray:
+    from .nn._mandelbrot import escape_rows
+
+    return escape_rows(rows, np.empty((len(rows), width), np.int32), width, height, max_iter,
+                       *view)
+
+
 def nn_workload(name: str, quick: bool, pools) -> Workload:
     from . import nn
 
     rng = np.random.default_rng(0)
+    held: list = []
     if name == "mlp":
         b, d, h = (512, 256, 1024) if quick else (4096, 1024, 4096)
         x = rng.standard_normal((b, d), dtype=np.float32)
@@ -374,10 +481,12 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         methods = [Method("parrun nn.mlp", with_parrun),
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
+        methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),
+                               np.empty((b, d), np.float32), held)
         methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
         wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
                       note=f"{b}x{d} -> {h} -> {d} float32")
-        wl.cleanup += [model.release, xs.release, out.release]
+        wl.cleanup += [lambda: _close_all(held), model.release, xs.release, out.release]
         return wl
     if name == "attention":
         shape = (2, 4, 256, 64) if quick else (8, 16, 1024, 64)
@@ -390,11 +499,14 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         methods = [Method("parrun nn.attention", with_parrun),
                    Method("NumPy per-head, BLAS threads",
                           _blas(lambda: nn.attention_reference(q, k, v)))]
-        methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         B, H, S, D = shape
+        heads = tuple(a.reshape(B * H, S, D) for a in (q, k, v))
+        methods += split_peers(_attention_heads, heads, (),
+                               np.empty((B * H, S, D), np.float32), held)
+        methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
                       note="x".join(map(str, shape)) + " float32")
-        wl.cleanup += [a.release for a in (qs, ks, vs, out)]
+        wl.cleanup += [lambda: _close_all(held), *(a.release for a in (qs, ks, vs, out))]
         return wl
     if name == "mandelbrot":
         size, it = (400, 128) if quick else (2000, 256)
@@ -415,11 +527,13 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                     M.escape_prange(ref, size, size, it, *M.VIEW)
                 return run
             methods.append(Method("numba parallel=True", prange))
+            methods += split_peers(_mandelbrot_rows, (np.arange(size),),
+                                   (size, size, it, *M.VIEW), ref, held)
         except ImportError:
             methods.append(Method("numba parallel=True", None, skipped="numba not installed"))
         wl = Workload("mandelbrot", "Mpixel/s", size * size / 1e6, methods,
                       note=f"{size}x{size}, {it} iterations")
-        wl.cleanup.append(img.release)
+        wl.cleanup += [lambda: _close_all(held), img.release]
         return wl
     if name == "minilm":
         try:

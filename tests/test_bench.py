@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import parrun.bench
@@ -32,9 +33,45 @@ def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
     assert set(pm) == {"1", "2"} and all(t > 0 for ts in pm.values() for t in ts)
     irregular = data["workloads"]["irregular"]["methods"]
     assert "parrun.map (work stealing)" in irregular and "static cyclic split" in irregular
+    for name in ("mlp", "attention", "mandelbrot"):  # the hand-split peers ran too
+        methods = data["workloads"][name]["methods"]
+        for peer in ("ThreadPoolExecutor, 4 blocks a thread",
+                     "multiprocessing.Pool, pickled blocks"):
+            assert set(methods[peer]["times_s"]) == {"1", "2"}, (name, peer)
     for name in parrun.bench.SUITES:
         assert f"\n{name}: " in r.stdout  # a table per workload
     assert "speed-up" in r.stdout and "vs best peer" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_split_peers_compute_what_the_reference_computes():
+    """The nn workloads' hand-split peers (threads, multiprocessing.Pool, joblib): each fills
+    its output with the serial reference's numbers, so the bench compares like with like."""
+    from parrun import nn
+    from parrun.nn import _mandelbrot as M
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 16), dtype=np.float32)
+    weights = (rng.standard_normal((16, 32), dtype=np.float32), np.zeros(32, np.float32),
+               rng.standard_normal((32, 16), dtype=np.float32), np.ones(16, np.float32))
+    q, k, v = (rng.standard_normal((6, 40, 8), dtype=np.float32) for _ in range(3))
+    cases = [(nn.mlp_reference, (x,), weights, nn.mlp_reference(x, *weights)),
+             (parrun.bench._attention_heads, (q, k, v), (),
+              nn.attention_reference(q[None], k[None], v[None])[0]),
+             (parrun.bench._mandelbrot_rows, (np.arange(30),), (50, 30, 64, *M.VIEW),
+              M.mandelbrot_numpy(50, 30, 64))]
+    held: list = []
+    try:
+        for fn, inputs, consts, ref in cases:
+            out = np.zeros_like(ref)
+            for m in parrun.bench.split_peers(fn, inputs, consts, out, held):
+                if m.make is None:  # joblib not installed
+                    continue
+                out[:] = 0
+                m.make(3)()
+                np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=m.name)
+    finally:
+        parrun.bench._close_all(held)
 
 
 def test_plot(tmp_path):
