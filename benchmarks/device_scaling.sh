@@ -12,8 +12,10 @@
 # goes to the bench alone (--foreground): sent to its whole process group it would also kill
 # the multiprocessing.Pool peers' workers, and the bench would spend 5 s per stuck peer
 # (CPython's Pool.terminate() waits for ever on a queue lock a killed worker held).
-# the JSON is rewritten after each workload, so a run cut short keeps what it measured, and
-# the plot is drawn from it at the end. Left out: MiniLM (its model package is not on that
+# The JSON is rewritten after each workload, so a run cut short keeps what it measured, and
+# the plot is drawn from it at the end. Irregular runs last (the fresh-pool bench after it
+# measures it at 16 workers again), one warm-up per method and count: projected from a
+# 1,2-worker run here, the bench's timed runs alone take 250-400 s at 1..16 workers. Left out: MiniLM (its model package is not on that
 # machine) and tasks (no-op tasks do not scale with workers). WORKERS overrides the counts.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 python -m parrun info > "$out/scaling_16core_info.txt" 2>&1
 start=$(date +%s)
 timeout --foreground -k 30 500 python -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
-    --suite map,irregular,mlp,attention,mandelbrot --repeat 3 --irregular-items 1000 \
+    --suite map,mlp,attention,mandelbrot,irregular --repeat 3 --warmup 1 --irregular-items 1000 \
     --no-progress --json "$out/scaling_16core.json" > "$out/scaling_16core.txt" 2>&1
 echo "# bench exit status $?, $(( $(date +%s) - start )) s" >> "$out/scaling_16core.txt"
 python -m parrun bench --from-json "$out/scaling_16core.json" \

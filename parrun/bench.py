@@ -134,29 +134,13 @@ def _close_now(peer: Any) -> None:
         peer.__exit__(None, None, None)
 
 
-class _JoblibWorkers:
-    """joblib's loky backend keeps one process-wide executor alive after its ``Parallel``
-    exits (for 300 s idle): closed as a peer of its own, so no worker outlives a workload."""
-
-    def shutdown(self) -> None:
-        from joblib.externals.loky import get_reusable_executor
-
-        get_reusable_executor().shutdown(wait=True)
-
-
 def _close_all(peers: list) -> None:
     """Stop peers' pools (processes or threads, whatever kind), all at once. A signal to the
     whole process group (``timeout``, ``kill -TERM -PGID``) can kill a
     ``multiprocessing.Pool`` worker while it holds the pool's queue lock, and CPython's
     ``Pool.terminate()`` then waits for that lock for ever: past ``PEER_CLOSE_TIMEOUT`` the
     workers of a pool still stopping are killed and the stuck call is left to its daemon
-    thread. joblib's process-wide workers are shut down after its ``Parallel`` objects."""
-    _stop_all(peers)
-    if any(type(peer).__name__ == "Parallel" for peer in peers):
-        _stop_all([_JoblibWorkers()])
-
-
-def _stop_all(peers: list) -> None:
+    thread."""
     threads = [(peer, threading.Thread(target=_close_now, args=(peer,), daemon=True))
                for peer in peers]
     for _, t in threads:

@@ -72,6 +72,10 @@ def test_split_peers_compute_what_the_reference_computes():
                 np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=m.name)
     finally:
         parrun.bench._close_all(held)
+        if any(type(p).__name__ == "Parallel" for p in held):  # joblib's process-wide workers
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True)
 
 
 def test_plot(tmp_path):

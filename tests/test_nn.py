@@ -33,6 +33,24 @@ def test_mlp_matches_reference(pool, dtype, activation, shape):
     y.release()
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 8, 16, 64])
+@pytest.mark.parametrize("rows", [1, 7, 255, 512, 1000, 4096, 4097, 100_000])
+def test_mlp_tiles_are_tall_yet_every_worker_gets_rows(rows, workers):
+    """BLAS packs the whole weight matrix for every tile, so tiles stay tall (>= TILE_ROWS rows
+    whenever the batch gives each worker that many) and there are at most two a worker; only a
+    batch too small for that is cut finer, one piece a worker."""
+    from parrun.nn._mlp import MAX_TILE_ROWS, TILE_ROWS, default_grain
+
+    grain = default_grain(rows, workers)
+    pieces = -(-rows // grain)
+    share = -(-rows // workers)
+    if rows >= workers * TILE_ROWS:
+        assert TILE_ROWS <= grain <= max(MAX_TILE_ROWS, share)
+        assert pieces <= 2 * workers or grain == MAX_TILE_ROWS
+    else:  # one piece a worker, none longer than a worker's share
+        assert grain == share and pieces <= workers
+
+
 def test_erf_is_accurate():
     import math
 

@@ -30,7 +30,7 @@ from ._ops import add_layer_norm_, layer_norm
 
 # Token rows per feed-forward tile: the (rows x 1536) hidden activations stay near the cache
 # instead of a (tokens x 1536) temporary that costs page faults; fewer rows and BLAS re-packs
-# the weights too often (see _mlp.MAX_TILE_ROWS).
+# the weights too often (see _mlp.TILE_ROWS).
 FFN_TILE_ROWS = 512
 # Attention temporaries per chunk of sentences stay under this many bytes.
 ATTENTION_CHUNK_BYTES = 8 << 20

@@ -10,12 +10,26 @@ import parrun
 
 from ._ops import ACTIVATIONS, bias_act_
 
-# Rows per tile of the MLP: fewer and BLAS re-packs the weights for too little work (measured
-# on 384 -> 1536 -> 384: 113 GFLOP/s a core at 128 rows, 126 at 256, 133 at 512, 136 at
-# 1024); more and the workers have fewer pieces to balance. With the fused one-pass
-# activation the hidden tile need not stay in L2.
-MIN_TILE_ROWS = 64
-MAX_TILE_ROWS = 512
+# Rows per tile of the MLP. A tile is two BLAS calls, and each call packs the whole weight
+# matrix it multiplies by (32 MiB in all for 1024 -> 4096 -> 1024 float32), so small tiles
+# spend their time packing. One core, x[i:i+rows] @ w1 @ w2 over a 4096x1024 batch into 4096
+# hidden: 66 GFLOP/s in 64-row tiles, 92 in 128, 111 in 256, 116 in 512, 125 in 1024 (on
+# 384 -> 1536 -> 384: 113 at 128 rows, 126 at 256, 133 at 512, 136 at 1024); parrun.mlp on 2
+# workers took 0.45 s in 64-row pieces and 0.28 s in 1024. So a worker gets two tiles of
+# TILE_ROWS to MAX_TILE_ROWS, or one tile when its share is smaller than two: the batch is cut
+# finer than TILE_ROWS only to give every worker rows.
+TILE_ROWS = 256
+MAX_TILE_ROWS = 1024
+
+
+def default_grain(rows: int, workers: int) -> int:
+    """Rows per piece for ``rows`` over ``workers``: two pieces a worker of TILE_ROWS to
+    MAX_TILE_ROWS rows, or one piece a worker when shares are smaller (and then as many rows
+    as a share has, so that no worker is left idle)."""
+    share = -(-rows // workers)
+    if share >= 2 * TILE_ROWS:
+        return min(MAX_TILE_ROWS, -(-share // 2))
+    return max(1, share)
 
 
 def _check_mlp(x, w1, b1, w2, b2, activation):
@@ -80,7 +94,8 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
         activation: 'relu' or 'gelu' (exact, erf-based, as torch's default).
         out: (batch, d_out) to write into; allocated (shared) if None.
         pool: the pool to run on (default: ``parrun.default_pool()``).
-        grain: rows per piece (default: 64-256, four pieces per worker or more).
+        grain: rows per piece (default: ``default_grain``, two pieces a worker of 256-1024
+            rows where the batch allows).
 
     Returns:
         out, (batch, d_out). Each piece of rows runs the whole chain on its tile, with one
@@ -103,11 +118,10 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
             raise ValueError(f"out must be {(x.shape[0], w2.shape[1])} {x.dtype}, got "
                              f"{out.shape} {out.dtype}")
         if grain is None:
-            # BLAS needs tall tiles to reuse each weight it loads: at least MIN_TILE_ROWS
-            # rows, and a few pieces per worker to steal. Time-sized pieces would be a
-            # couple of rows here (a row costs ~0.1 ms) and run at a tenth of the speed.
-            grain = max(MIN_TILE_ROWS, min(MAX_TILE_ROWS,
-                                           -(-x.shape[0] // (4 * pool.workers))))
+            # BLAS needs tall tiles to pack each weight for enough rows (see TILE_ROWS).
+            # Time-sized pieces would be a couple of rows here (a row costs ~0.1 ms) and run
+            # at a tenth of the speed.
+            grain = default_grain(x.shape[0], pool.workers)
         w1s, b1s, w2s, b2s = weights
         return pool.map(_MLPTile(w1s, b1s, w2s, b2s, activation), x, out=out, grain=grain)
     finally:
