@@ -654,13 +654,23 @@ def _build(name: str, quick: bool, pools, irregular_items: int | None = None) ->
     return nn_workload(name, quick, pools)
 
 
+def _failed(e: BaseException) -> str:
+    return f"failed: {type(e).__name__}: {e}"
+
+
 def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict[str, Any]:
     """Time every (method, workers) of ``wl`` ``repeat`` times, interleaved: each round runs
     every one of them once, starting one further along each round. A slow minute on a shared
     machine then falls on all methods alike instead of on whichever was being timed, so the
-    ratios the tables print compare runs made side by side."""
+    ratios the tables print compare runs made side by side. A method that raises is reported
+    as failed (with the error) and the others go on."""
     rows: dict[str, Any] = {}
     calls: list[tuple[str, str, Callable[[], Any]]] = []
+
+    def fail(name: str, e: Exception) -> None:
+        rows[name] = {"skipped": _failed(e)}
+        calls[:] = [c for c in calls if c[0] != name]
+
     for m in wl.methods:
         if m.make is None:
             rows[m.name] = {"skipped": m.skipped or "unavailable"}
@@ -668,22 +678,34 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
         rows[m.name] = {"times_s": {}, "scales": m.scales, "ceiling": m.ceiling}
         if m.exclusive:
             continue
-        for w in (workers if m.scales else [1]):
-            fn = m.make(w)
-            for _ in range(warmup):  # every worker compiles, pages fault in
-                fn()
-            rows[m.name]["times_s"][str(w)] = []
-            calls.append((m.name, str(w), fn))
+        try:
+            for w in (workers if m.scales else [1]):
+                fn = m.make(w)
+                for _ in range(warmup):  # every worker compiles, pages fault in
+                    fn()
+                rows[m.name]["times_s"][str(w)] = []
+                calls.append((m.name, str(w), fn))
+        except Exception as e:
+            fail(m.name, e)
     for r in range(repeat):
         k = r % len(calls) if calls else 0
         for name, wk, fn in calls[k:] + calls[:k]:
+            if "times_s" not in rows[name]:
+                continue  # failed earlier in this round
             t = time.perf_counter()
-            fn()
+            try:
+                fn()
+            except Exception as e:
+                fail(name, e)
+                continue
             rows[name]["times_s"][wk].append(time.perf_counter() - t)
     for m in wl.methods:
         if m.make is not None and m.exclusive:
-            for w in (workers if m.scales else [1]):
-                rows[m.name]["times_s"][str(w)] = _times(m.make(w), repeat, warmup)
+            try:
+                for w in (workers if m.scales else [1]):
+                    rows[m.name]["times_s"][str(w)] = _times(m.make(w), repeat, warmup)
+            except Exception as e:
+                fail(m.name, e)
     return rows
 
 
@@ -714,14 +736,18 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     pools = {w: parrun.Pool(w) for w in workers}
     try:
         for name in suites:
-            wl = _build(name, quick, pools, irregular_items)
             try:
-                rows = _measure(wl, workers, repeat, warmup)
-            finally:
-                for c in wl.cleanup:
-                    c()
-            results["workloads"][name] = {"unit": wl.unit, "work": wl.work, "note": wl.note,
-                                          "methods": rows}
+                wl = _build(name, quick, pools, irregular_items)
+            except Exception as e:  # the workload could not be set up: say so, go on
+                results["workloads"][name] = {"error": _failed(e)}
+            else:
+                try:
+                    rows = _measure(wl, workers, repeat, warmup)
+                finally:
+                    for c in wl.cleanup:
+                        c()
+                results["workloads"][name] = {"unit": wl.unit, "work": wl.work,
+                                              "note": wl.note, "methods": rows}
             print(format_table(name, results["workloads"][name]), flush=True)
             if json_path:
                 with open(json_path, "w") as f:
@@ -762,6 +788,8 @@ def _summary(wl: dict) -> list[dict]:
 
 
 def format_table(name: str, wl: dict) -> str:
+    if "error" in wl:
+        return f"\n{name}: {wl['error']}"
     rows = _summary(wl)
     out = [f"\n{name}: {wl['note']}",
            f"{'method':<40} {'W':>3} {'median s':>9} {'min-max s':>17} {wl['unit']:>12} "
@@ -797,7 +825,9 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["workloads"])
+    names = [n for n, wl in results["workloads"].items() if "error" not in wl]
+    if not names:
+        raise ValueError("no workload was measured: nothing to plot")
     fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
         wl = results["workloads"][name]
@@ -889,4 +919,19 @@ def main(argv: list[str] | None = None) -> int:
                   irregular_items=args.irregular_items, json_path=args.json)
     if args.plot:
         plot(results, args.plot)
-    return 0
+    bad = failures(results)
+    for line in bad:
+        print(line, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def failures(results: dict) -> list[str]:
+    """Every workload that could not be set up and every method that raised, one line each."""
+    out = []
+    for name, wl in results["workloads"].items():
+        if "error" in wl:
+            out.append(f"{name}: {wl['error']}")
+        for method, m in wl.get("methods", {}).items():
+            if m.get("skipped", "").startswith("failed: "):
+                out.append(f"{name}: {method}: {m['skipped']}")
+    return out

@@ -122,6 +122,62 @@ def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
     assert list(rows) == ["serial", "a", "one pool", "b", "c"]  # the table keeps its order
 
 
+def test_a_method_that_raises_is_reported_and_the_others_go_on():
+    log: list[tuple[str, int]] = []
+    runs = {"late": 0}
+
+    def ok(name):
+        return parrun.bench.Method(name, lambda w: (lambda: log.append((name, w))))
+
+    def bad_make(w):
+        raise ImportError("no such peer")
+
+    def late(w):
+        def run():
+            runs["late"] += 1
+            if runs["late"] > 3:  # its warm-ups pass, a timed run fails
+                raise RuntimeError("broke mid-run")
+        return run
+
+    def bad_exclusive(w):
+        if w == 2:
+            raise OSError("no room")
+        return lambda: None
+
+    M = parrun.bench.Method
+    wl = parrun.bench.Workload("toy", "items/s", 1, [
+        ok("a"), M("make fails", bad_make), M("run fails", late), ok("b"),
+        M("exclusive fails", bad_exclusive, exclusive=True)])
+    rows = parrun.bench._measure(wl, [1, 2], repeat=3, warmup=1)
+    assert rows["make fails"] == {"skipped": "failed: ImportError: no such peer"}
+    assert rows["run fails"] == {"skipped": "failed: RuntimeError: broke mid-run"}
+    assert rows["exclusive fails"] == {"skipped": "failed: OSError: no room"}
+    for name in ("a", "b"):
+        assert all(len(ts) == 3 for ts in rows[name]["times_s"].values())
+    results = {"workloads": {"toy": {"unit": "items/s", "work": 1, "note": "", "methods": rows},
+                             "gone": {"error": "failed: MemoryError: /dev/shm is full"}}}
+    assert parrun.bench.failures(results) == [
+        "toy: make fails: failed: ImportError: no such peer",
+        "toy: run fails: failed: RuntimeError: broke mid-run",
+        "toy: exclusive fails: failed: OSError: no room",
+        "gone: failed: MemoryError: /dev/shm is full"]
+    table = parrun.bench.format_table("toy", results["workloads"]["toy"])
+    assert "run fails" in table and "broke mid-run" in table and "a  " in table
+    assert "failed: MemoryError" in parrun.bench.format_table("gone", results["workloads"]["gone"])
+
+
+def test_a_workload_that_cannot_be_set_up_is_reported(monkeypatch, tmp_path):
+    def no_room(*args):
+        raise MemoryError("/dev/shm is full")
+
+    monkeypatch.setattr(parrun.bench, "map_workload", no_room)
+    results = parrun.bench.run(["map", "mandelbrot"], [1], 1, True, progress=False, warmup=0,
+                               json_path=str(tmp_path / "r.json"))
+    assert results["workloads"]["map"] == {"error": "failed: MemoryError: /dev/shm is full"}
+    assert "times_s" in results["workloads"]["mandelbrot"]["methods"]["parrun nn.mandelbrot"]
+    assert json.loads((tmp_path / "r.json").read_text())["workloads"]["map"]["error"]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("to", ["process", "group"])
 def test_sigterm_ends_a_run_cleanly(tmp_path, to):
