@@ -59,3 +59,25 @@ def accepts_out(fn: Any) -> bool:
         return False
     p = params.get("out")
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def store_result(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
+    """Write ``fn``'s result for rows ``lo:hi`` into ``dst`` (its slice of ``out``), checking
+    shape and dtype: TypeError or ValueError naming the rows, never a silent cast."""
+    if res is dst or (isinstance(res, np.ndarray) and res.base is dst.base
+                      and res.__array_interface__ == dst.__array_interface__):
+        return
+    if not isinstance(res, np.ndarray):
+        if res is None:
+            raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
+                            f"array of shape {dst.shape}")
+        res = np.asarray(res)
+    if res.shape != dst.shape:
+        raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
+                         f"{dst.shape}: one result row per input row (use map_reduce to "
+                         "reduce)")
+    try:
+        np.copyto(dst, res, casting="same_kind")
+    except TypeError as e:
+        raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
+            from None

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
+from ._checks import store_result
 from ._errors import exception_for_transport
 from ._process import detach_from_forkserver
 from ._scheduler import ControlBlock, now_ns
@@ -254,9 +255,9 @@ class _Worker:
                     if pass_out:
                         res = fn(*[a[lo:hi] for a in ins], out=dst)
                         if res is not None:
-                            _store(dst, res, lo, hi)
+                            store_result(dst, res, lo, hi)
                     else:
-                        _store(dst, fn(*[a[lo:hi] for a in ins]), lo, hi)
+                        store_result(dst, fn(*[a[lo:hi] for a in ins]), lo, hi)
                 else:
                     res = fn(*[a[lo:hi] for a in ins])
                     # combine is None only for a probe, which runs one piece
@@ -272,27 +273,6 @@ class _Worker:
             if os.getppid() != ppid:  # orphaned: nobody will read what we make
                 os._exit(1)
         return P.Done(job.job_id, me, error, acc)
-
-
-def _store(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
-    """Write a piece's result into its slice of ``out``, checking shape and dtype."""
-    if res is dst or (isinstance(res, np.ndarray) and res.base is dst.base
-                      and res.__array_interface__ == dst.__array_interface__):
-        return
-    if not isinstance(res, np.ndarray):
-        if res is None:
-            raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
-                            f"array of shape {dst.shape}")
-        res = np.asarray(res)
-    if res.shape != dst.shape:
-        raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
-                         f"{dst.shape}: one result row per input row (use map_reduce to "
-                         "reduce)")
-    try:
-        np.copyto(dst, res, casting="same_kind")
-    except TypeError as e:
-        raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
-            from None
 
 
 # Array views a worker keeps ready, by handle. Each holds its segment mapped until the parent

@@ -279,6 +279,11 @@ def test_bad_input_and_closed_pool(client):
         p.submit(42)
     with pytest.raises(ValueError, match="same length"):
         p.map(np.add, np.arange(3), np.arange(4))
+    # a result that does not fit out fails as on the local pool, never a silent cast
+    with pytest.raises(TypeError, match="returned dtype float64 but out has dtype int64"):
+        p.map(lambda t: t * 1.5, np.arange(10.0), out=np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match=r"returned shape \(1,\) for rows 10:20"):
+        p.map(lambda t: t[:1] if t[0] == 10 else t, np.arange(100.0), grain=10)
     with pytest.raises(ValueError, match="retries"):
         parrun.Pool(backend="dask", client=client, retries=2)
     p.close()

@@ -55,7 +55,7 @@ import numpy as np
 
 import parrun
 from parrun import _protocol
-from parrun._checks import accepts_out, check_arrays, check_out
+from parrun._checks import accepts_out, check_arrays, check_out, store_result
 
 try:
     import distributed
@@ -332,19 +332,6 @@ class _PieceResult:
     busy_ns: int
 
 
-def _store(dst: np.ndarray, res: Any, rows: int) -> None:
-    if res is dst:
-        return
-    if res is None:
-        raise TypeError(f"fn returned None for a piece of {rows} rows; map needs fn to return "
-                        f"an array of shape {dst.shape}")
-    res = np.asarray(res)
-    if res.shape != dst.shape:
-        raise ValueError(f"fn returned shape {res.shape} for a piece of {rows} rows; map "
-                         f"needs {dst.shape}")
-    dst[...] = res
-
-
 def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | None,
                red_ext: tuple, lo: int, piece: tuple) -> _PieceResult:
     """A Dask task: fn over the tiles of one piece (its rows start at ``lo``)."""
@@ -367,12 +354,13 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
             elif buf is None:  # out not given: the first tile decides its dtype and shape
                 r = fn(*ins)
                 if r is None:
-                    raise TypeError("fn returned None; map needs fn to return an array with "
-                                    "one row per input row (use map_reduce to reduce)")
+                    raise TypeError(f"fn returned None for rows {lo + a}:{lo + b}; map needs "
+                                    "fn to return an array with one row per input row (use "
+                                    "map_reduce to reduce)")
                 r = np.asarray(r)
                 if r.ndim == 0 or r.shape[0] != b - a:
-                    raise ValueError(f"fn returned shape {r.shape} for a piece of {b - a} "
-                                     "rows; map needs one result row per input row (use "
+                    raise ValueError(f"fn returned shape {r.shape} for rows {lo + a}:{lo + b}"
+                                     "; map needs one result row per input row (use "
                                      "map_reduce to reduce)")
                 if r.dtype.hasobject:
                     raise TypeError(f"fn returned dtype {r.dtype}; results must be numeric")
@@ -382,9 +370,9 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
                 dst = buf[a:b]
                 r = fn(*ins, out=dst)
                 if r is not None:
-                    _store(dst, r, b - a)
+                    store_result(dst, r, lo + a, lo + b)
             else:
-                _store(buf[a:b], fn(*ins), b - a)
+                store_result(buf[a:b], fn(*ins), lo + a, lo + b)
         return acc if spec.reduce else buf
 
     value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run)
