@@ -28,7 +28,7 @@ if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import parrun
-from parrun.bench import _times
+from parrun.bench import _chain_into, _times
 
 TILE = 65536  # elements per serial tile: 256 KiB of float32, L2-resident
 
@@ -37,14 +37,7 @@ def chain(x):
     return np.tanh(1.7 * x + 0.3) ** 2 - 0.5 * x
 
 
-def chain_out(x, out, tmp):
-    np.multiply(x, 1.7, out=tmp)
-    np.add(tmp, 0.3, out=tmp)
-    np.tanh(tmp, out=tmp)
-    np.square(tmp, out=tmp)
-    np.multiply(x, 0.5, out=out)
-    np.subtract(tmp, out, out=out)
-    return out
+chain_out = _chain_into  # (x, out, tmp): the chain through ufuncs with out=
 
 
 _SCRATCH: dict[str, np.ndarray] = {}
