@@ -151,7 +151,9 @@ class JobStats:
     def __str__(self) -> str:
         lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
                  f"{self.wall_s * 1e3:.2f} ms wall"
-                 + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")]
+                 + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")
+                 + (f"; the parent ran the first {self.probe_items} to learn the output's "
+                    "shape and dtype" if self.probe_items else "")]
         for w in self.workers:
             lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
                          f"pieces, {w.steals} steals, busy {w.busy_s * 1e3:.2f} ms, "
