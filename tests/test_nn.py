@@ -248,6 +248,47 @@ def test_attention_matches_torch(pool, torch_mod, causal):
     o2.release()
 
 
+def _kernel_stats(_):
+    from parrun.nn import _mandelbrot as M
+
+    stats = M.escape_rows.stats
+    return sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+
+
+@pytest.mark.timeout(60)
+def test_workers_load_the_compiled_kernel_from_numbas_cache():
+    """A compiled kernel is compiled once per machine, not once per worker: workers use their
+    module's dispatcher, which numba loads from its disk cache (a dispatcher shipped by value
+    would be rebuilt uncached and compiled again in every worker)."""
+    pytest.importorskip("numba")
+    from parrun.nn import _mandelbrot as M
+
+    img = np.empty((3, 40), np.int32)
+    M.escape_rows(np.arange(3), img, 40, 30, 16, *M.VIEW)  # compiled here, or loaded: cached
+    with parrun.Pool(1) as p:  # one worker: the rows and the probe run in the same process
+        out = nn.mandelbrot(40, 30, 16, pool=p)
+        hits, misses = p.submit(_kernel_stats, 0).result()
+        out.release()
+    assert hits >= 1 and misses == 0, (hits, misses)
+
+
+def test_jit_falls_back_to_no_cache_where_numba_cannot_write_one(monkeypatch):
+    numba = pytest.importorskip("numba")
+    from parrun.nn import _ops
+
+    real = numba.njit
+
+    def njit(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file")
+        return real(*args, **options)
+    monkeypatch.setattr(numba, "njit", njit)
+
+    def double(x):
+        return 2 * x
+    assert _ops.jit(nogil=True)(double)(21) == 42
+
+
 def test_mandelbrot_matches_references(pool):
     from parrun.nn import _mandelbrot as M
 

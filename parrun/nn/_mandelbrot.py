@@ -37,7 +37,9 @@ def _compile():
         import numba
     except ImportError:
         return None, None
-    serial = numba.njit(cache=False, nogil=True)(escape_rows_py)
+    from ._ops import jit
+
+    serial = jit(nogil=True)(escape_rows_py)
 
     # The peer parrun is measured against: escape_rows_py's loop, written out again with
     # prange over the rows, so that numba compiles the same per-pixel code both ways.
@@ -55,7 +57,7 @@ def _compile():
                 out[r, c] = n
         return out
 
-    return serial, numba.njit(cache=False, parallel=True)(escape_prange)
+    return serial, jit(parallel=True)(escape_prange)
 
 
 escape_rows, escape_prange = _compile()
@@ -79,14 +81,19 @@ def mandelbrot_numpy(width: int, height: int, max_iter: int, view=VIEW) -> np.nd
 
 
 class _Rows:
-    """map's fn: escape times for a piece of row indices, written into its rows of out."""
+    """map's fn: escape times for a piece of row indices, written into its rows of out.
 
-    def __init__(self, width, height, max_iter, view, kernel):
+    Holds the kernel's name, not the kernel: a numba dispatcher pickles by value and is
+    rebuilt, uncached, in each worker, which then compiles it again (~0.7 s a worker); looked
+    up here, each worker uses its own module's dispatcher, loaded from numba's disk cache."""
+
+    def __init__(self, width, height, max_iter, view, compiled: bool):
         self.args = (width, height, max_iter, *view)
-        self.kernel = kernel
+        self.compiled = compiled
 
     def __call__(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        return self.kernel(rows, out, *self.args)
+        kernel = escape_rows if self.compiled else escape_rows_py
+        return kernel(rows, out, *self.args)
 
 
 def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
@@ -102,8 +109,7 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
         out = parrun.empty((height, width), np.int32)
     rows = parrun.asshared(np.arange(height, dtype=np.int64))
     try:
-        kernel = escape_rows if HAVE_NUMBA else escape_rows_py
-        return pool.map(_Rows(width, height, max_iter, view, kernel), rows, out=out,
+        return pool.map(_Rows(width, height, max_iter, view, HAVE_NUMBA), rows, out=out,
                         grain=grain)
     finally:
         rows.release()
