@@ -1,7 +1,8 @@
 """The Mandelbrot set: the classic "Python is slow" kernel, per pixel, in plain Python.
 
 ``escape_rows`` is written as ordinary loops; with numba installed it is compiled (once per
-worker) and parrun runs it over rows of a shared image. Row costs are very uneven (rows
+machine: numba caches it on disk, and each worker loads it) and parrun runs it over rows of a
+shared image. Row costs are very uneven (rows
 through the set take ``max_iter`` steps a pixel, rows outside a handful), which is where work
 stealing earns its keep.
 """
