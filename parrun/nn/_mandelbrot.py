@@ -2,9 +2,8 @@
 
 ``escape_rows`` is written as ordinary loops; with numba installed it is compiled (once per
 machine: numba caches it on disk, and each worker loads it) and parrun runs it over rows of a
-shared image. Row costs are very uneven (rows
-through the set take ``max_iter`` steps a pixel, rows outside a handful), which is where work
-stealing earns its keep.
+shared image. Row costs are very uneven (rows through the set take ``max_iter`` steps a
+pixel, rows outside a handful), which is where work stealing earns its keep.
 """
 
 from __future__ import annotations
