@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _posixshmem
 import bisect
+import importlib
 import io
 import mmap
 import os
@@ -527,15 +528,51 @@ class _ResultArrays:
         return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
 
 
+def _module_attr(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _reduce_by_reference(obj: Any) -> tuple | None:
+    """A numba dispatcher defined at the top level of an importable module, as a reference to
+    that module's attribute. numba pickles a dispatcher by value and rebuilds it, uncached, in
+    the receiving process, which compiles it again (0.2-1.2 s a kernel, in every worker of
+    every pool); by reference, a worker uses its own module's dispatcher, with its disk cache
+    where it has one (``cache=True``)."""
+    if not type(obj).__module__.startswith("numba."):
+        return None
+    fn = getattr(obj, "py_func", None)
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module is None or module == "__main__":
+        return None
+    try:
+        if "<locals>" not in qualname and _module_attr(module, qualname) is obj:
+            return _module_attr, (module, qualname)  # @njit def f: the module's f
+        # f = njit(g), or built by a function: bound at the top level under a name of its own
+        name = next((k for k, v in vars(importlib.import_module(module)).items() if v is obj),
+                    None)
+    except Exception:
+        return None
+    return (_module_attr, (module, name)) if name is not None else None
+
+
 class _HandlePickler(cloudpickle.Pickler):
     """cloudpickle, with every ndarray that lives in shared memory sent as a handle. This
-    catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say)."""
+    catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say).
+    Compiled numba kernels of importable modules go by reference (``_reduce_by_reference``)."""
 
     def reducer_override(self, obj):
         if isinstance(obj, np.ndarray):
             r = _reduce_array(self, obj)
             if r is not None:
                 return r
+        else:
+            ref = _reduce_by_reference(obj)
+            if ref is not None:
+                return ref
         return super().reducer_override(obj)
 
     def big_array(self, obj: np.ndarray):

@@ -248,6 +248,32 @@ def test_attention_matches_torch(pool, torch_mod, causal):
     o2.release()
 
 
+try:
+    import numba
+
+    @numba.njit
+    def _triple(x):
+        return x * 3
+except ImportError:
+    _triple = None
+
+
+def _triple_signatures(_):
+    return len(_triple.signatures)
+
+
+def test_a_numba_kernel_goes_to_the_workers_by_reference(pool1):
+    """map(kernel): the worker runs its own module's dispatcher (so numba's cache, where the
+    kernel has one, is used), not a copy rebuilt from the pickle and compiled again."""
+    pytest.importorskip("numba")
+    x = parrun.asshared(np.arange(10.0))
+    y = pool1.map(_triple, x)
+    np.testing.assert_array_equal(y, np.arange(10.0) * 3)
+    assert pool1.submit(_triple_signatures, 0).result() == 1  # compiled in the module's
+    x.release()
+    y.release()
+
+
 def _kernel_stats(_):
     from parrun.nn import _mandelbrot as M
 

@@ -81,19 +81,14 @@ def mandelbrot_numpy(width: int, height: int, max_iter: int, view=VIEW) -> np.nd
 
 
 class _Rows:
-    """map's fn: escape times for a piece of row indices, written into its rows of out.
+    """map's fn: escape times for a piece of row indices, written into its rows of out."""
 
-    Holds the kernel's name, not the kernel: a numba dispatcher pickles by value and is
-    rebuilt, uncached, in each worker, which then compiles it again (~0.7 s a worker); looked
-    up here, each worker uses its own module's dispatcher, loaded from numba's disk cache."""
-
-    def __init__(self, width, height, max_iter, view, compiled: bool):
+    def __init__(self, width, height, max_iter, view, kernel):
         self.args = (width, height, max_iter, *view)
-        self.compiled = compiled
+        self.kernel = kernel
 
     def __call__(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        kernel = escape_rows if self.compiled else escape_rows_py
-        return kernel(rows, out, *self.args)
+        return self.kernel(rows, out, *self.args)
 
 
 def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
@@ -109,7 +104,8 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
         out = parrun.empty((height, width), np.int32)
     rows = parrun.asshared(np.arange(height, dtype=np.int64))
     try:
-        return pool.map(_Rows(width, height, max_iter, view, HAVE_NUMBA), rows, out=out,
+        kernel = escape_rows if HAVE_NUMBA else escape_rows_py
+        return pool.map(_Rows(width, height, max_iter, view, kernel), rows, out=out,
                         grain=grain)
     finally:
         rows.release()
