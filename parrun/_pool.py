@@ -132,8 +132,9 @@ class WorkerStats:
 class JobStats:
     """What the last job did: ``pool.last_stats``.
 
-    ``items`` counts every index of the job; ``probe_items`` of them ran in the parent to
-    learn the output's shape and dtype.
+    ``items`` counts every index of the job; ``probe_items`` of them ran first, in one
+    worker, to learn the output's shape and dtype (``map`` with no ``out``), and are not in
+    ``workers``' counts.
     """
 
     items: int
@@ -152,8 +153,8 @@ class JobStats:
         lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
                  f"{self.wall_s * 1e3:.2f} ms wall"
                  + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")
-                 + (f"; the parent ran the first {self.probe_items} to learn the output's "
-                    "shape and dtype" if self.probe_items else "")]
+                 + (f"; the first {self.probe_items} ran before, in one worker, to learn "
+                    "the output's shape and dtype" if self.probe_items else "")]
         for w in self.workers:
             lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
                          f"pieces, {w.steals} steals, busy {w.busy_s * 1e3:.2f} ms, "
