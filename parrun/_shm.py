@@ -29,6 +29,7 @@ import mmap
 import os
 import pickle
 import secrets
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -528,34 +529,22 @@ class _ResultArrays:
         return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
 
 
-def _module_attr(module: str, qualname: str) -> Any:
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _module_attr(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
 
 
 def _reduce_by_reference(obj: Any) -> tuple | None:
-    """A numba dispatcher defined at the top level of an importable module, as a reference to
+    """A numba dispatcher bound at the top level of an importable module, as a reference to
     that module's attribute. numba pickles a dispatcher by value and rebuilds it, uncached, in
     the receiving process, which compiles it again (0.2-1.2 s a kernel, in every worker of
     every pool); by reference, a worker uses its own module's dispatcher, with its disk cache
     where it has one (``cache=True``)."""
     if not type(obj).__module__.startswith("numba."):
         return None
-    fn = getattr(obj, "py_func", None)
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", "")
-    if module is None or module == "__main__":
-        return None
-    try:
-        if "<locals>" not in qualname and _module_attr(module, qualname) is obj:
-            return _module_attr, (module, qualname)  # @njit def f: the module's f
-        # f = njit(g), or built by a function: bound at the top level under a name of its own
-        name = next((k for k, v in vars(importlib.import_module(module)).items() if v is obj),
-                    None)
-    except Exception:
-        return None
+    module = getattr(getattr(obj, "py_func", None), "__module__", None)
+    m = sys.modules.get(module) if module not in (None, "__main__") else None
+    # Found by identity, not by the function's name: ``f = njit(g)`` binds it as f.
+    name = next((k for k, v in vars(m).items() if v is obj), None) if m is not None else None
     return (_module_attr, (module, name)) if name is not None else None
 
 
