@@ -302,7 +302,7 @@ def lpt_shares(n: int, w: int) -> list[list[int]]:
 
 
 def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload:
-    n = items or (400 if quick else 2000)
+    n = items or (300 if quick else 2000)
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
     held: list = []
 
@@ -527,7 +527,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             return Workload("minilm", "sentences/s", 0,
                             [Method("parrun MiniLM", None, skipped=str(e))])
         words = "the parallel worker shares memory and steals work from busy cores".split()
-        n = 64 if quick else 512
+        n = 32 if quick else 512
         sents = [" ".join(rng.choice(words, int(rng.integers(3, 40)))) for _ in range(n)]
 
         def with_parrun(w):
@@ -731,7 +731,8 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     np.random.seed(0)
     results: dict[str, Any] = {"machine": machine_info(),
                                "config": {"suites": suites, "workers": workers,
-                                          "repeat": repeat, "quick": quick},
+                                          "repeat": repeat, "warmup": warmup,
+                                          "quick": quick},
                                "workloads": {}}
     bar = None
     if progress:
@@ -884,13 +885,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default=None,
                     help="comma-separated worker counts (default 1,2,4,... up to the cores)")
     ap.add_argument("--suite", default="map,tasks,irregular,mlp,attention,minilm,mandelbrot")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke test")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs (default 5; 2 quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes, 2 repeats, 1 warm-up: a smoke test")
     ap.add_argument("--json", help="write machine description and raw timings here")
     ap.add_argument("--plot", help="write a PNG of speed-up and throughput here")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="untimed runs before the timed ones, per method and worker count")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed runs before the timed ones, per method and worker count "
+                         "(default 2; 1 quick)")
     ap.add_argument("--irregular-items", type=int, default=None,
                     help="items of the irregular workload (default 2000; its cost grows as "
                          "the square)")
@@ -905,8 +908,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             plot(results, args.plot)
         return 0
-    if args.warmup < 0 or args.repeat < 1:
-        raise SystemExit("--warmup must be >= 0 and --repeat >= 1")
+    repeat = args.repeat if args.repeat is not None else 2 if args.quick else 5
+    warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
+    if repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {repeat}")
+    if warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {warmup}")
     if any(v in os.environ for v in _OPENBLAS_VARS):
         # These slow some NumPy kernels: unset them for the benchmark run only.
         env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
@@ -920,10 +927,9 @@ def main(argv: list[str] | None = None) -> int:
             workers.append(w)
             w *= 2
         workers.append(cores)
-    repeat = 2 if args.quick and args.repeat == 5 else args.repeat
     _exit_on_sigterm()
     results = run(args.suite.split(","), workers, repeat, args.quick,
-                  progress=not args.no_progress, warmup=args.warmup,
+                  progress=not args.no_progress, warmup=warmup,
                   irregular_items=args.irregular_items, json_path=args.json)
     if args.plot:
         plot(results, args.plot)

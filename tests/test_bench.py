@@ -29,6 +29,7 @@ def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
     assert set(data["workloads"]) == set(parrun.bench.SUITES)
     assert data["machine"]["logical_cores"] >= 1 and "blas" in data["machine"]
     assert data["config"]["workers"] == [1, 2]
+    assert (data["config"]["repeat"], data["config"]["warmup"]) == (2, 1)  # --quick's
     pm = data["workloads"]["map"]["methods"]["parrun.map"]["times_s"]
     assert set(pm) == {"1", "2"} and all(t > 0 for ts in pm.values() for t in ts)
     irregular = data["workloads"]["irregular"]["methods"]
@@ -97,6 +98,23 @@ def test_bad_arguments():
         parrun.bench.run(["nope"], [1], 1, True, progress=False)
     with pytest.raises(ValueError, match="positive"):
         parrun.bench.run(["map"], [0], 1, True, progress=False)
+
+
+def test_repeat_and_warmup_given_with_quick_are_kept(tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite", "tasks",
+                        "--workers", "1", "--repeat", "3", "--warmup", "0", "--no-progress",
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert (data["config"]["repeat"], data["config"]["warmup"]) == (3, 0)
+    assert len(data["workloads"]["tasks"]["methods"]["parrun Pool.submit"]["times_s"]["1"]) == 3
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--repeat", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--repeat must be >= 1, got 0" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--warmup", "-1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--warmup must be >= 0, got -1" in r.stderr
 
 
 def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
