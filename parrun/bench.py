@@ -833,6 +833,7 @@ def plot(results: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = [n for n, wl in results["workloads"].items() if "error" not in wl]
     if not names:
@@ -857,7 +858,16 @@ def plot(results: dict, path: str) -> None:
             ax_t.plot(x, [r["throughput"] for r in mine], style, label=method)
         ax_s.set_title(f"{name}: speed-up over 1 worker")
         ax_t.set_title(f"{name}: {wl['unit']}")
+        wide = len(ws) > 1 and ws[-1] >= 4 * ws[0]  # 1..16: log2 axes, ideal a diagonal
+        if wide:
+            ax_s.set_yscale("log", base=2)
+            ax_s.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
         for ax in (ax_s, ax_t):
+            if wide:
+                ax.set_xscale("log", base=2)
+            if ws:
+                ax.set_xticks(ws, [str(w) for w in ws])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("workers")
             ax.grid(alpha=0.3)
         ax_t.legend(fontsize=7)
