@@ -601,15 +601,18 @@ class Pool:
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
         return max(1, min(n, TILE_BYTES // max(1, row_bytes)))
 
-    def _engaged(self, items: int, grain: int, ns_per_item: float) -> int:
-        """How many workers to wake for ``items`` items: no more than there are pieces, and,
-        when the function's cost is known, none that would get less than ``MIN_SHARE_S``."""
+    def _engaged(self, items: int, grain: int, ns_per_item: float, adaptive: bool) -> int:
+        """How many workers to wake for ``items`` items: when the function's cost is known,
+        none that would get less than ``MIN_SHARE_S``; when pieces adapt to a cost not yet
+        measured, every worker (up to one an item), so that each loads the function (imports,
+        JIT caches) now, beside the others, and not in a later call while they wait for it;
+        with a fixed grain, no more than there are pieces."""
         if items <= 0:
             return 0
-        k = min(self.workers, -(-items // grain) if not ns_per_item else items)
         if ns_per_item:
-            k = min(k, max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
-        return k
+            return min(self.workers, items,
+                       max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
+        return min(self.workers, items if adaptive else -(-items // grain))
 
     def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
         """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
@@ -644,7 +647,7 @@ class Pool:
         fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
         totals = [[0, 0, 0, 0] for _ in range(self.workers)]
         partials: list[Any] = []
-        phase = initial_ranges(n, start, self._engaged(n - start, grain, cost))
+        phase = initial_ranges(n, start, self._engaged(n - start, grain, cost, adaptive))
         lost: list[tuple[int, int]] = []
         recovered = 0
         crashed: list[tuple[int, int, int | None]] = []

@@ -107,7 +107,7 @@ class _Worker:
         self.cmd = cmd
         fd, self._control_map = _shm.open_control(control_name)
         self.cb = ControlBlock(self._control_map, fd, nslots)
-        self.fns: dict[bytes, Any] = {}
+        self.fns: dict[bytes, Any] = {}  # key -> function, or its pickle until first used
         self.views: dict[tuple, np.ndarray] = {}
         self.task_ns = 0.0  # running estimate of a task's cost, sizes pieces of tasks
         self.ppid = os.getppid()
@@ -126,7 +126,11 @@ class _Worker:
         return arr
 
     def fn(self, key: bytes) -> Callable[..., Any]:
+        """The function ``key`` names, unpickled at its first use here: a worker can then claim
+        its first piece of a job before it pays for imports and JIT loads (see run_job)."""
         fn = self.fns[key]
+        if isinstance(fn, bytes):
+            fn = self.fns[key] = _unpickle_function(fn)
         if isinstance(fn, P.BadFunction):
             raise TypeError(fn.message)
         return fn
@@ -167,7 +171,7 @@ class _Worker:
         while self.cmd.poll():
             msg = pickle.loads(self.cmd.recv_bytes())
             if isinstance(msg, P.Function):
-                self.fns[msg.key] = _unpickle_function(msg.data)
+                self.fns[msg.key] = msg.data
             elif not isinstance(msg, P.TaskWake):
                 raise RuntimeError(f"unexpected command while serving tasks: {msg!r}")
 
@@ -225,9 +229,6 @@ class _Worker:
         error = None
         acc: Any = P.NOTHING
         try:
-            fn = self.fn(job.fn_key)
-            combine: Callable[[Any, Any], Any] | None = (
-                self.fn(job.reduce_key) if job.reduce_key is not None else None)
             ins = [self.array(h) for h in job.inputs]
             out = self.array(job.out) if job.out is not None else None
         except BaseException as e:
@@ -236,6 +237,8 @@ class _Worker:
         ppid = self.ppid
         adaptive, est, pass_out = job.adaptive, job.ns_per_item, job.pass_out
         busy = items = 0
+        fn: Callable[..., Any] | None = None
+        combine: Callable[[Any, Any], Any] | None = None
         size = grain
         while True:
             if adaptive:
@@ -247,6 +250,19 @@ class _Worker:
             piece = cb.take(me, size, solo)
             if piece is None:
                 break
+            if fn is None:
+                # Loaded only now, with a piece of our own claimed: a worker that is slow to
+                # load a function (imports, numba's cache) cannot see thieves take its whole
+                # range meanwhile, so it loads the function in this call, beside the others,
+                # instead of in a later call while they wait for it.
+                try:
+                    fn = self.fn(job.fn_key)
+                    if job.reduce_key is not None:
+                        combine = self.fn(job.reduce_key)
+                except BaseException as e:
+                    cb.abort()
+                    error = exception_for_transport(e)
+                    break
             lo, hi = piece
             t0 = now_ns()
             try:
@@ -355,6 +371,6 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
             except (BrokenPipeError, OSError):
                 break
         elif isinstance(msg, P.Function):
-            worker.fns[msg.key] = _unpickle_function(msg.data)
+            worker.fns[msg.key] = msg.data  # unpickled at its first use
         elif isinstance(msg, P.Stop):
             break

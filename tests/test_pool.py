@@ -203,6 +203,72 @@ def test_function_is_shipped_once_per_worker(pool):
         a.release()
 
 
+class FirstCallMarks:
+    """Gives 1 for the rows of a process's first call and 0 after, the first call slow (as a
+    numba kernel's first call in a process loads it from the disk cache)."""
+
+    called = False
+
+    def __call__(self, x):
+        first = not self.called
+        if first:
+            time.sleep(0.3)
+            self.called = True
+        return np.full(len(x), int(first))
+
+
+def test_every_worker_loads_a_new_function_in_its_first_call(pool):
+    """A function's first call wakes every worker, each running a piece, so later calls do
+    not wait while one more worker loads it (found: at 2 workers, Mandelbrot's third call on
+    a fresh pool was the first one not slowed by a worker's first use of the kernel)."""
+    fn, out = FirstCallMarks(), parrun.zeros(64, np.int64)
+    try:
+        pool.map(fn, np.zeros(64), out=out)
+        assert out.sum() == pool.workers, out  # each worker's first piece is one row
+        pool.map(fn, np.zeros(64), out=out)
+        assert out.sum() == 0, out
+    finally:
+        out.release()
+
+
+def _rebuild_slowly_in(pid: int):
+    if os.getpid() == pid:
+        time.sleep(2.5)  # this worker imports the function's module (numba, torch...) slowly
+    return _a_millisecond_a_row
+
+
+def _a_millisecond_a_row(x):
+    time.sleep(1e-3 * len(x))
+    return x * 2
+
+
+class SlowToLoadIn:
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __reduce__(self):
+        return _rebuild_slowly_in, (self.pid,)
+
+    def __call__(self, x):
+        return _a_millisecond_a_row(x)
+
+
+def test_a_worker_slow_to_load_a_function_still_runs_a_piece_of_its_first_call():
+    """A worker claims a piece before it loads the function: thieves done with their own
+    ranges cannot take all of its range while it loads, so that it loads the function in
+    this call, not in the next one while the others wait for it."""
+    with parrun.Pool(2) as p:
+        x = parrun.asshared(np.arange(1000.0))
+        try:
+            y = p.map(SlowToLoadIn(p.pids[1]), x)
+            np.testing.assert_array_equal(y, x * 2)
+            y.release()
+        finally:
+            x.release()
+        st = p.last_stats
+        assert st.workers[1].items >= 1, st
+
+
 def test_workers_use_one_blas_thread(pool):
     def blas_threads(x):
         from threadpoolctl import threadpool_info
