@@ -212,8 +212,8 @@ class FirstCallMarks:
     def __call__(self, x):
         first = not self.called
         if first:
-            time.sleep(0.3)
-            self.called = True
+            time.sleep(1.0)  # long enough that no worker is woken so late that others took its
+            self.called = True  # whole range: each runs its first piece
         return np.full(len(x), int(first))
 
 
