@@ -212,8 +212,10 @@ class FirstCallMarks:
     def __call__(self, x):
         first = not self.called
         if first:
-            time.sleep(1.0)  # long enough that no worker is woken so late that others took its
-            self.called = True  # whole range: each runs its first piece
+            # Long, so that a worker woken late on a busy machine still finds rows of its own
+            # range left: the others are in their own first row meanwhile.
+            time.sleep(1.0)
+            self.called = True
         return np.full(len(x), int(first))
 
 
