@@ -65,6 +65,10 @@ PROBE_ROWS = 8
 # A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
 # ~30-60 us, so smaller shares make a job slower, not faster.
 MIN_SHARE_S = 100e-6
+# A function's first call (cost unknown) starts on as many workers as it has pieces; if it is
+# still running after this long with items left, the rest are woken too (they start by
+# stealing). Sooner wastes wake-ups on trivial calls; later delays a costly first call.
+LATE_WAKE_S = 1e-3
 # Functions a pool keeps cached in its workers; the oldest are dropped beyond this.
 FN_CACHE_SIZE = 256
 # Seconds to wait for a worker to start, to stop, or to leave an aborted job.
@@ -601,18 +605,22 @@ class Pool:
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
         return max(1, min(n, TILE_BYTES // max(1, row_bytes)))
 
-    def _engaged(self, items: int, grain: int, ns_per_item: float, adaptive: bool) -> int:
-        """How many workers to wake for ``items`` items: when the function's cost is known,
-        none that would get less than ``MIN_SHARE_S``; when pieces adapt to a cost not yet
-        measured, every worker (up to one an item), so that each loads the function (imports,
-        JIT caches) now, beside the others, and not in a later call while they wait for it;
-        with a fixed grain, no more than there are pieces."""
+    def _engaged(self, items: int, grain: int, ns_per_item: float,
+                 adaptive: bool) -> tuple[int, int]:
+        """How many workers to wake for ``items`` items at once, and up to how many after
+        ``LATE_WAKE_S``. When the function's cost is known: none that would get less than
+        ``MIN_SHARE_S``. Otherwise no more than there are pieces at once; and, when pieces
+        adapt to a cost not yet measured, every worker (up to one an item) once the call
+        proves slow, so that each loads the function (imports, JIT caches) in this call,
+        beside the others, and not in a later call while they wait for it."""
         if items <= 0:
-            return 0
+            return 0, 0
         if ns_per_item:
-            return min(self.workers, items,
-                       max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
-        return min(self.workers, items if adaptive else -(-items // grain))
+            k = min(self.workers, items,
+                    max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
+            return k, k
+        k = min(self.workers, -(-items // grain))
+        return k, min(self.workers, items) if adaptive else k
 
     def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
         """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
@@ -647,14 +655,16 @@ class Pool:
         fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
         totals = [[0, 0, 0, 0] for _ in range(self.workers)]
         partials: list[Any] = []
-        phase = initial_ranges(n, start, self._engaged(n - start, grain, cost, adaptive))
+        engaged, upto = self._engaged(n - start, grain, cost, adaptive)
+        phase = initial_ranges(n, start, engaged)
         lost: list[tuple[int, int]] = []
         recovered = 0
         crashed: list[tuple[int, int, int | None]] = []
         error = None
         while True:
             self._cb.start_job(phase)
-            result = self._run_phase(job, fns, len(phase))
+            result = self._run_phase(job, fns, len(phase), upto)
+            upto = 0  # phases that re-run a dead worker's pieces wake no one late
             for k, row in enumerate(totals):
                 for i, v in enumerate(self._cb.slot_stats(k)):
                     row[i] += v
@@ -709,14 +719,16 @@ class Pool:
         return None
 
     def _run_phase(self, job: P.Job, fns: list[tuple[bytes, bytes]],
-                   engaged: int) -> _PhaseResult:
-        """Send ``job`` to the first ``engaged`` workers; wait until each is done or dead."""
-        job = dataclasses.replace(job, solo=engaged == 1)
+                   engaged: int, upto: int = 0) -> _PhaseResult:
+        """Send ``job`` to the first ``engaged`` workers, and after ``LATE_WAKE_S`` to those up
+        to ``upto`` if items are still left; wait until each is done or dead."""
+        job = dataclasses.replace(job, solo=max(engaged, upto) == 1)
         msg = pickle.dumps(job, protocol=5)
         pending: dict[Any, int] = {}
         sentinels: dict[Any, int] = {}
         result = _PhaseResult()
-        for w in self._workers[:engaged]:
+
+        def send(w: _WorkerHandle) -> None:
             try:
                 for key, data in fns:
                     if key not in w.fn_keys:
@@ -734,11 +746,25 @@ class Pool:
                 pass
             pending[w.status] = w.slot
             sentinels[w.process.sentinel] = w.slot
+
+        for w in self._workers[:engaged]:
+            send(w)
+        late = self._workers[engaged:upto]
+        late_at = time.perf_counter() + LATE_WAKE_S
         deadline = None
         spin_until = time.perf_counter() + SPIN_S
         gone: dict[int, float] = {}  # slot -> when its process was seen dead
         while pending:
+            if late and time.perf_counter() >= late_at:
+                if result.interrupted is None and not self._cb.aborted \
+                        and self._cb.has_work():
+                    for w in late:
+                        send(w)
+                late = []
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if late:
+                wake_in = max(0.0, late_at - time.perf_counter())
+                timeout = wake_in if timeout is None else min(timeout, wake_in)
             if gone:
                 now = time.monotonic()
                 for r, slot in list(pending.items()):

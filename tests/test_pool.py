@@ -220,9 +220,10 @@ class FirstCallMarks:
 
 
 def test_every_worker_loads_a_new_function_in_its_first_call(pool):
-    """A function's first call wakes every worker, each running a piece, so later calls do
-    not wait while one more worker loads it (found: at 2 workers, Mandelbrot's third call on
-    a fresh pool was the first one not slowed by a worker's first use of the kernel)."""
+    """A function's first call that proves slow wakes every worker, each running a piece, so
+    later calls do not wait while one more worker loads it (found: at 2 workers, Mandelbrot's
+    third call on a fresh pool was the first one not slowed by a worker's first use of the
+    kernel)."""
     fn, out = FirstCallMarks(), parrun.zeros(64, np.int64)
     try:
         pool.map(fn, np.zeros(64), out=out)
@@ -231,6 +232,18 @@ def test_every_worker_loads_a_new_function_in_its_first_call(pool):
         assert out.sum() == 0, out
     finally:
         out.release()
+
+
+def test_a_quick_first_call_wakes_only_the_workers_it_has_pieces_for(pool, monkeypatch):
+    monkeypatch.setattr(parrun._pool, "LATE_WAKE_S", 5.0)  # this call ends long before
+    x, out = parrun.asshared(np.arange(64.0)), parrun.empty(64)
+    try:
+        pool.map(lambda t: t - 1, x, out=out)  # a new function; 64 rows make one piece
+        np.testing.assert_array_equal(out, x - 1)
+    finally:
+        x.release()
+        out.release()
+    assert [w.pieces > 0 for w in pool.last_stats.workers] == [True, False]
 
 
 def _rebuild_slowly_in(pid: int):
