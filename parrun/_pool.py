@@ -16,7 +16,9 @@ Data flow of ``pool.map(fn, x, out=out)``::
 Who does what:
 
 * the parent starts a job, waits, and reacts to deaths (process sentinels); it never hands out
-  pieces;
+  pieces. It wakes as many workers as the job can keep busy; a function's first call, whose
+  cost is unknown, wakes the rest after ``LATE_WAKE_S`` if rows are still left (they steal);
+* a worker unpickles a function at its first use, with a piece of its own already claimed;
 * workers split the work among themselves through the control block (``_scheduler``);
 * ``_shm`` owns every segment; only handles and small records cross the pipes (``_protocol``).
 
