@@ -2,17 +2,18 @@
 
     python benchmarks/bench_first_call.py [--workers 2] [--calls 4]
 
-A function's first call wakes every worker, and each loads the function (unpickles it,
-imports what it needs, loads numba's cache) with a row of its own claimed, so that all load it
-in that call. Printed, side by side in one run:
+A function's first call starts on as many workers as it has pieces and, if it is still
+running after ``parrun._pool.LATE_WAKE_S`` with rows left, wakes the rest; each worker loads
+the function (unpickles it, imports what it needs, loads numba's cache) with a row of its own
+claimed, so that all load it in that call. Printed, side by side in one run:
 
 1. the first ``--calls`` calls of a costly pure-Python function (400 rows of ~1 ms) on a fresh
    pool of ``--workers`` and on a fresh pool of 1 worker (how the first call ran when it woke
    one worker);
 2. the same for ``parrun.nn.mandelbrot`` (400x400, 128 iterations), whose numba kernel each
    worker loads at its first use (skipped without numba);
-3. the price: calls of a trivial function on 1,000 rows, the same function every call against
-   a new closure every call (each a first call).
+3. calls of a trivial function on 1,000 rows, the same function every call against a new
+   closure every call (each a first call, which should stay on one worker).
 """
 
 from __future__ import annotations
