@@ -15,6 +15,7 @@ def check_arrays(arrays: tuple) -> list[np.ndarray]:
         raise TypeError("map needs at least one array to split")
     out = []
     for i, a in enumerate(arrays):
+        _check_not_masked(a, f"argument {i}")
         if not isinstance(a, np.ndarray):
             try:
                 a = np.asarray(a)
@@ -34,10 +35,46 @@ def check_arrays(arrays: tuple) -> list[np.ndarray]:
     return out
 
 
+def _check_not_masked(a: Any, what: str) -> None:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{what} is a masked array; map splits plain arrays and would drop "
+                        "the mask: pass a.filled(value), or the data and the mask as two "
+                        "arrays")
+
+
+def check_fn(fn: Any, reduce: Any) -> None:
+    """``map``'s function: callable, and (for map) returning one array."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if reduce is None and isinstance(fn, np.ufunc) and fn.nout > 1:
+        raise TypeError(f"{fn.__name__} returns {fn.nout} arrays; map fills one (map a "
+                        "function that returns one of them)")
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
+
+
+def check_first_result(res: Any, lo: int, hi: int) -> np.ndarray:
+    """``fn``'s result for rows ``lo:hi`` when map allocates ``out`` from it: an array with a
+    row per input row, not of objects; else TypeError or ValueError naming the rows."""
+    if res is None:
+        raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
+                        "array with one row per input row (use map_reduce to reduce)")
+    check_not_tuple(res)
+    res = np.asarray(res)
+    if res.ndim == 0 or res.shape[0] != hi - lo:
+        raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}; map needs one "
+                         "result row per input row (use map_reduce to reduce)")
+    if res.dtype.hasobject:
+        raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi}; results must be "
+                        "numeric")
+    return res
+
+
 def check_out(out: Any, n: int) -> np.ndarray:
     """``map``'s ``out``: a writable array of ``n`` rows; else TypeError or ValueError."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    _check_not_masked(out, "out")
     if out.dtype.hasobject:
         raise TypeError(f"out has dtype {out.dtype}, which holds Python objects")
     if out.ndim == 0 or out.shape[0] != n:
@@ -68,6 +105,7 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
                       and res.__array_interface__ == dst.__array_interface__):
         return
     if not isinstance(res, np.ndarray):
+        check_not_tuple(res)
         if res is None:
             raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
                             f"array of shape {dst.shape}")
@@ -76,8 +114,21 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
         raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
                          f"{dst.shape}: one result row per input row (use map_reduce to "
                          "reduce)")
+    if dst.dtype.kind in "SUV" and res.dtype.itemsize > dst.dtype.itemsize:
+        # same_kind lets NumPy cut strings short; here that would lose data silently.
+        raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi} but out has dtype "
+                        f"{dst.dtype}, which would cut it short; pass an out wide enough "
+                        "(when map allocates out, its dtype is that of the first piece)")
     try:
         np.copyto(dst, res, casting="same_kind")
     except TypeError as e:
         raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
             from None
+
+
+def check_not_tuple(res: Any) -> None:
+    """TypeError for a tuple result (``np.divmod``, ``np.frexp``): map fills one array, and
+    NumPy would stack the tuple into one, silently, when its length matches the rows."""
+    if isinstance(res, tuple):
+        raise TypeError(f"fn returned a tuple of {len(res)}; map needs one array with a row "
+                        "per input row (map each output separately, or stack them in fn)")

@@ -37,6 +37,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import select
 import sys
 import threading
 import time
@@ -52,7 +53,7 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
-from ._checks import accepts_out, check_arrays, check_out
+from ._checks import accepts_out, check_arrays, check_first_result, check_fn, check_out
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
@@ -187,7 +188,7 @@ class _WorkerHandle:
         self.status = status
         self.pid = process.pid
         self.fn_keys: set[bytes] = set()
-        # What this worker must drop, told with the next job it gets.
+        # What this worker must drop, told with the next job or round of tasks it gets.
         self.forget_segments: list[str] = []
         self.forget_fns: list[bytes] = []
 
@@ -250,6 +251,8 @@ class Pool:
         self._stopped = False
         self._terminating = False
         self._generation = 0  # bumped whenever a worker is replaced
+        self._dead_poll: tuple[int, Any, dict[int, int]] = (-1, None, {})
+        self._in_flight: dict[Any, int] | None = None  # see _run_phase
         self.workers = workers
         self.blas_threads = blas_threads
         self.start_method = start_method or default_start_method()
@@ -260,7 +263,10 @@ class Pool:
         self._lock = threading.RLock()
         self._closed = False
         self._job_id = 0
-        self._fn_lru: OrderedDict[bytes, None] = OrderedDict()
+        # fn key -> the segments its pickle names, least recently used first
+        self._fn_lru: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+        self._fn_lock = threading.Lock()
+        self._evicted: list[bytes] = []  # keys that left the LRU, for _queue_forgets
         # fn key -> nanoseconds per item measured on the last job: sizes pieces and decides
         # how many workers a small job is worth waking.
         self._cost: OrderedDict[bytes, float] = OrderedDict()
@@ -321,6 +327,8 @@ class Pool:
             pid=w.pid, exitcode=w.process.exitcode)
 
     def _replace(self, slot: int) -> None:
+        if self._terminating:  # terminate() killed it: a call in flight fails, none restarts
+            raise BrokenPool("the pool was terminated")
         self._generation += 1
         old = self._workers[slot]
         if old is not None:
@@ -335,6 +343,19 @@ class Pool:
                 if attempt == START_TRIES:
                     raise
                 _close_handle(w)
+
+    def _replace_dead(self) -> None:
+        """Replace the workers that have died since the last call (one poll, ~1 us)."""
+        if self._dead_poll[0] != self._generation:
+            poll = select.poll()
+            for w in self._workers:
+                poll.register(w.process.sentinel, select.POLLIN)
+            self._dead_poll = (self._generation, poll, {w.process.sentinel: w.slot
+                                                        for w in self._workers})
+        _gen, poll, slots = self._dead_poll
+        for fd, _ in poll.poll(0):
+            self._workers[slots[fd]].process.join(STOP_TIMEOUT)
+            self._replace(slots[fd])
 
     def _terminate_all(self) -> None:
         for w in self._workers:
@@ -470,20 +491,53 @@ class Pool:
 
     # -- functions ------------------------------------------------------------------------
     def _register(self, fn: Callable[..., Any], what: str = "fn") -> tuple[bytes, bytes, bool]:
-        """Pickle ``fn`` (cached), note it in the pool's LRU; return (key, bytes, takes_out)."""
-        key, data, takes_out = _pickle_function(fn, what)
-        lru = self._fn_lru
-        if key in lru:
-            lru.move_to_end(key)
-        else:
-            lru[key] = None
-            while len(lru) > FN_CACHE_SIZE:
-                old, _ = lru.popitem(last=False)
-                for w in self._workers:
-                    if old in w.fn_keys:
-                        w.fn_keys.discard(old)
-                        w.forget_fns.append(old)
+        """Pickle ``fn`` (cached), note it in the pool's LRU; return (key, bytes, takes_out).
+
+        Called from any thread (``submit``): it touches only the LRU. What workers hold is
+        changed only where jobs and tasks are sent (see ``_queue_forgets``)."""
+        key, data, takes_out, names = _pickle_function(fn, what)
+        with self._fn_lock:
+            lru = self._fn_lru
+            if key in lru:
+                lru.move_to_end(key)
+            else:
+                lru[key] = names
+                while len(lru) > FN_CACHE_SIZE:
+                    self._evicted.append(lru.popitem(last=False)[0])
         return key, data, takes_out
+
+    def _queue_forgets(self) -> None:
+        """Note, for each worker, what it must drop before its next message: functions that
+        left the LRU, segments released since the last call, and functions whose pickles
+        name those segments (a worker's cached function holds its mapping of them, whose
+        memory stays in use as long as the function). Called where messages to workers are
+        sent (under ``_lock``, or serving tasks), and before ``_send_forgets``: a function
+        sent after its forgetting is kept."""
+        released = self._released.drain()
+        if not released and not self._evicted:
+            return
+        gone = set(released)
+        with self._fn_lock:
+            evicted, self._evicted = self._evicted, []
+            stale = [k for k, names in self._fn_lru.items()
+                     if names and not names.isdisjoint(gone)]
+            for k in stale:
+                del self._fn_lru[k]
+            drop = [k for k in evicted if k not in self._fn_lru] + stale
+        for w in self._workers:
+            w.forget_segments += released
+            for k in drop:
+                if k in w.fn_keys:
+                    w.fn_keys.discard(k)
+                    w.forget_fns.append(k)
+
+    def _send_forgets(self, w: _WorkerHandle) -> None:
+        """Send ``w`` what it must drop (see ``_queue_forgets``); OSError if it is dead."""
+        if w.forget_segments or w.forget_fns:
+            msg = P.Forget(tuple(w.forget_segments), tuple(w.forget_fns))
+            w.forget_segments.clear()
+            w.forget_fns.clear()
+            w.cmd.send_bytes(pickle.dumps(msg, protocol=5))
 
     # -- jobs -----------------------------------------------------------------------------
     def map(self, fn: Callable[..., Any], *arrays: Any, out: np.ndarray | None = None,
@@ -527,14 +581,16 @@ class Pool:
             ValueError: empty input and no ``initial``.
             WorkerCrashed: a worker died (its partial result is lost); the pool recovers.
         """
-        if not callable(reduce):
-            raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
         return self._run(fn, arrays, out=None, grain=grain, reduce=reduce, initial=initial)
 
     def _run(self, fn, arrays, *, out, grain, reduce, initial=P.NOTHING):
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        tasks = self._tasks
+        if tasks is not None and threading.current_thread() is tasks.thread:
+            # The collector runs callbacks while it serves tasks on these same workers.
+            raise RuntimeError("map and map_reduce cannot run in a callback of this pool's "
+                               "futures (add_done_callback); call them from another thread")
+        check_fn(fn, reduce)
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
         if grain is not None:
@@ -556,12 +612,25 @@ class Pool:
                                      f"inputs has shape {want}; pass an out of that shape")
         fn_key, fn_data, takes_out = self._register(fn)
         red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
+        if n == 0 and out is None and reduce is None:
+            # Nothing to split; the result's type comes from fn on the empty input, called
+            # in a worker as every call of fn is (after its pool's initializer, say).
+            t0 = time.perf_counter()
+            res = self.submit(fn, *arrs).result()
+            wall = time.perf_counter() - t0
+            self.last_stats = JobStats(0, 0, 0, wall, tuple(
+                WorkerStats(w.slot, w.pid, 0, 0, 0, 0.0, wall) for w in self._workers))
+            return _allocate_from_probe(res, 0, 0)
         temps: list[np.ndarray] = []
         allocated = None  # an out this call made: released if the call fails
         try:
             ins = []
             for a in arrs:
                 h = _shm.handle_of(a)
+                if h is not None and out is not None and _overlaps_across_rows(a, out):
+                    # Pieces would overwrite rows that other pieces have yet to read: work on
+                    # a copy, as NumPy's ufuncs do.
+                    h, a = None, np.array(a)
                 if h is None:
                     a = _shm.asshared(a)
                     temps.append(a)
@@ -573,16 +642,15 @@ class Pool:
                 if reduce is None:
                     if target is None:
                         start = min(n, grain if not adaptive else PROBE_ROWS)
-                        if start:
-                            res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
-                            if adaptive and fn_key not in self._cost:
-                                self._cost[fn_key] = probe_ns / start
-                        else:  # nothing to split: learn the result's type here
-                            res = fn(*arrs)
+                        res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
+                        if adaptive and fn_key not in self._cost:
+                            self._cost[fn_key] = probe_ns / start
                         target = allocated = _allocate_from_probe(res, start, n)
                     out_h = _shm.handle_of(target)
                     if out_h is None:
-                        copy_back, target = target, _shm.empty(target.shape, target.dtype)
+                        # fn(..., out=) may read out or leave parts of it (ufunc where=)
+                        copy_back, target = target, (_shm.asshared(target) if takes_out else
+                                                     _shm.empty(target.shape, target.dtype))
                         temps.append(target)
                         out_h = _shm.handle_of(target)
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
@@ -650,10 +718,7 @@ class Pool:
                     reduce_key=None if red is None else red[0], adaptive=adaptive,
                     pass_out=out is not None and takes_out,
                     ns_per_item=cost)
-        released = self._released.drain()
-        if released:
-            for w in self._workers:
-                w.forget_segments += released
+        self._queue_forgets()
         fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
         totals = [[0, 0, 0, 0] for _ in range(self.workers)]
         partials: list[Any] = []
@@ -663,49 +728,53 @@ class Pool:
         recovered = 0
         crashed: list[tuple[int, int, int | None]] = []
         error = None
-        while True:
-            self._cb.start_job(phase)
-            result = self._run_phase(job, fns, len(phase), upto)
-            upto = 0  # phases that re-run a dead worker's pieces wake no one late
-            for k, row in enumerate(totals):
-                for i, v in enumerate(self._cb.slot_stats(k)):
-                    row[i] += v
-            partials += result.partials
-            error = error or result.error
-            for slot in result.dead:
-                lost += self._cb.unfinished(slot)
-                old = self._workers[slot]
-                crashed.append((slot, old.pid, old.process.exitcode))
-                self._replace(slot)
-            if result.interrupted is not None:
-                raise result.interrupted
-            if error is not None or red is not None or collect or not lost:
-                break
-            if len(crashed) >= MAX_DEATHS_PER_CALL:
-                slot, pid, code = crashed[-1]
-                raise WorkerCrashed(
-                    f"{len(crashed)} workers died during one map, the last worker {slot} (pid "
-                    f"{pid}, {describe_exit(code)}): fn probably ends its process (a crash in "
-                    "compiled code, os._exit). Replacement workers have started.",
-                    pid=pid, exitcode=code)
-            # Re-run what dead workers left (map pieces are idempotent), one range per slot
-            # and phase; the others steal from it as usual.
-            phase, lost = lost[:self.workers], lost[self.workers:]
-            recovered += len(phase)
-        wall = time.perf_counter() - t0
+        self._drain_stale()
+        self._replace_dead()  # died while idle (OOM killer, say): not this call's loss
+        try:
+            while True:
+                self._cb.start_job(phase)
+                result = self._run_phase(job, fns, len(phase), upto)
+                upto = 0  # phases that re-run a dead worker's pieces wake no one late
+                for k, row in enumerate(totals):
+                    for i, v in enumerate(self._cb.slot_stats(k)):
+                        row[i] += v
+                partials += result.partials
+                error = error or result.error
+                for slot in result.dead:
+                    lost += self._cb.unfinished(slot)
+                    old = self._workers[slot]
+                    crashed.append((slot, old.pid, old.process.exitcode))
+                    self._replace(slot)
+                if result.interrupted is not None:
+                    raise result.interrupted
+                if error is not None or red is not None or collect or not lost:
+                    break
+                if len(crashed) >= MAX_DEATHS_PER_CALL:
+                    slot, pid, code = crashed[-1]
+                    raise WorkerCrashed(
+                        f"{len(crashed)} workers died during one map, the last worker {slot} "
+                        f"(pid {pid}, {describe_exit(code)}): fn probably ends its process (a "
+                        "crash in compiled code, os._exit). Replacement workers have started.",
+                        pid=pid, exitcode=code)
+                # Re-run what dead workers left (map pieces are idempotent), one range per
+                # slot and phase; the others steal from it as usual.
+                phase, lost = lost[:self.workers], lost[self.workers:]
+                recovered += len(phase)
+        finally:  # the stats of this call, also when it fails
+            wall = time.perf_counter() - t0
+            self.last_stats = JobStats(
+                items=n, pieces=sum(t[1] for t in totals) + (1 if start else 0),
+                steals=sum(t[2] for t in totals), wall_s=wall,
+                workers=tuple(WorkerStats(k, self._workers[k].pid, t[0], t[1], t[2],
+                                          t[3] / 1e9, max(0.0, wall - t[3] / 1e9))
+                              for k, t in enumerate(totals)),
+                probe_items=start, recovered=recovered)
         items_run, busy_ns = sum(t[0] for t in totals), sum(t[3] for t in totals)
         if adaptive and items_run and error is None:
             self._cost[fn_key] = busy_ns / items_run
             self._cost.move_to_end(fn_key)
             while len(self._cost) > FN_CACHE_SIZE:
                 self._cost.popitem(last=False)
-        self.last_stats = JobStats(
-            items=n, pieces=sum(t[1] for t in totals) + (1 if start else 0),
-            steals=sum(t[2] for t in totals), wall_s=wall,
-            workers=tuple(WorkerStats(k, self._workers[k].pid, t[0], t[1], t[2], t[3] / 1e9,
-                                      max(0.0, wall - t[3] / 1e9))
-                          for k, t in enumerate(totals)),
-            probe_items=start, recovered=recovered)
         if error is not None:
             raise error
         if red is not None or collect:
@@ -729,62 +798,88 @@ class Pool:
         pending: dict[Any, int] = {}
         sentinels: dict[Any, int] = {}
         result = _PhaseResult()
+        cut: list[int] = []  # workers whose messages an interrupt may have cut short
+        # Until this returns, the workers in ``pending`` may be running the job: if an
+        # interrupt ends it early after all, the next job stops them first (_drain_stale).
+        self._in_flight = pending
 
         def send(w: _WorkerHandle) -> None:
+            # Waited for before anything is sent: a job sent is a job waited for.
+            pending[w.status] = w.slot
+            sentinels[w.process.sentinel] = w.slot
             try:
+                self._send_forgets(w)
                 for key, data in fns:
                     if key not in w.fn_keys:
                         w.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
                         w.fn_keys.add(key)
-                if w.forget_segments or w.forget_fns:
-                    w.cmd.send_bytes(pickle.dumps(dataclasses.replace(
-                        job, forget_segments=tuple(w.forget_segments),
-                        forget_fns=tuple(w.forget_fns)), protocol=5))
-                    w.forget_segments.clear()
-                    w.forget_fns.clear()
-                else:
-                    w.cmd.send_bytes(msg)
+                w.cmd.send_bytes(msg)
             except OSError:  # already dead: its sentinel tells
                 pass
-            pending[w.status] = w.slot
-            sentinels[w.process.sentinel] = w.slot
+            except BaseException:
+                cut.append(w.slot)
+                raise
 
-        for w in self._workers[:engaged]:
-            send(w)
-        late = self._workers[engaged:upto]
-        late_at = time.perf_counter() + LATE_WAKE_S
         deadline = None
+
+        def interrupted(e: BaseException) -> None:
+            """Stop the workers at their next piece; wait for them (a while), then raise."""
+            nonlocal deadline
+            self._cb.abort()
+            if result.interrupted is None:
+                result.interrupted = e
+                deadline = time.monotonic() + INTERRUPT_GRACE
+
+        late = self._workers[engaged:upto]
+        try:
+            for w in self._workers[:engaged]:
+                send(w)
+        except KeyboardInterrupt as e:
+            late = []
+            interrupted(e)
+        late_at = time.perf_counter() + LATE_WAKE_S
         spin_until = time.perf_counter() + SPIN_S
         gone: dict[int, float] = {}  # slot -> when its process was seen dead
         while pending:
-            if late and time.perf_counter() >= late_at:
-                if result.interrupted is None and not self._cb.aborted \
-                        and self._cb.has_work():
-                    for w in late:
-                        send(w)
-                late = []
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if late:
-                wake_in = max(0.0, late_at - time.perf_counter())
-                timeout = wake_in if timeout is None else min(timeout, wake_in)
-            if gone:
-                now = time.monotonic()
-                for r, slot in list(pending.items()):
-                    if slot in gone and now - gone[slot] > DEAD_PIPE_GRACE:
-                        # Dead, and its pipe never said so: count it dead all the same.
+            try:
+                while cut:  # its pipe may hold half a message: it cannot be trusted again
+                    slot = cut.pop()
+                    self._workers[slot].process.kill()
+                    self._workers[slot].process.join(STOP_TIMEOUT)
+                    for r in [r for r, k in pending.items() if k == slot]:
                         del pending[r]
-                        gone.pop(slot)
-                        result.dead.append(slot)
+                    sentinels = {r: k for r, k in sentinels.items() if k != slot}
+                    gone.pop(slot, None)
+                    result.dead.append(slot)
                 if not pending:
                     break
-                wait_more = min(gone.values()) + DEAD_PIPE_GRACE - now if gone else None
-                if wait_more is not None:
-                    timeout = max(0.0, wait_more) if timeout is None else \
-                        min(timeout, max(0.0, wait_more))
-            try:
+                if late and time.perf_counter() >= late_at:
+                    if result.interrupted is None and not self._cb.aborted \
+                            and self._cb.has_work():
+                        for w in late:
+                            send(w)
+                    late = []
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if late:
+                    wake_in = max(0.0, late_at - time.perf_counter())
+                    timeout = wake_in if timeout is None else min(timeout, wake_in)
+                if gone:
+                    now = time.monotonic()
+                    for r, slot in list(pending.items()):
+                        if slot in gone and now - gone[slot] > DEAD_PIPE_GRACE:
+                            # Dead, and its pipe never said so: count it dead all the same.
+                            del pending[r]
+                            gone.pop(slot)
+                            result.dead.append(slot)
+                    if not pending:
+                        break
+                    wait_more = min(gone.values()) + DEAD_PIPE_GRACE - now if gone else None
+                    if wait_more is not None:
+                        timeout = max(0.0, wait_more) if timeout is None else \
+                            min(timeout, max(0.0, wait_more))
                 if spin_until:
-                    # Short jobs finish within microseconds: poll before paying for a sleep
-                    # and a wake-up (tens of microseconds each).
+                    # Short jobs finish within microseconds: poll before paying for a sleep and a
+                    # wake-up (tens of microseconds each).
                     ready = [c for c in pending if c.poll()]
                     if not ready:
                         if time.perf_counter() < spin_until:
@@ -793,55 +888,85 @@ class Pool:
                         ready = _wait(list(pending) + list(sentinels), timeout)
                 else:
                     ready = _wait(list(pending) + list(sentinels), timeout)
-            except KeyboardInterrupt as e:  # stop the workers at their next piece, then raise
-                self._cb.abort()
-                result.interrupted = e
-                deadline = time.monotonic() + INTERRUPT_GRACE
-                continue
-            if not ready:
-                if deadline is None or time.monotonic() < deadline:
-                    continue  # a dead worker's grace ran out: handled at the loop's top
-                # Interrupted, and some workers are stuck in a long piece.
-                for slot in list(pending.values()):
-                    self._workers[slot].process.kill()
-                    self._workers[slot].process.join(STOP_TIMEOUT)
-                    result.dead.append(slot)
-                pending.clear()
-                break
-            for r in ready:
-                if r in pending:
-                    slot = pending[r]
-                    try:
-                        data = r.recv_bytes()  # type: ignore[union-attr]  # a Connection
-                    except (EOFError, OSError):  # it died before saying it was done
+                if not ready:
+                    if deadline is None or time.monotonic() < deadline:
+                        continue  # a dead worker's grace ran out: handled at the loop's top
+                    # Interrupted, and some workers are stuck in a long piece.
+                    for slot in list(pending.values()):
+                        self._workers[slot].process.kill()
                         self._workers[slot].process.join(STOP_TIMEOUT)
+                        result.dead.append(slot)
+                    pending.clear()
+                    break
+                for r in ready:
+                    if r in pending:
+                        slot = pending[r]
+                        try:
+                            data = r.recv_bytes()  # type: ignore[union-attr]  # a Connection
+                        except (EOFError, OSError):  # it died before saying it was done
+                            self._workers[slot].process.join(STOP_TIMEOUT)
+                            del pending[r]
+                            sentinels = {s: k for s, k in sentinels.items() if k != slot}
+                            gone.pop(slot, None)
+                            result.dead.append(slot)
+                            continue
+                        try:
+                            done = pickle.loads(data)
+                        except Exception as e:  # a partial result that fails to unpickle
+                            done = P.Done(job.job_id, slot, e, P.NOTHING)
+                        if not isinstance(done, P.Done) or done.job_id != job.job_id:
+                            continue  # not this job's (cannot happen; harmless if it does)
                         del pending[r]
                         sentinels = {s: k for s, k in sentinels.items() if k != slot}
-                        gone.pop(slot, None)
-                        result.dead.append(slot)
-                        continue
-                    try:
-                        done = pickle.loads(data)
-                    except Exception as e:  # a partial result that fails to unpickle
-                        done = P.Done(job.job_id, slot, e, P.NOTHING)
-                    if not isinstance(done, P.Done) or done.job_id != job.job_id:
-                        continue  # not this job's (cannot happen; harmless if it does)
-                    del pending[r]
-                    sentinels = {s: k for s, k in sentinels.items() if k != slot}
-                    gone.pop(slot, None)  # its Done came before its end: the next call
-                    # sees the death (a map_reduce partial that arrived still counts)
-                    if done.error is not None and result.error is None:
-                        result.error = done.error
-                    if done.partial is not P.NOTHING:
-                        result.partials.append(done.partial)
-                elif r in sentinels:
-                    # Dead. Its status pipe is now readable (a last message or EOF); reading
-                    # it above decides, so that a Done sent before dying still counts. Stop
-                    # watching the sentinel (it stays ready: waiting on it would spin).
-                    slot = sentinels.pop(r)
-                    if self._workers[slot].status in pending:
-                        gone[slot] = time.monotonic()
+                        gone.pop(slot, None)  # its Done came before its end: the next call
+                        # sees the death (a map_reduce partial that arrived still counts)
+                        if done.error is not None and result.error is None:
+                            result.error = done.error
+                        if done.partial is not P.NOTHING:
+                            result.partials.append(done.partial)
+                    elif r in sentinels:
+                        # Dead. Its status pipe is now readable (a last message or EOF); reading
+                        # it above decides, so that a Done sent before dying still counts. Stop
+                        # watching the sentinel (it stays ready: waiting on it would spin).
+                        slot = sentinels.pop(r)
+                        if self._workers[slot].status in pending:
+                            gone[slot] = time.monotonic()
+            except KeyboardInterrupt as e:  # anywhere in the loop: the workers finish first
+                interrupted(e)
+        self._in_flight = None
         return result
+
+    def _drain_stale(self) -> None:
+        """Stop the workers of a job that an interrupt ended before they were waited for
+        (one landed where ``_run_phase`` could not catch it), so that they cannot take the
+        next job's pieces: abort it, discard what they send, kill those that do not answer
+        within ``INTERRUPT_GRACE``, and replace the dead."""
+        stale, self._in_flight = self._in_flight, None
+        if not stale:
+            return
+        self._cb.abort()
+        slots = set(stale.values())
+        deadline = time.monotonic() + INTERRUPT_GRACE
+        while slots:
+            conns = {self._workers[k].status: k for k in slots}
+            ready = _wait(list(conns), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                for k in slots:
+                    self._workers[k].process.kill()
+                    self._workers[k].process.join(STOP_TIMEOUT)
+                    self._replace(k)
+                return
+            for r in ready:
+                k = conns[r]
+                try:
+                    msg = pickle.loads(r.recv_bytes())  # type: ignore[union-attr]
+                except (EOFError, OSError):  # dead
+                    self._workers[k].process.join(STOP_TIMEOUT)
+                    self._replace(k)
+                    slots.discard(k)
+                    continue
+                if isinstance(msg, P.Done):
+                    slots.discard(k)
 
     # -- introspection --------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -854,7 +979,9 @@ class Pool:
 # id(fn) -> (fn, fingerprint, key, data, takes_out): functions pickled already, so that a
 # function used again costs a dict lookup instead of a cloudpickle run (~100 us for a
 # lambda). Holding ``fn`` keeps its id from being reused.
-_pickled: OrderedDict[int, tuple[Any, tuple, bytes, bytes, bool]] = OrderedDict()
+# id(fn) -> (weak reference to fn, fingerprint, key, pickle, takes out, segments it names)
+_pickled: OrderedDict[int, tuple[Any, tuple, bytes, bytes, bool, frozenset[str]]] = \
+    OrderedDict()
 _pickled_lock = threading.Lock()
 
 
@@ -875,9 +1002,10 @@ def _fingerprint(fn: Any) -> tuple:
             id(getattr(fn, "__kwdefaults__", None)), tuple(contents))
 
 
-def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool]:
+def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool, frozenset[str]]:
     """Cloudpickle ``fn`` once (again only if its code, defaults or closure were rebound);
-    return (key, bytes, whether fn takes ``out``), the key being a hash of the bytes.
+    return (key, bytes, whether fn takes ``out``, the segments the pickle names), the key
+    being a hash of the bytes.
 
     Global variables the function reads are captured the first time it is pickled.
     """
@@ -885,20 +1013,25 @@ def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool]:
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
     fp = _fingerprint(fn)
     hit = _pickled.get(id(fn))  # a dict read is atomic: no lock on the hot path
-    if hit is not None and hit[0] is fn and hit[1] == fp:
-        return hit[2], hit[3], hit[4]
+    if hit is not None and hit[0]() is fn and hit[1] == fp:
+        return hit[2:]
     try:
-        data = _shm.dumps(fn)
+        data, names = _shm.dumps_naming(fn)
     except Exception as e:
         raise TypeError(f"{what} could not be pickled (cloudpickle): "
                         f"{type(e).__name__}: {e}") from e
     key = hashlib.blake2b(data, digest_size=16).digest()
     takes_out = accepts_out(fn)
+    try:
+        # Weakly: a function must not keep the shared arrays in its closure alive.
+        ref: Callable[[], Any] = weakref.ref(fn)
+    except TypeError:
+        ref = lambda: fn  # noqa: E731 - not weakly referenceable (a few builtins)
     with _pickled_lock:
-        _pickled[id(fn)] = (fn, fp, key, data, takes_out)
+        _pickled[id(fn)] = (ref, fp, key, data, takes_out, names)
         while len(_pickled) > FN_CACHE_SIZE:
             _pickled.popitem(last=False)
-    return key, data, takes_out
+    return key, data, takes_out, names
 
 
 class _PhaseResult:
@@ -932,18 +1065,21 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
     return acc
 
 
+def _overlaps_across_rows(a: np.ndarray, out: np.ndarray) -> bool:
+    """True if writing some row of ``out`` can change a different row of ``a``: they share
+    memory, and not element for element (``out`` is not ``a`` itself, or the same layout)."""
+    if not np.may_share_memory(a, out):
+        return False
+    same = (a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+            and a.shape == out.shape and a.strides == out.strides
+            and a.itemsize == out.itemsize)
+    return not same
+
+
 def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:
     """Allocate ``out`` for ``n`` rows from ``res``, what fn returned for the first ``rows``
     rows, and keep ``res`` as those rows of ``out``."""
-    if res is None:
-        raise TypeError("fn returned None; map needs fn to return an array with one row per "
-                        "input row (use map_reduce to reduce)")
-    res = np.asarray(res)
-    if res.ndim == 0 or res.shape[0] != rows:
-        raise ValueError(f"fn returned shape {res.shape} for a piece of {rows} rows; map "
-                         "needs one result row per input row (use map_reduce to reduce)")
-    if res.dtype.hasobject:
-        raise TypeError(f"fn returned dtype {res.dtype}; results must be numeric")
+    res = check_first_result(res, 0, rows)
     out = _shm.empty((n, *res.shape[1:]), res.dtype)
     out[:rows] = res
     return out
@@ -952,7 +1088,13 @@ def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:
 def _close_all_pools() -> None:
     for pool in list(_live_pools):
         try:
-            pool.close()
+            # A daemon thread may be in the middle of a map, which may never end: wait for
+            # it a little, then kill its workers (the map fails) rather than hang the exit.
+            if pool._lock.acquire(timeout=STOP_TIMEOUT):
+                pool._lock.release()
+                pool.close()
+            else:
+                pool.terminate()
         except Exception:
             pass
 

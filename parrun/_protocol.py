@@ -39,6 +39,15 @@ class Function:
 
 
 @dataclass(frozen=True)
+class Forget:
+    """Parent -> worker: drop these segments' mappings and these cached functions; sent
+    before any function or job that follows them."""
+
+    segments: tuple
+    fns: tuple
+
+
+@dataclass(frozen=True)
 class Job:
     """Parent -> worker: run pieces of the ranges in the control block.
 
@@ -57,8 +66,6 @@ class Job:
     adaptive: bool = False  # size pieces by measured cost, up to ``grain``
     ns_per_item: float = 0.0  # cost per item measured on an earlier job (0: unknown)
     pass_out: bool = False  # call fn(*pieces, out=out_piece): it writes in place
-    forget_segments: tuple = ()
-    forget_fns: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import _posixshmem
 import bisect
 import importlib
 import io
+import math
 import mmap
 import os
 import pickle
@@ -449,7 +450,10 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
         raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', got {order!r}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    nbytes = math.prod(shape) * dt.itemsize  # Python ints: np.prod wraps around at 2**63
+    if nbytes > sys.maxsize:
+        raise ValueError(f"a shared array of shape {shape} and dtype {dt} would take "
+                         f"{_fmt_bytes(nbytes)}, more than any process can map")
     _seg, raw = create_segment(nbytes)
     arr = np.ndarray(shape, dt, buffer=raw, order=order)
     return arr.view(SharedArray)
@@ -498,13 +502,34 @@ BIG_ARRAY_BYTES = 1 << 20
 
 def _reduce_array(pickler: Any, obj: Any):
     """The reduction of an ndarray for parrun's picklers: a handle if it lives in shared
-    memory, else whatever ``pickler.big_array`` says (None: pickle it by value)."""
+    memory that the receiver can map, else whatever ``pickler.big_array`` says (None: pickle
+    it by value)."""
     handle = handle_of(obj)
-    if handle is not None:
+    if handle is not None and pickler.may_share(handle[0]):
         return from_handle, (handle,)
     if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
-        return None
+        # By value; a SharedArray would otherwise reduce itself to its handle.
+        return None if handle is None else np.asarray(obj).__reduce_ex__(5)
     return pickler.big_array(obj)
+
+
+def _owned_here(name: str) -> bool:
+    seg = _owned.get(name)
+    return seg is not None and seg.owner_pid == os.getpid()
+
+
+class _Detached:
+    """A segment made for another process to adopt, unlinked here if it never is sent."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def release(self) -> None:
+        try:
+            _posixshmem.shm_unlink("/" + self.name)
+        except FileNotFoundError:
+            pass
+        resource_tracker.unregister("/" + self.name, "shared_memory")
 
 
 class _ArgsArrays:
@@ -513,6 +538,9 @@ class _ArgsArrays:
 
     temps: list
 
+    def may_share(self, name: str) -> bool:
+        return True
+
     def big_array(self, obj: np.ndarray):
         tmp = asshared(obj)
         self.temps.append(tmp)
@@ -520,10 +548,18 @@ class _ArgsArrays:
 
 
 class _ResultArrays:
-    """A worker's result: big plain arrays are copied once into a segment the parent adopts."""
+    """A worker's result: big plain arrays are copied once into a segment the parent adopts.
+    So are arrays in segments the worker made itself: it unlinks them when they die here,
+    maybe before the parent maps them (small ones go by value)."""
+
+    temps: list
+
+    def may_share(self, name: str) -> bool:
+        return not _owned_here(name)
 
     def big_array(self, obj: np.ndarray):
         name, raw = create_detached(obj.nbytes)
+        self.temps.append(_Detached(name))  # unlinked if the pickling fails after all
         dst = np.ndarray(obj.shape, obj.dtype, buffer=raw)
         np.copyto(dst, obj, casting="no")
         return adopt, ((name, 0, dst.shape, dst.strides, dst.dtype, True),)
@@ -548,21 +584,35 @@ def _reduce_by_reference(obj: Any) -> tuple | None:
     return (_module_attr, (module, name)) if name is not None else None
 
 
+# The array types sent as handles (or through segments when big). Other subclasses (masked
+# arrays, say) pickle as their class says, by value: a handle would drop what they add.
+_PLAIN_ARRAYS = (np.ndarray, SharedArray, np.memmap)
+
+
 class _HandlePickler(cloudpickle.Pickler):
     """cloudpickle, with every ndarray that lives in shared memory sent as a handle. This
     catches plain ``np.ndarray`` views of shared memory too (captured by a closure, say).
     Compiled numba kernels of importable modules go by reference (``_reduce_by_reference``)."""
 
+    def __init__(self, file, protocol=None):
+        super().__init__(file, protocol=protocol)
+        self.names: set[str] = set()  # the segments whose handles it wrote
+
     def reducer_override(self, obj):
-        if isinstance(obj, np.ndarray):
+        if type(obj) in _PLAIN_ARRAYS:
             r = _reduce_array(self, obj)
             if r is not None:
+                if r[0] is from_handle:
+                    self.names.add(r[1][0][0])
                 return r
         else:
             ref = _reduce_by_reference(obj)
             if ref is not None:
                 return ref
         return super().reducer_override(obj)
+
+    def may_share(self, name: str) -> bool:
+        return True
 
     def big_array(self, obj: np.ndarray):
         return None
@@ -575,7 +625,9 @@ class _ArgsPickler(_ArgsArrays, _HandlePickler):
 
 
 class _ResultPickler(_ResultArrays, _HandlePickler):
-    pass
+    def __init__(self, file, protocol=None):
+        super().__init__(file, protocol=protocol)
+        self.temps = []
 
 
 class _FastPickler(pickle.Pickler):
@@ -587,7 +639,7 @@ class _FastPickler(pickle.Pickler):
         self.temps = []
 
     def reducer_override(self, obj):
-        if type(obj) is np.ndarray or type(obj) is SharedArray:
+        if type(obj) in _PLAIN_ARRAYS:
             r = _reduce_array(self, obj)
             if r is not None:
                 return r
@@ -604,9 +656,15 @@ class _FastResultPickler(_ResultArrays, _FastPickler):
 
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
     """cloudpickle ``obj``, sending shared arrays (and views of them) as handles."""
+    return dumps_naming(obj, protocol)[0]
+
+
+def dumps_naming(obj: Any, protocol: int | None = None) -> tuple[bytes, frozenset[str]]:
+    """``dumps``, and the names of the segments whose handles the pickle holds."""
     buf = io.BytesIO()
-    _HandlePickler(buf, protocol=protocol or 5).dump(obj)
-    return buf.getvalue()
+    p = _HandlePickler(buf, protocol=protocol or 5)
+    p.dump(obj)
+    return buf.getvalue(), frozenset(p.names)
 
 
 _NO_ARGS = pickle.dumps(((), {}), protocol=5)

@@ -30,6 +30,7 @@ import pickle
 import select
 import struct
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -84,7 +85,9 @@ class TaskService:
     """The parent's task machinery for one pool (created on the first ``submit``)."""
 
     def __init__(self, pool: Any, retries: int = 0):
-        self.pool = pool
+        # Weakly: the collector thread must not keep an unused pool (and its workers) alive;
+        # it holds the pool only while it serves.
+        self._pool = weakref.ref(pool)
         self.retries = retries
         # One lock for all task state; the collector and submitting threads both dispatch.
         # Reentrant: a future's done-callback may submit from inside the collector.
@@ -112,6 +115,10 @@ class TaskService:
         os.set_blocking(self._poke_w, False)
         self.thread = threading.Thread(target=self._run, name="parrun-tasks", daemon=True)
         self.thread.start()
+
+    @property
+    def pool(self) -> Any:
+        return self._pool()
 
     # -- called from user threads ---------------------------------------------------------
     def submit(self, fn: Any, args: tuple, kwargs: dict) -> Future:
@@ -224,12 +231,15 @@ class TaskService:
                     self.cv.wait()
                 if self.closing and not self.pending and not self.inflight and not self.redo:
                     break
-            with self.pool._lock:  # exclusive with map jobs
-                if self.pool._stopped:
+            pool = self.pool
+            if pool is None:  # collected: its __del__ closed it
+                break
+            with pool._lock:  # exclusive with map jobs
+                if pool._stopped:
                     self.fail_all(PoolClosedError("the pool was closed"))
                     break
-                self.pool._cb.start_job([])  # every range empty, abort cleared
-                self.idle = set(range(self.pool.workers))
+                pool._cb.start_job([])  # every range empty, abort cleared
+                self.idle = set(range(pool.workers))
                 with self.cv:
                     self.serving = True
                 try:
@@ -249,6 +259,7 @@ class TaskService:
                     return
                 finally:
                     self._account_steals()
+            del pool  # not held while idle
 
     def _make_poller(self):
         """A poll object over every worker's status pipe and sentinel, and the poke pipe."""
@@ -333,6 +344,13 @@ class TaskService:
                 self.stats.cancelled += 1
                 self._release(t)
         first = self.next_tid
+        if batch:
+            pool._queue_forgets()
+            for w in pool._workers:
+                try:
+                    pool._send_forgets(w)
+                except OSError:  # dead: its sentinel will tell
+                    pass
         for t in batch:
             tid = self.next_tid
             self.next_tid += 1

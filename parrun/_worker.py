@@ -166,12 +166,14 @@ class _Worker:
             return tid, False, pickle.dumps(exception_for_transport(err))
 
     def read_functions(self) -> None:
-        """Read the commands waiting in the pipe while serving tasks: functions are cached;
-        wake-ups are moot (we are awake)."""
+        """Read the commands waiting in the pipe while serving tasks: functions are cached,
+        forgets applied in order; wake-ups are moot (we are awake)."""
         while self.cmd.poll():
             msg = pickle.loads(self.cmd.recv_bytes())
             if isinstance(msg, P.Function):
                 self.fns[msg.key] = msg.data
+            elif isinstance(msg, P.Forget):
+                self.forget(msg)
             elif not isinstance(msg, P.TaskWake):
                 raise RuntimeError(f"unexpected command while serving tasks: {msg!r}")
 
@@ -218,13 +220,15 @@ class _Worker:
         if not idle_said:
             status.send_bytes(pickle.dumps(P.Idle(me, wake.seq)))
 
-    def run_job(self, job: P.Job) -> P.Done:
-        if job.forget_segments:
-            _shm.forget(job.forget_segments)
-            gone = set(job.forget_segments)
+    def forget(self, msg: P.Forget) -> None:
+        if msg.segments:
+            _shm.forget(msg.segments)
+            gone = set(msg.segments)
             self.views = {h: a for h, a in self.views.items() if h[0] not in gone}
-        for key in job.forget_fns:
+        for key in msg.fns:
             self.fns.pop(key, None)
+
+    def run_job(self, job: P.Job) -> P.Done:
         cb, me, grain, solo = self.cb, self.slot, job.grain, job.solo
         error = None
         acc: Any = P.NOTHING
@@ -356,7 +360,7 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
         if isinstance(msg, P.Job):
             done = worker.run_job(msg)
             try:
-                payload = pickle.dumps(done, protocol=5)
+                payload = _shm.dumps_result(done)  # a big partial goes through a segment
             except BaseException as e:
                 payload = pickle.dumps(P.Done(done.job_id, slot, exception_for_transport(
                     TypeError(f"the partial result of worker {slot} could not be pickled: "
@@ -372,5 +376,7 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
                 break
         elif isinstance(msg, P.Function):
             worker.fns[msg.key] = msg.data  # unpickled at its first use
+        elif isinstance(msg, P.Forget):
+            worker.forget(msg)
         elif isinstance(msg, P.Stop):
             break

@@ -304,3 +304,9 @@ def test_bad_input_and_closed_pool(client):
         p.map(np.sqrt, np.arange(3.0))
     with pytest.raises(parrun.PoolClosedError):
         p.submit(abs, 1)
+
+
+def test_map_semantics_as_on_the_local_pool(dpool):
+    from test_pool import check_map_semantics
+
+    check_map_semantics(dpool)

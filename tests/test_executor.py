@@ -4,6 +4,7 @@ processes: results, map, shutdown, cancellation, exceptions, crashes, data movem
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import os
 import pickle
 import signal
@@ -12,9 +13,11 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+import psutil
 import pytest
 from conftest import AS_AT_A_TERMINAL, TIMEOUT, Counted, shm_segments, wait_until
 
@@ -333,3 +336,62 @@ def test_a_failed_task_collector_fails_futures_instead_of_hanging(monkeypatch):
         np.testing.assert_array_equal(y, -x)
         x.release()
         y.release()
+
+
+def _big_and_local():
+    class Local:  # only cloudpickle can pickle it: the fast pickler fails after the array
+        pass
+    return np.ones(1 << 18), Local()
+
+
+def _big_and_unpicklable():
+    return np.ones(1 << 18), threading.Lock()
+
+
+def test_results_that_fail_to_pickle_leave_no_segment(pool):
+    for _ in range(2):
+        big, local = pool.submit(_big_and_local).result(timeout=TIMEOUT)
+        assert big.sum() == 1 << 18 and type(local).__name__ == "Local"
+        del big
+        with pytest.raises(TypeError, match="could not be pickled"):
+            pool.submit(_big_and_unpicklable).result(timeout=TIMEOUT)
+    # A worker's segments are named after it; the parent adopted (and released) the rest.
+    assert wait_until(lambda: not any(shm_segments(pid) for pid in pool.pids)), \
+        [shm_segments(pid) for pid in pool.pids]
+
+
+def test_shared_arrays_made_in_a_worker_come_back_as_values(pool):
+    attached = set(parrun._shm._attached)
+    small = pool.submit(lambda: parrun.full(10, 3.0)).result(timeout=TIMEOUT)
+    np.testing.assert_array_equal(small, np.full(10, 3.0))
+    big = pool.submit(lambda: parrun.full(1 << 18, 2.0)[::2]).result(timeout=TIMEOUT)
+    assert big.shape == (1 << 17,) and (big == 2.0).all()
+    x = np.arange(4000.0)
+    total = pool.map_reduce(lambda a: parrun.full(1 << 18, a.sum()), np.add, x, grain=500)
+    np.testing.assert_array_equal(total, np.full(1 << 18, x.sum()))
+    assert set(parrun._shm._attached) <= attached  # the parent mapped no worker's segment
+
+
+def test_array_subclasses_keep_what_they_add(pool):
+    m = np.ma.array(np.arange(200_000.0), mask=np.arange(200_000) % 2 == 0)
+    want = m.sum()
+    # A lambda among the arguments sends them all through cloudpickle: the mask stays too.
+    assert pool.submit(lambda a, scale: a.sum() * scale(1), m, abs).result() == want
+    assert pool.submit(lambda a, scale: a.sum() * scale(1), m, lambda s: s).result() == want
+
+
+def test_a_pool_that_ran_tasks_is_garbage_collected():
+    p = parrun.Pool(2)
+    assert p.submit(abs, -1).result(timeout=TIMEOUT) == 1
+    pids, ref = p.pids, weakref.ref(p)
+    del p
+    gc.collect()
+    assert ref() is None  # the task collector thread does not keep it alive
+    assert wait_until(lambda: not any(_alive(pid) for pid in pids))
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

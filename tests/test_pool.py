@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import operator
 import os
 import signal
@@ -9,8 +10,9 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
-from conftest import Counted, shm_segments
+from conftest import TIMEOUT, Counted, shm_segments, wait_until
 
 import parrun
 
@@ -470,3 +472,214 @@ def test_public_api_is_sorted_and_complete():
     assert public <= set(parrun.__all__) | {"nn", "bench", "backends"}  # subpackages, on use
     assert parrun.Pool.__module__ == "parrun"
     assert repr(parrun.Pool).startswith("<class 'parrun.Pool'")
+
+
+# -- what map returns, checked on both backends (test_dask.py runs these on Dask) ---------
+def _sqrt_where(a, out=None):
+    np.sqrt(a, out=out, where=a >= 0)
+    return out
+
+
+def _add_into(a, out):
+    out += a
+
+
+def _as_str(a):
+    return np.array([str(v) for v in a])
+
+
+def check_map_semantics(p):
+    """What NumPy would give, or a clear error: never a silently wrong result."""
+    # fn(..., out=) sees out's contents, and what it leaves stays (a plain out too).
+    x = np.arange(-10.0, 10.0)
+    want = np.full(20, -1.0)
+    _sqrt_where(x, out=want)
+    for out in (np.full(20, -1.0), parrun.full(20, -1.0)):
+        p.map(_sqrt_where, x, out=out, grain=3)
+        np.testing.assert_array_equal(out, want)
+        out[:] = 1.0
+        p.map(_add_into, x, out=out, grain=3)
+        np.testing.assert_array_equal(out, 1.0 + x)
+        if parrun.is_shared(out):
+            out.release()
+    # A tuple is not one array: NumPy would stack it when its length matches the rows.
+    with pytest.raises(TypeError, match="divmod returns 2 arrays"):
+        p.map(np.divmod, np.array([7.0, 9.0]), np.array([2.0, 4.0]))
+    with pytest.raises(TypeError, match="returned a tuple of 2"):
+        p.map(lambda a: np.divmod(a, 2.0), np.array([7.0, 9.0]))
+    # Later pieces wider than the first: an error, not strings cut short.
+    with pytest.raises(TypeError, match="would cut it short"):
+        p.map(_as_str, np.arange(1000), grain=100)
+    ok = np.empty(1000, "U3")
+    p.map(_as_str, np.arange(1000), out=ok, grain=100)
+    np.testing.assert_array_equal(ok, _as_str(np.arange(1000)))
+    # Masked arrays would lose their mask.
+    with pytest.raises(TypeError, match="masked array"):
+        p.map(np.negative, np.ma.array([1.0, 2.0], mask=[0, 1]))
+    # No rows: the result's type still comes from fn run in a worker, not in the caller.
+    here = os.getpid()
+    y = p.map(lambda a: a.astype(np.int8 if os.getpid() == here else np.int16),
+              np.zeros((0, 3)))
+    assert y.shape == (0, 3) and y.dtype == np.int16
+
+
+def test_map_semantics(pool):
+    check_map_semantics(pool)
+
+
+def test_out_overlapping_an_input_gives_numpys_answer(pool):
+    want = np.arange(1e5)
+    np.negative(want, out=want[::-1])
+    s = parrun.asshared(np.arange(1e5))
+    pool.map(np.negative, s, out=s[::-1], grain=1000)
+    np.testing.assert_array_equal(s, want)
+    s[:] = np.arange(1e5)
+    want = np.arange(1e5)
+    want[1:] = want[:-1] * 2
+    pool.map(lambda a: a * 2, s[:-1], out=s[1:], grain=1000)  # each row feeds the next
+    np.testing.assert_array_equal(s, want)
+    pool.map(np.negative, s, out=s, grain=1000)  # in place, row for row: no copy needed
+    np.testing.assert_array_equal(s, -want)
+    s.release()
+
+
+def test_last_stats_describe_a_call_that_failed():
+    with parrun.Pool(2) as p:
+        x = parrun.asshared(np.arange(1000.0))
+        p.map(np.negative, x[:5]).release()
+        with pytest.raises(parrun.WorkerCrashed):
+            p.map(lambda a: os._exit(3) if a[-1] >= 500 else a, x, grain=10)
+        st = p.last_stats
+        assert st.items == 1000 and st.recovered > 0  # this call's, not the one before
+        x.release()
+
+
+def test_a_worker_that_died_while_idle_does_not_fail_the_next_call():
+    with parrun.Pool(2) as p:
+        x = np.arange(100.0)
+        assert p.map_reduce(np.sum, operator.add, x) == x.sum()
+        pid = p.pids[0]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not psutil.pid_exists(pid) or
+                          psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        assert p.map_reduce(np.sum, operator.add, x) == x.sum()  # the partial was not lost
+        assert pid not in p.pids
+
+
+def test_a_function_evicted_from_the_cache_and_used_again_runs(monkeypatch):
+    monkeypatch.setattr(parrun._pool, "FN_CACHE_SIZE", 4)
+    x = np.arange(4000.0)
+
+    def slow_double(a):
+        time.sleep(0.002)
+        return a * 2.0
+
+    with parrun.Pool(2) as p:
+        for _ in range(2):
+            p.map(slow_double, x, grain=1000).release()  # on both workers
+            for i in range(6):  # evict it; one row each, so one worker runs them
+                p.map(lambda a, i=i: a + i, x[:1]).release()
+        y = p.map(slow_double, x, grain=1000)
+        np.testing.assert_array_equal(y, x * 2)
+        y.release()
+        s = p.map_reduce(np.sum, operator.add, x, grain=1000)  # reduce evicted by fn's entry
+        assert s == x.sum() and p.map_reduce(np.sum, operator.add, x, grain=1000) == s
+
+
+def test_map_in_a_future_callback_is_refused_and_the_pool_lives_on():
+    errors = []
+
+    def cb(_f):
+        try:
+            p.map(np.negative, np.arange(10.0))
+        except Exception as e:
+            errors.append(e)
+
+    with parrun.Pool(2) as p:
+        fs = [p.submit(time.sleep, 0.01) for _ in range(6)]
+        fs[0].add_done_callback(cb)
+        assert [f.result(timeout=TIMEOUT) for f in fs] == [None] * 6
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+        assert "callback" in str(errors[0])
+        np.testing.assert_array_equal(p.map(np.negative, np.arange(3.0)), [0, -1, -2])
+
+
+def test_terminate_stops_a_map_running_in_another_thread():
+    p = parrun.Pool(2)
+    outcome = []
+
+    def run():
+        try:
+            p.map(lambda a: (time.sleep(0.01), a)[1], np.arange(1000.0), grain=1)
+            outcome.append("returned")
+        except Exception as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    p.terminate()
+    t.join(TIMEOUT)
+    assert time.monotonic() - t0 < 3  # not the ~5 s the map had left
+    assert len(outcome) == 1 and isinstance(outcome[0], parrun.BrokenPool)
+
+
+def test_an_interrupt_anywhere_leaves_no_worker_on_the_next_call():
+    """Ctrl-C (here SIGALRM raising KeyboardInterrupt) may land anywhere in map, even
+    between sending the job and waiting for it: the next map must not share the workers
+    with the old job's pieces (it once returned rows it never computed)."""
+    import random
+
+    def on_alarm(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    rng = random.Random(5)
+    x = parrun.asshared(np.arange(64.0))
+    out = parrun.empty(64)
+    try:
+        with parrun.Pool(2) as p:
+            for _ in range(150):
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(5e-5, 2e-3))
+                try:
+                    p.map(lambda a: (time.sleep(0.003), a * 0)[1], x, out=out, grain=8)
+                except KeyboardInterrupt:
+                    pass
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                check = p.map(lambda a: a + 1, x, grain=8)
+                np.testing.assert_array_equal(check, np.arange(64.0) + 1)
+                check.release()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        x.release()
+        out.release()
+
+
+def _deleted_parrun_mappings(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "/parrun_" in line and "(deleted)" in line)
+
+
+def test_released_arrays_leave_the_workers_memory():
+    """A segment's memory is freed when no process maps it: workers drop their mappings of
+    released segments, and the functions whose closures held them (args of tasks too)."""
+    with parrun.Pool(2) as p:
+        x = np.arange(1000.0)
+
+        def step(i):
+            w = parrun.full(1 << 17, float(i))  # 1 MiB, used by one call
+            return p.map(lambda v: v * w[0], x, grain=100)
+
+        for i in range(20):
+            np.testing.assert_array_equal(step(i), x * i)
+        for i in range(20):
+            a = parrun.full(1 << 17, float(i))
+            assert p.submit(np.sum, a).result(timeout=TIMEOUT) == (1 << 17) * i
+            del a
+        gc.collect()
+        p.map(np.negative, x, grain=100).release()  # tells the workers
+        p.submit(abs, 1).result(timeout=TIMEOUT)
+        assert wait_until(lambda: all(_deleted_parrun_mappings(k) == 0 for k in p.pids)), \
+            [_deleted_parrun_mappings(k) for k in p.pids]

@@ -217,3 +217,9 @@ def test_sigkill_of_parent_leaves_no_segment_and_no_worker(phase):
     assert wait_until(workers_gone, timeout=5), "workers outlived their parent"
     assert wait_until(lambda: not shm_segments(proc.pid), timeout=10), \
         f"segments left after SIGKILL: {shm_segments(proc.pid)}"
+
+
+@pytest.mark.parametrize("shape", [2**62, (2**40, 2**40), (2**31, 2**31, 2**31)])
+def test_shapes_too_big_for_any_process_are_refused(shape):
+    with pytest.raises(ValueError, match="more than any process can map"):
+        parrun.empty(shape)

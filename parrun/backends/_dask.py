@@ -55,7 +55,14 @@ import numpy as np
 
 import parrun
 from parrun import _protocol
-from parrun._checks import accepts_out, check_arrays, check_out, store_result
+from parrun._checks import (
+    accepts_out,
+    check_arrays,
+    check_first_result,
+    check_fn,
+    check_out,
+    store_result,
+)
 
 try:
     import distributed
@@ -318,6 +325,7 @@ class _MapSpec:
     takes_out: bool
     out_dtype: Any  # None: out was not given, the first tile's result decides
     out_trail: tuple
+    out_sent: bool  # out's rows come last in each piece: fn(..., out=) starts from them
     reduce: bool
     blas_threads: int | None
 
@@ -340,11 +348,18 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
     combine = _cached(red_p, red_ext) if red_p is not None else None
     piece = tuple(_aligned(a) for a in piece)
     n = piece[0].shape[0]
+    start = None
+    if spec.out_sent:
+        *piece, start = piece  # type: ignore[assignment]
 
     def run(fn: Any, _args: Any) -> Any:
         acc: Any = _NOTHING
-        buf = None if spec.out_dtype is None else np.empty((n, *spec.out_trail),
-                                                           spec.out_dtype)
+        if start is not None:
+            buf = np.array(start)  # writable, and what fn does not write stays as it was
+        elif spec.out_dtype is not None:
+            buf = np.empty((n, *spec.out_trail), spec.out_dtype)
+        else:
+            buf = None
         for a in range(0, n, spec.tile):
             b = min(n, a + spec.tile)
             ins = [p[a:b] for p in piece]
@@ -352,18 +367,7 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
                 r = fn(*ins)
                 acc = r if acc is _NOTHING else combine(acc, r)  # type: ignore[misc]
             elif buf is None:  # out not given: the first tile decides its dtype and shape
-                r = fn(*ins)
-                if r is None:
-                    raise TypeError(f"fn returned None for rows {lo + a}:{lo + b}; map needs "
-                                    "fn to return an array with one row per input row (use "
-                                    "map_reduce to reduce)")
-                r = np.asarray(r)
-                if r.ndim == 0 or r.shape[0] != b - a:
-                    raise ValueError(f"fn returned shape {r.shape} for rows {lo + a}:{lo + b}"
-                                     "; map needs one result row per input row (use "
-                                     "map_reduce to reduce)")
-                if r.dtype.hasobject:
-                    raise TypeError(f"fn returned dtype {r.dtype}; results must be numeric")
+                r = check_first_result(fn(*ins), lo + a, lo + b)
                 buf = np.empty((n, *r.shape[1:]), r.dtype)
                 buf[a:b] = r
             elif spec.takes_out:
@@ -779,15 +783,12 @@ class DaskPool(parrun.Pool):
         ``initial``) as they arrive. ``reduce`` must be associative and commutative. A worker
         lost mid-reduction costs a re-run of its pieces, not a failure.
         """
-        if not callable(reduce):
-            raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
         return self._run(fn, arrays, out=None, grain=grain, reduce=reduce, initial=initial)
 
     def _run(self, fn: Any, arrays: tuple, *, out: Any, grain: Any, reduce: Any,
              initial: Any = _NOTHING) -> Any:
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        check_fn(fn, reduce)
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs)
@@ -801,20 +802,22 @@ class DaskPool(parrun.Pool):
             tile = max(1, TILE_BYTES // max(1, row_bytes))
         if out is not None:
             out = check_out(out, n)
-        if n == 0:  # nothing to split: learn the result's type here, as the local pool does
+        if n == 0:  # nothing to split: learn the result's type from fn, as the local pool does
             if reduce is not None:
                 if initial is _NOTHING:
                     raise ValueError("map_reduce of empty arrays with no initial value")
                 return initial
             if out is not None:
                 return out
-            res = np.asarray(fn(*arrs))
+            res = check_first_result(self.submit(fn, *arrs).result(), 0, 0)  # on a worker
             return parrun.empty((0, *res.shape[1:]), res.dtype)
         fn_s = self._ship(fn, "fn")
         red_s = self._ship(reduce, "reduce") if reduce is not None else None
-        spec = _MapSpec(tile=tile, takes_out=accepts_out(fn),
+        takes_out = accepts_out(fn)
+        spec = _MapSpec(tile=tile, takes_out=takes_out,
                         out_dtype=None if out is None else out.dtype,
                         out_trail=() if out is None else tuple(out.shape[1:]),
+                        out_sent=out is not None and takes_out,
                         reduce=reduce is not None, blas_threads=self.blas_threads)
         self._threads = self._count_threads()
         bounds = _split(n, row_bytes, tile, self._threads, explicit=grain is not None)
@@ -822,7 +825,8 @@ class DaskPool(parrun.Pool):
         acc, allocated = initial, None
         per_worker: dict[str, list[int]] = {}
         try:
-            for r in self._run_pieces(spec, fn_s, red_s, arrs, bounds):
+            sent = [*arrs, out] if spec.out_sent else arrs
+            for r in self._run_pieces(spec, fn_s, red_s, sent, bounds):
                 w = per_worker.setdefault(r.address, [r.pid, 0, 0, 0])
                 w[1] += bounds[r.lo] - r.lo
                 w[2] += 1
@@ -833,7 +837,8 @@ class DaskPool(parrun.Pool):
                     continue
                 if out is None:
                     out = allocated = parrun.empty((n, *r.value.shape[1:]), r.value.dtype)
-                out[r.lo:bounds[r.lo]] = r.value
+                # Each piece chose its dtype from its own first tile: check, never cast.
+                store_result(out[r.lo:bounds[r.lo]], r.value, r.lo, bounds[r.lo])
         except BaseException:
             if allocated is not None:
                 allocated.release()
