@@ -553,6 +553,7 @@ class Pool:
                 others are copied into shared memory once for this call.
             out: where results go; shape ``(n, ...)``. If None, one is allocated (a shared
                 array) from what ``fn`` returns on the first piece, run alone in one worker.
+                An input that overlaps ``out`` other than row for row is copied first.
             grain: items per piece. Default: pieces adapt to the measured cost of ``fn``, to
                 about 0.3 ms of work each and at most ``TILE_BYTES`` (256 KiB) of input.
 
@@ -560,7 +561,10 @@ class Pool:
             ``out``. Pieces run in any order on any worker; each index exactly once.
 
         Raises:
-            TypeError / ValueError: bad arguments (the message names which).
+            TypeError / ValueError: bad arguments (the message names which), a result that
+                is a tuple or would not fit ``out`` without losing data.
+            RuntimeError: called from a done-callback of this pool's futures.
+            BrokenPool: ``terminate()`` was called meanwhile.
             Exception: the first exception ``fn`` raised, with the worker's traceback as
                 ``__cause__``; the other workers stop at their next piece.
             WorkerCrashed: only when ``MAX_DEATHS_PER_CALL`` (4) workers die in one call (fn
