@@ -34,8 +34,8 @@ from parrun.bench import (
     _cost,
     _cost_array,
     _cost_chunk,
-    _exit_on_sigterm,
     _measure,
+    _on_signals,
     lpt_shares,
     machine_info,
 )
@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--json", help="write every trial's medians here")
     a = ap.parse_args()
     w, n = a.workers, a.items
-    _exit_on_sigterm()  # a run cut by `timeout` closes its pools and keeps its JSON
+    _on_signals()  # a run cut by `timeout` or Ctrl-C closes its pools and keeps its JSON
     print(f"irregular: {n} pure-Python items, cost proportional to the index; {w} workers, "
           f"{a.trials} trials of fresh pools, median of {a.repeat} interleaved rounds each")
     idx = parrun.asshared(np.arange(n, dtype=np.int64))

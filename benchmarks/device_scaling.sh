@@ -23,19 +23,21 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONPATH=.
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-python -m parrun info > "$out/scaling_16core_info.txt" 2>&1
+# The device promises python3; a bare `python` may be missing there, or another interpreter.
+py=${PYTHON:-$(command -v python3 || command -v python)}
+"$py" -m parrun info > "$out/scaling_16core_info.txt" 2>&1
 start=$(date +%s)
-timeout --foreground -k 30 500 python -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
+timeout --foreground -k 30 500 "$py" -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
     --suite map,mlp,attention,mandelbrot,irregular --repeat 3 --warmup 1 --irregular-items 1000 \
     --no-progress --json "$out/scaling_16core.json" > "$out/scaling_16core.txt" 2>&1
 echo "# bench exit status $?, $(( $(date +%s) - start )) s" >> "$out/scaling_16core.txt"
-python -m parrun bench --from-json "$out/scaling_16core.json" \
+"$py" -m parrun bench --from-json "$out/scaling_16core.json" \
     --plot "$out/scaling_16core.png" > /dev/null 2>&1 || echo "# no plot" >> "$out/scaling_16core.txt"
 # With the time left, the irregular workload over fresh pools at 16 workers (the goal there:
 # efficiency >= 0.9), cut so that the whole script stays under 560 s.
 left=$(( 540 - ($(date +%s) - start) ))
 if [ "$left" -gt 60 ]; then
-    timeout --foreground -k 10 "$left" python benchmarks/bench_irregular.py --workers "${IRREGULAR_WORKERS:-16}" \
+    timeout --foreground -k 10 "$left" "$py" benchmarks/bench_irregular.py --workers "${IRREGULAR_WORKERS:-16}" \
         --trials 5 --items 1000 --json "$out/irregular_16core.json" > "$out/irregular_16core.txt" 2>&1
     echo "# exit status $?" >> "$out/irregular_16core.txt"
 fi

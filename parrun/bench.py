@@ -31,6 +31,7 @@ import parrun
 
 SUITES = ("map", "tasks", "irregular", "mlp", "attention", "minilm", "mandelbrot")
 _OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+JSON_FORMAT = "parrun-bench/1"  # in every --json file; --from-json reads this or none
 
 
 @dataclass
@@ -149,8 +150,11 @@ def _close_all(peers: list) -> None:
     deadline = time.monotonic() + PEER_CLOSE_TIMEOUT
     for peer, t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-        if t.is_alive():
-            for proc in getattr(peer, "_pool", None) or []:
+        if t.is_alive():  # multiprocessing.Pool keeps its processes in _pool, and
+            procs = list(getattr(peer, "_pool", None) or [])  # ProcessPoolExecutor in
+            ppe = getattr(peer, "_processes", None)  # _processes (Pool's is a count)
+            procs += list(ppe.values()) if isinstance(ppe, dict) else []
+            for proc in procs:
                 proc.kill()
 
 
@@ -729,7 +733,7 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     if not workers or min(workers) < 1:
         raise ValueError(f"worker counts must be positive integers, got {workers}")
     np.random.seed(0)
-    results: dict[str, Any] = {"machine": machine_info(),
+    results: dict[str, Any] = {"format": JSON_FORMAT, "machine": machine_info(),
                                "config": {"suites": suites, "workers": workers,
                                           "repeat": repeat, "warmup": warmup,
                                           "quick": quick},
@@ -758,9 +762,11 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                 results["workloads"][name] = {"unit": wl.unit, "work": wl.work,
                                               "note": wl.note, "methods": rows}
             print(format_table(name, results["workloads"][name]), flush=True)
-            if json_path:
-                with open(json_path, "w") as f:
+            if json_path:  # whole or not at all: a kill mid-write keeps the last one
+                tmp = f"{json_path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
                     json.dump(results, f, indent=1)
+                os.replace(tmp, json_path)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -876,18 +882,78 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _exit_on_sigterm() -> None:
+EXIT_GRACE = 10.0  # seconds closing may take after a signal before everything is killed
+
+
+def _on_signals() -> None:
     """SIGTERM (``timeout``, a batch system) ends the run as Ctrl-C does: through the
-    ``finally`` blocks that close every pool and release every segment."""
+    ``finally`` blocks that close every pool and release every segment. Peers' forked workers
+    inherit this handler: there Ctrl-C is ignored (their parent closes their pools; they
+    printed a traceback each) and SIGTERM ends them at once. If closing takes longer than
+    ``EXIT_GRACE`` (a peer's pool stuck on a lock a killed worker held, say), every child is
+    killed and the process exits: the resource tracker then unlinks what is left."""
     main_pid = os.getpid()
+    fired: list[int] = []
+
+    def watchdog(signum: int) -> None:
+        time.sleep(EXIT_GRACE)
+        print(f"bench: pools still closing {EXIT_GRACE:.0f} s after the signal; killing "
+              "them", file=sys.stderr, flush=True)
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "resource_tracker" not in " ".join(child.cmdline()):
+                    child.kill()
+            except psutil.Error:
+                pass
+        os._exit(128 + signum)
 
     def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:  # a peer's forked worker inherited this handler
+        if os.getpid() != main_pid:
+            if signum == signal.SIGINT:
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if not fired:
+            fired.append(signum)
+            threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _parse_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or "" in items:
+        ap.error(f"{flag} needs a comma-separated list without empty entries, got {text!r}")
+    dup = sorted({t for t in items if items.count(t) > 1})
+    if dup:
+        ap.error(f"{flag} lists {', '.join(dup)} more than once")
+    return items
+
+
+def _writable(ap: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """Fail now, not after minutes of measuring, if ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        ap.error(f"{flag} {path}: not a file in a writable folder")
+
+
+def _load_results(ap: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        ap.error(f"--from-json {path}: {e}")
+    if not isinstance(results, dict) or not isinstance(results.get("workloads"), dict) \
+            or results.get("format", JSON_FORMAT) != JSON_FORMAT:
+        ap.error(f"--from-json {path}: not a `python -m parrun bench --json` file of format "
+                 f"{JSON_FORMAT}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -910,9 +976,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", metavar="PATH",
                     help="print the tables (and --plot) of a saved run instead of running")
     args = ap.parse_args(argv)
+    if args.plot:
+        _writable(ap, "--plot", args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib: pip install 'parrun[bench]'")
     if args.from_json:
-        with open(args.from_json) as f:
-            results = json.load(f)
+        results = _load_results(ap, args.from_json)
         for name, wl in results["workloads"].items():
             print(format_table(name, wl))
         if args.plot:
@@ -924,23 +995,41 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--repeat must be >= 1, got {repeat}")
     if warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {warmup}")
+    if args.irregular_items is not None and args.irregular_items < 1:
+        ap.error(f"--irregular-items must be >= 1, got {args.irregular_items}")
+    suites = _parse_list(ap, "--suite", args.suite)
+    unknown = [t for t in suites if t not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if args.json:
+        _writable(ap, "--json", args.json)
     if any(v in os.environ for v in _OPENBLAS_VARS):
         # These slow some NumPy kernels: unset them for the benchmark run only.
         env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
         os.execve(sys.executable, [sys.executable, "-m", "parrun", "bench",
                                    *(argv if argv is not None else sys.argv[2:])], env)
-    if args.workers:
-        workers = [int(w) for w in args.workers.split(",")]
+    if args.workers is not None:
+        try:
+            workers = [int(w) for w in _parse_list(ap, "--workers", args.workers)]
+        except ValueError:
+            ap.error(f"--workers needs whole numbers, got {args.workers!r}")
+        if min(workers) < 1:
+            ap.error(f"--workers needs counts of at least 1, got {args.workers!r}")
     else:
         cores, workers, w = parrun.default_workers(), [], 1
         while w < cores:
             workers.append(w)
             w *= 2
         workers.append(cores)
-    _exit_on_sigterm()
-    results = run(args.suite.split(","), workers, repeat, args.quick,
-                  progress=not args.no_progress, warmup=warmup,
-                  irregular_items=args.irregular_items, json_path=args.json)
+    _on_signals()
+    try:
+        results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,
+                      warmup=warmup, irregular_items=args.irregular_items,
+                      json_path=args.json)
+    except KeyboardInterrupt:
+        print("bench: interrupted" + (f"; the workloads done so far are in {args.json}"
+                                      if args.json else ""), file=sys.stderr)
+        return 130
     if args.plot:
         plot(results, args.plot)
     bad = failures(results)

@@ -100,6 +100,30 @@ def test_bad_arguments():
         parrun.bench.run(["map"], [0], 1, True, progress=False)
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--workers", ""], "without empty entries"),
+    (["--workers", "1,"], "without empty entries"),
+    (["--workers", "2,x"], "whole numbers"),
+    (["--workers", "0"], "at least 1"),
+    (["--workers", "2,2"], "lists 2 more than once"),
+    (["--suite", "nosuch"], "unknown suite nosuch"),
+    (["--suite", "map,map"], "lists map more than once"),
+    (["--irregular-items", "0"], "--irregular-items must be >= 1"),
+    (["--json", "/nonexistent/r.json"], "not a file in a writable folder"),
+    (["--plot", "/nonexistent/r.png"], "not a file in a writable folder"),
+    (["--from-json", "/nonexistent/r.json"], "No such file"),
+    (["--from-json", "TRUNCATED"], "Expecting"),
+    (["--from-json", "OTHER"], "not a `python -m parrun bench --json` file"),
+])
+def test_bad_command_lines_fail_at_once_in_one_line(tmp_path, args, says):
+    (tmp_path / "TRUNCATED").write_text('{"workloads": {"map": ')
+    (tmp_path / "OTHER").write_text('{"format": "something-else/3", "workloads": {}}')
+    args = [str(tmp_path / a) if a in ("TRUNCATED", "OTHER") else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_repeat_and_warmup_given_with_quick_are_kept(tmp_path):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite", "tasks",
@@ -197,39 +221,55 @@ def test_a_workload_that_cannot_be_set_up_is_reported(monkeypatch, tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("to", ["process", "group"])
-def test_sigterm_ends_a_run_cleanly(tmp_path, to):
+@pytest.mark.parametrize("to,second", [("process", "irregular"), ("group", "irregular"),
+                                       ("group", "map"), ("group-ctrl-c", "map")])
+def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
     """A long bench cut by SIGTERM: pools close, segments go, JSON is kept. Sent to the whole
-    process group (as ``timeout`` does) it also kills the peers' pool workers."""
+    process group (as ``timeout`` does) it also kills the peers' pool workers; in the map
+    workload that once hung the exit for ever (a ProcessPoolExecutor's feeder thread writing
+    to killed workers). Ctrl-C at a terminal (SIGINT to the group) prints one line."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "cut.json"
+    # map at full size (64M elements: 4 MiB blocks to the ProcessPoolExecutor), after a
+    # short first workload
+    first = {"irregular": "mandelbrot", "map": "irregular"}
+    items = {"irregular": "4000", "map": "100"}
     p = subprocess.Popen([sys.executable, "-m", "parrun", "bench", "--workers", "1,2",
-                          "--suite", "mandelbrot,irregular", "--quick", "--no-progress",
-                          "--irregular-items", "4000", "--json", str(out)],
+                          "--suite", f"{first[second]},{second}", "--no-progress",
+                          *(["--quick"] if second == "irregular" else ["--warmup", "0"]),
+                          "--irregular-items", items[second], "--json", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
         t0 = time.monotonic()
-        while not out.exists():  # mandelbrot done: now in the irregular workload
+        while not out.exists():  # the first workload done: now in the second
             assert p.poll() is None, p.stderr.read()[-3000:]
             assert time.monotonic() - t0 < 90, "the first workload never finished"
             time.sleep(0.1)
-        time.sleep(1.0)
+        time.sleep(1.0 if second == "irregular" else 4.0)  # map: into its timed runs
         children = psutil.Process(p.pid).children(recursive=True)
         assert children  # parrun's workers and the peers' pools are running
         if to == "group":
             os.killpg(p.pid, signal.SIGTERM)
+        elif to == "group-ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)
         else:
             p.terminate()
+        t0 = time.monotonic()
         _, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 128 + 15, err[-3000:]
+    assert time.monotonic() - t0 < parrun.bench.EXIT_GRACE + 5
+    if to == "group-ctrl-c":
+        assert p.returncode == 130 and err.strip().splitlines() == [
+            f"bench: interrupted; the workloads done so far are in {out}"], err[-3000:]
+    else:
+        assert p.returncode == 128 + 15, err[-3000:]
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.pid for c in alive]
     assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*"))
-    assert "mandelbrot" in json.loads(out.read_text())["workloads"]
+    assert first[second] in json.loads(out.read_text())["workloads"]
 
 
 KILLED_POOL = """
@@ -267,3 +307,46 @@ def test_a_peer_pool_whose_workers_were_killed_still_closes():
     took, codes = out.split(" ", 1)
     assert float(took) < 10
     assert codes.strip() != "[]" and "None" not in codes  # every worker it had is dead
+
+
+STUCK_EXECUTOR = """
+import concurrent.futures as cf, multiprocessing as mp, os, signal, sys, time
+import numpy as np
+import parrun.bench as B
+B.PEER_CLOSE_TIMEOUT, B.EXIT_GRACE = 1.0, 3.0
+
+def twice(a):
+    return a * 2
+
+if __name__ == "__main__":
+    B._on_signals()
+    ex = cf.ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
+    try:
+        futs = [ex.submit(twice, np.ones(1 << 20)) for _ in range(200)]  # 8 MiB each way
+        time.sleep(float(sys.argv[1]))
+        for p in list(ex._processes.values()):  # as a SIGTERM to the group would
+            os.kill(p.pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        B._close_all([ex])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_signal_ends_the_bench_even_when_a_peer_cannot_stop():
+    """Workers killed in the middle of sending a result can leave a ProcessPoolExecutor's
+    threads blocked for ever, and the interpreter waits for them at exit (it happened to a
+    bench cut by ``timeout``): ``EXIT_GRACE`` after the signal, everything is killed."""
+    for delay in ("0.3", "0.5", "0.7", "0.9"):
+        p = subprocess.Popen([sys.executable, "-c", STUCK_EXECUTOR, delay],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            _, err = p.communicate(timeout=15)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        assert p.returncode == 128 + 15, err[-3000:]
+
