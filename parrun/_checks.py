@@ -85,6 +85,16 @@ def check_out(out: Any, n: int) -> np.ndarray:
     return out
 
 
+def check_ufunc_out(fn: Any, arrays: list[np.ndarray], out: np.ndarray) -> None:
+    """A ufunc broadcasts each piece against its slice of ``out``: (k,) into (k, 2) passes
+    for k = 1 (found by fuzzing), and Dask's pieces broadcast whole. So check whole shapes."""
+    if isinstance(fn, np.ufunc):
+        want = np.broadcast_shapes(*(a.shape for a in arrays))
+        if out.shape != want:
+            raise ValueError(f"out has shape {out.shape}, but {fn.__name__} of the inputs has "
+                             f"shape {want}; pass an out of that shape")
+
+
 def accepts_out(fn: Any) -> bool:
     """True if ``fn`` takes an ``out`` argument, as NumPy ufuncs do: map then passes it the
     slice of ``out`` to fill in place (no temporary result, no copy)."""

@@ -53,7 +53,14 @@ import numpy as np
 
 from . import _protocol as P
 from . import _shm
-from ._checks import accepts_out, check_arrays, check_first_result, check_fn, check_out
+from ._checks import (
+    accepts_out,
+    check_arrays,
+    check_first_result,
+    check_fn,
+    check_out,
+    check_ufunc_out,
+)
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
@@ -607,13 +614,7 @@ class Pool:
             grain, adaptive = self.default_grain(n, arrs), True
         if out is not None:
             out = check_out(out, n)
-            if isinstance(fn, np.ufunc):
-                # A ufunc broadcasts each piece against its slice of out: (k,) into (k, 2)
-                # passes for k = 1 (found by fuzzing), so check the whole shapes here.
-                want = np.broadcast_shapes(*(a.shape for a in arrs))
-                if out.shape != want:
-                    raise ValueError(f"out has shape {out.shape}, but {fn.__name__} of the "
-                                     f"inputs has shape {want}; pass an out of that shape")
+            check_ufunc_out(fn, arrs, out)
         fn_key, fn_data, takes_out = self._register(fn)
         red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
         if n == 0 and out is None and reduce is None:

@@ -310,3 +310,79 @@ def test_map_semantics_as_on_the_local_pool(dpool):
     from test_pool import check_map_semantics
 
     check_map_semantics(dpool)
+
+
+def test_closing_one_pool_leaves_another_on_the_same_client_working(client):
+    w = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: put on the cluster under a key
+
+    def slow(t):
+        time.sleep(0.05)
+        return t + w[-1]
+
+    a = parrun.Pool(backend="dask", client=client)
+    b = parrun.Pool(backend="dask", client=client)
+    try:
+        np.testing.assert_array_equal(a.map(slow, np.arange(4.0)), np.arange(4.0) + w[-1])
+        closer = threading.Timer(0.3, a.close)
+        closer.start()
+        y = b.map(slow, np.arange(40.0), grain=2)  # the same array: the same content
+        closer.join()
+        np.testing.assert_array_equal(y, np.arange(40.0) + w[-1])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_closed_client_is_a_closed_pool(cluster):
+    c = distributed.Client(cluster, set_as_default=False)
+    p = parrun.Pool(backend="dask", client=c)
+    c.close()
+    with pytest.raises(parrun.PoolClosedError, match="client"):
+        p.map(np.sqrt, np.arange(3.0))
+    p.close()
+
+
+def test_numba_kernel_writing_into_a_captured_shared_array(dpool, pool):
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def count(rows, counts):
+        for r in rows:
+            counts[r] += 1
+        return rows.shape[0]
+
+    for p in (pool, dpool):
+        counts = parrun.zeros(24, np.int64)  # one slot per row: no two pieces share one
+        try:
+            total = p.map_reduce(lambda rows, c=counts: count(rows, c), operator.add,
+                                 np.arange(24), grain=4)
+            assert total == 24 and counts.tolist() == [1] * 24
+        finally:
+            counts.release()
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_worker_with_the_functions_big_arrays_costs_a_rerun():
+    """One worker: the function's 2 MiB array is on it alone, and is lost with it."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=":0") as cluster, \
+            distributed.Client(cluster, set_as_default=False) as c, \
+            parrun.Pool(backend="dask", client=c) as p:
+        w = np.full(1 << 18, 2.0)
+
+        def slow(t):
+            time.sleep(0.02)
+            return t * w[0]
+
+        x = np.arange(100.0)
+        np.testing.assert_array_equal(p.map(slow, x[:4]), x[:4] * 2)
+        pid = next(iter(c.run(os.getpid).values()))
+        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        try:
+            y = p.map(slow, x, grain=2)
+        finally:
+            killer.join()
+        np.testing.assert_array_equal(y, x * 2)
+        assert pid not in c.run(os.getpid).values()
+

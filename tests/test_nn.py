@@ -326,3 +326,35 @@ def test_mandelbrot_matches_references(pool):
     np.testing.assert_array_equal(img, ref)
     assert img.dtype == np.int32 and parrun.is_shared(img)
     img.release()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_propagates_nan_and_inf_as_the_reference(pool, dtype, bad):
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 2, 16, 8)).astype(dtype) for _ in range(3))
+    k[0, 1, 5, 0] = bad
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as wanted
+        want = nn.attention_reference(q, k, v)
+    got = nn.attention(q, k, v, pool=pool)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    # NaN spoils every query of its head; inf those whose score with it is +inf (inf - inf)
+    assert np.isnan(want[0, 1]).all() if np.isnan(bad) else np.isnan(want[0, 1]).any()
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=2e-4, atol=2e-5)
+
+
+def test_predict_many_checks_batches_as_predict_does(pool):
+    rng = np.random.default_rng(8)
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((3, 5), (5,), (5, 2), (2,))]
+    model = nn.MLPModel(*w, pool=pool)
+    try:
+        with pytest.raises(ValueError, match="shapes"):
+            next(model.predict_many([np.ones(3, np.float32)]))
+        with pytest.raises(TypeError, match="float64"):
+            next(model.predict_many([np.ones((4, 3))]))
+        got = next(model.predict_many([np.ones((4, 3), np.float32)]))
+        np.testing.assert_allclose(got, model.predict(np.ones((4, 3), np.float32)), rtol=1e-6)
+    finally:
+        model.release()
+

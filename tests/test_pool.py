@@ -488,6 +488,13 @@ def _as_str(a):
     return np.array([str(v) for v in a])
 
 
+def _first_rows_slow(t):
+    if t[0] == 0:
+        time.sleep(0.3)
+        return t.astype(np.float32)
+    return t.astype(np.float64)
+
+
 def check_map_semantics(p):
     """What NumPy would give, or a clear error: never a silently wrong result."""
     # fn(..., out=) sees out's contents, and what it leaves stays (a plain out too).
@@ -516,6 +523,24 @@ def check_map_semantics(p):
     # Masked arrays would lose their mask.
     with pytest.raises(TypeError, match="masked array"):
         p.map(np.negative, np.ma.array([1.0, 2.0], mask=[0, 1]))
+    # A ufunc's out of the wrong shape would be filled by broadcasting.
+    with pytest.raises(ValueError, match="out has shape"):
+        p.map(np.negative, np.arange(2.0), out=np.zeros((2, 2)))
+    # The first rows' result fixes out's dtype, even when other pieces finish first.
+    y = p.map(_first_rows_slow, np.arange(400), grain=100)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, np.arange(400))
+    # fn changes its piece in place and writes into a captured shared array.
+    flag = parrun.zeros(1)
+
+    def double_and_flag(t):
+        t *= 2
+        flag[0] = 1
+        return t
+
+    np.testing.assert_array_equal(p.map(double_and_flag, np.arange(4.0)), [0, 2, 4, 6])
+    assert flag[0] == 1
+    flag.release()
     # No rows: the result's type still comes from fn run in a worker, not in the caller.
     here = os.getpid()
     y = p.map(lambda a: a.astype(np.int8 if os.getpid() == here else np.int16),

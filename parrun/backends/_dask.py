@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import queue
+import secrets
 import threading
 import time
 import traceback
@@ -61,6 +62,7 @@ from parrun._checks import (
     check_first_result,
     check_fn,
     check_out,
+    check_ufunc_out,
     store_result,
 )
 
@@ -288,20 +290,25 @@ def _changes(p: _Payload, src: list, table: list) -> tuple:
 
 
 def _call_tracked(fn_p: _Payload, fn_ext: tuple, args_p: _Payload | None, args_ext: tuple,
-                  run: Callable[..., Any]) -> tuple[Any, tuple, tuple]:
+                  run: Callable[..., Any],
+                  before_rerun: Callable[[], None] | None = None) -> tuple[Any, tuple, tuple]:
     """``run(fn, args)`` with fn (cached) and args (fresh) loaded, their shared arrays
-    read-only; if the function writes into one, again on private copies, returning what
-    changed. Returns (result, changes in fn's arrays, changes in args' arrays)."""
+    read-only; if the function writes into one, again (after ``before_rerun``) on private
+    copies, returning what changed. Returns (result, changes in fn's arrays, changes in args'
+    arrays). A write NumPy lets through a read-only view (``np.add.at`` in NumPy 2.4,
+    ``torch.from_numpy``) is not seen: see the README."""
     writable = bool(fn_p.writable or (args_p is not None and args_p.writable))
     if fn_p.key not in _writers:
         fn = _cached(fn_p, fn_ext)
         args = _materialize(args_p, args_ext, False)[0] if args_p is not None else None
         try:
             return run(fn, args), (), ()
-        except ValueError as e:
-            if not writable or "read-only" not in str(e):
+        except Exception as e:  # NumPy: ValueError; numba: TypingError on "readonly array"
+            if not writable or not ("read-only" in str(e) or "readonly array" in str(e)):
                 raise
             _writers.add(fn_p.key)
+        if before_rerun is not None:
+            before_rerun()
     fn, fsrc, ftab = _materialize(fn_p, fn_ext, True)
     args, asrc, atab = (_materialize(args_p, args_ext, True) if args_p is not None
                         else (None, [], []))
@@ -351,6 +358,14 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
     start = None
     if spec.out_sent:
         *piece, start = piece  # type: ignore[assignment]
+    # fn may change its piece in place before it turns out to write into a captured shared
+    # array (which makes it run again): keep the piece as it came for that second run.
+    saved = (tuple(np.array(a) for a in piece)
+             if fn_p.writable and fn_p.key not in _writers else None)
+
+    def restore() -> None:
+        nonlocal piece
+        piece = saved  # type: ignore[assignment]
 
     def run(fn: Any, _args: Any) -> Any:
         acc: Any = _NOTHING
@@ -379,7 +394,8 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
                 store_result(buf[a:b], fn(*ins), lo + a, lo + b)
         return acc if spec.reduce else buf
 
-    value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run)
+    value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run,
+                                      restore if saved is not None else None)
     worker = distributed.get_worker()
     return _PieceResult(lo, _result_value(value), changes, os.getpid(), worker.address,
                         time.perf_counter_ns() - t0)
@@ -590,6 +606,9 @@ class DaskPool(parrun.Pool):
         self.direct = direct
         self.last_stats: parrun.JobStats | None = None
         self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        # In every key this pool puts on the cluster: pools sharing a client must not cancel
+        # each other's data when one closes.
+        self._token = secrets.token_hex(6)
         self._cache_bytes = 0
         self._cache_lock = threading.RLock()
         self._fetch: _Fetcher | None = None
@@ -696,6 +715,9 @@ class DaskPool(parrun.Pool):
     def _check_open(self) -> None:
         if self._closed:
             raise parrun.PoolClosedError("this DaskPool is closed; create a new one")
+        if self._client.status in ("closing", "closed"):
+            raise parrun.PoolClosedError("the Dask client of this DaskPool is closed; create "
+                                         "a new pool on a running client")
 
     # -- shipping ---------------------------------------------------------------------------
     def _put(self, key: str, value: Any, nbytes: int, broadcast: bool) -> Any:
@@ -738,7 +760,7 @@ class DaskPool(parrun.Pool):
             if shared and a.flags.writeable:
                 writable.append(i)
             if a.nbytes >= EXTERNAL_BYTES:
-                key = f"parrun-array-{_digest(a)}"
+                key = f"parrun-array-{self._token}-{_digest(a)}"
                 ext_futs.append(self._put(key, _plain(a), a.nbytes,
                                           broadcast=id(a) not in local_ids))
                 external.append((i, key))
@@ -749,7 +771,7 @@ class DaskPool(parrun.Pool):
                 size += c.nbytes
                 h.update(_digest(c).encode())
             h.update(b"s" if shared else b"p")
-        key = f"parrun-payload-{h.hexdigest()[:32]}"
+        key = f"parrun-payload-{self._token}-{h.hexdigest()[:32]}"
         payload = _Payload(key, blob, tuple(inline), tuple(external),
                            frozenset(i for i, s in enumerate(p.shared) if s),
                            frozenset(writable), len(p.arrays))
@@ -802,6 +824,7 @@ class DaskPool(parrun.Pool):
             tile = max(1, TILE_BYTES // max(1, row_bytes))
         if out is not None:
             out = check_out(out, n)
+            check_ufunc_out(fn, arrs, out)
         if n == 0:  # nothing to split: learn the result's type from fn, as the local pool does
             if reduce is not None:
                 if initial is _NOTHING:
@@ -823,10 +846,15 @@ class DaskPool(parrun.Pool):
         bounds = _split(n, row_bytes, tile, self._threads, explicit=grain is not None)
         t0 = time.perf_counter()
         acc, allocated = initial, None
+        early: dict[int, Any] = {}  # pieces that finished before rows 0:...
         per_worker: dict[str, list[int]] = {}
         try:
             sent = [*arrs, out] if spec.out_sent else arrs
-            for r in self._run_pieces(spec, fn_s, red_s, sent, bounds):
+            def reship() -> tuple[_Shipped, _Shipped | None]:
+                return (self._ship(fn, "fn"),
+                        self._ship(reduce, "reduce") if reduce is not None else None)
+
+            for r in self._run_pieces(spec, fn_s, red_s, sent, bounds, reship):
                 w = per_worker.setdefault(r.address, [r.pid, 0, 0, 0])
                 w[1] += bounds[r.lo] - r.lo
                 w[2] += 1
@@ -836,9 +864,17 @@ class DaskPool(parrun.Pool):
                     acc = r.value if acc is _NOTHING else reduce(acc, r.value)
                     continue
                 if out is None:
-                    out = allocated = parrun.empty((n, *r.value.shape[1:]), r.value.dtype)
-                # Each piece chose its dtype from its own first tile: check, never cast.
-                store_result(out[r.lo:bounds[r.lo]], r.value, r.lo, bounds[r.lo])
+                    # As on the local pool, the first rows' result decides out's dtype and
+                    # shape: pieces that finish before it wait here.
+                    early[r.lo] = r.value
+                    if 0 not in early:
+                        continue
+                    first = early[0]
+                    out = allocated = parrun.empty((n, *first.shape[1:]), first.dtype)
+                for lo, value in (early.items() if early else ((r.lo, r.value),)):
+                    # Each piece chose its dtype from its own first tile: check, never cast.
+                    store_result(out[lo:bounds[lo]], value, lo, bounds[lo])
+                early.clear()
         except BaseException:
             if allocated is not None:
                 allocated.release()
@@ -856,9 +892,12 @@ class DaskPool(parrun.Pool):
         return out
 
     def _run_pieces(self, spec: _MapSpec, fn_s: _Shipped, red_s: _Shipped | None,
-                    arrs: list[np.ndarray], bounds: dict[int, int]) -> Iterator[_PieceResult]:
+                    arrs: list[np.ndarray], bounds: dict[int, int],
+                    reship: Callable[[], tuple[_Shipped, _Shipped | None]],
+                    ) -> Iterator[_PieceResult]:
         """Scatter each piece, run a task on it, yield the results as they complete; send a
-        piece again if its input was lost with a worker."""
+        piece again if its input was lost with a worker, with the functions shipped again
+        (``reship``: their big arrays may have been lost with it too)."""
         client = self._client
         red = (red_s.payload, red_s.external) if red_s is not None else (None, ())
         lost_rounds: dict[int, int] = {}
@@ -892,6 +931,8 @@ class DaskPool(parrun.Pool):
                         raise parrun.BrokenPool(
                             f"the piece of rows {f.lo}:{bounds[f.lo]} was lost with its Dask "
                             f"worker {k} times; giving up (is the cluster losing workers?)")
+                    fn_s, red_s = reship()  # cached on the cluster unless lost
+                    red = (red_s.payload, red_s.external) if red_s is not None else (None, ())
                     ac.update(send([f.lo]))
         except distributed.KilledWorker as e:
             raise parrun.BrokenPool(f"Dask gave up on a piece whose workers kept dying: "

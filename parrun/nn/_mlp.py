@@ -162,7 +162,8 @@ class MLPModel:
         depth = in_flight or 2 * pool.workers
         window: deque = deque()
         for batch in batches:
-            batch = np.asarray(batch, dtype=self.w1.dtype)
+            batch = np.asarray(batch)
+            _check_mlp(batch, self.w1, self.b1, self.w2, self.b2, self.activation)  # as predict
             window.append(pool.submit(_predict_batch, self._tile, batch))
             if len(window) >= depth:
                 yield window.popleft().result()

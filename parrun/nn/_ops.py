@@ -183,10 +183,13 @@ def _build(dtype: np.dtype) -> Any:
                 col[i] = m[g, i]
             for j in range(n_keys):
                 for i in range(n_q):
-                    col[i] = max(col[i], st[g, j, i])
+                    v = st[g, j, i]
+                    # A NaN score (a NaN or inf in q or k) makes the query's max NaN, and
+                    # so its output, as in NumPy and torch; max() would skip it.
+                    col[i] = v if (v > col[i] or v != v) else col[i]
             for i in range(n_q):
                 # A query with every key masked so far keeps max -inf: shift by 0 instead.
-                shift = col[i] if col[i] > neg_inf else zero
+                shift = zero if col[i] == neg_inf else col[i]
                 c = math.exp(m[g, i] - shift) if m[g, i] > neg_inf else zero
                 corr[g, i] = c
                 denom[g, i] *= c
@@ -195,11 +198,11 @@ def _build(dtype: np.dtype) -> Any:
             for j in range(n_keys):
                 for i in range(n_q):
                     x = st[g, j, i] - col[i]
-                    xc = max(x, low)
+                    xc = x if x > low else low  # NaN -> low: n and its bits stay defined
                     n = np.floor(xc * log2e + half)
                     r = xc - n * ln2_hi - n * ln2_lo
                     e = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r * r + r + one
-                    st[g, j, i] = e if x >= low else zero
+                    st[g, j, i] = e if x >= low else (zero if x < low else x)  # NaN stays
                     bits[i] = (np.int32(n) + 127) << 23
                 for i in range(n_q):
                     e = st[g, j, i] * pow2[i]
