@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench.main(argv[1:])
     args = ap.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # a bad setting (PARRUN_NUM_WORKERS, a flag's value): one line
+        ap.error(str(e))
 
 
 if __name__ == "__main__":

@@ -350,3 +350,29 @@ def test_a_signal_ends_the_bench_even_when_a_peer_cannot_stop():
                 p.wait()
         assert p.returncode == 128 + 15, err[-3000:]
 
+
+
+def _info(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "parrun", "info"], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_info_describes_this_machine_and_the_defaults():
+    psutil = pytest.importorskip("psutil")
+    r = _info({})
+    assert r.returncode == 0, r.stderr
+    got = dict(line.strip().split(": ", 1) for line in r.stdout.splitlines())
+    assert int(got["logical_cores"]) == psutil.cpu_count(logical=True)
+    assert int(got["physical_cores"]) == psutil.cpu_count(logical=False)
+    assert int(got["usable_cores"]) == len(os.sched_getaffinity(0))
+    assert int(got["default_workers"]) == parrun.default_workers()
+    assert got["blas_threads_per_worker"] == "1" and got["parrun"] == parrun.__version__
+    assert got["numpy"] == np.__version__ and got["start_method"] in ("forkserver", "spawn")
+    assert "num_threads" in got["blas"]
+    assert abs(float(got["memory_gib"]) - psutil.virtual_memory().total / 2**30) < 0.1
+    r = _info({"PARRUN_NUM_WORKERS": "3"})
+    assert "default_workers: 3" in r.stdout
+    r = _info({"PARRUN_NUM_WORKERS": "abc"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "PARRUN_NUM_WORKERS must be a positive integer, got 'abc'" in r.stderr

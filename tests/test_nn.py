@@ -183,6 +183,8 @@ def test_attention_masks_and_cross_lengths(pool, causal, sk):
         o.release()
     with pytest.raises(ValueError, match="broadcast"):
         nn.attention(q, k, v, mask=keep[..., :5], pool=pool)
+    with pytest.raises(ValueError, match="broadcast"):  # broadcasts, but to 5 dimensions
+        nn.attention(q, k, v, mask=keep[None, None], pool=pool)
     with pytest.raises(TypeError):
         nn.attention(q, k.astype(np.float64), v, pool=pool)
 

@@ -35,11 +35,13 @@ def _check(q, k, v, mask):
         m = np.asarray(mask)
         if m.dtype != bool and m.dtype != q.dtype:
             m = m.astype(q.dtype)
+        want = (*q.shape[:3], k.shape[2])
         try:
-            np.broadcast_shapes(m.shape, (*q.shape[:3], k.shape[2]))
+            fits = np.broadcast_shapes(m.shape, want) == want  # a 5-D mask broadcasts too
         except ValueError:
-            raise ValueError(f"mask of shape {m.shape} does not broadcast to "
-                             f"{(*q.shape[:3], k.shape[2])}") from None
+            fits = False
+        if not fits:
+            raise ValueError(f"mask of shape {m.shape} does not broadcast to {want}")
         mask = m
     return q, k, v, mask
 
