@@ -238,6 +238,7 @@ class TaskService:
                 if pool._stopped:
                     self.fail_all(PoolClosedError("the pool was closed"))
                     break
+                pool._drain_stale()  # a map an interrupt cut short: its workers first
                 pool._cb.start_job([])  # every range empty, abort cleared
                 self.idle = set(range(pool.workers))
                 with self.cv:

@@ -665,13 +665,15 @@ def test_an_interrupt_anywhere_leaves_no_worker_on_the_next_call():
     out = parrun.empty(64)
     try:
         with parrun.Pool(2) as p:
-            for _ in range(150):
+            for i in range(150):
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(5e-5, 2e-3))
                 try:
                     p.map(lambda a: (time.sleep(0.003), a * 0)[1], x, out=out, grain=8)
                 except KeyboardInterrupt:
                     pass
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                if i % 2:  # tasks next, on the same workers
+                    assert p.submit(abs, -i).result(timeout=TIMEOUT) == i
                 check = p.map(lambda a: a + 1, x, grain=8)
                 np.testing.assert_array_equal(check, np.arange(64.0) + 1)
                 check.release()
