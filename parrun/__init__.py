@@ -49,6 +49,15 @@ __all__ = [
     "zeros",
 ]
 
+def __getattr__(name: str) -> object:
+    """``parrun.nn`` on first use: ``import parrun`` stays light."""
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("parrun.nn")
+    raise AttributeError(f"module 'parrun' has no attribute {name!r}")
+
+
 for _name in __all__:
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("parrun."):

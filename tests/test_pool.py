@@ -710,3 +710,18 @@ def test_released_arrays_leave_the_workers_memory():
         p.submit(abs, 1).result(timeout=TIMEOUT)
         assert wait_until(lambda: all(_deleted_parrun_mappings(k) == 0 for k in p.pids)), \
             [_deleted_parrun_mappings(k) for k in p.pids]
+
+
+def test_parrun_nn_loads_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, parrun\n"
+            "assert 'parrun.nn' not in sys.modules\n"
+            "assert parrun.nn.mlp is __import__('parrun.nn').nn.mlp\n"
+            "assert 'dask' not in sys.modules\n"
+            "try:\n    parrun.nope\nexcept AttributeError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "has no attribute 'nope'" in r.stdout
