@@ -169,6 +169,13 @@ class ControlBlock:
                 return True
         return False
 
+    def clear_current(self, me: int) -> None:
+        """Forget worker ``me``'s piece in progress (a piece of tasks: their statistics travel
+        with their results, and counting them here could land in the next job's counters
+        after the parent saw this worker idle)."""
+        base = HEADER + SLOT * me
+        self.words[base + CUR_LO] = self.words[base + CUR_HI] = 0
+
     def done_piece(self, me: int, lo: int, hi: int, busy_ns: int) -> None:
         """Count a finished piece in worker ``me``'s slot."""
         w = self.words

@@ -204,11 +204,11 @@ class _Worker:
             # Going idle after this piece? Say so with the results: one message, one wake-up
             # of the parent. (If work turns up after all, it is taken below as usual.)
             idle_said = not cb.has_work()
-            # Report, then count: a worker killed in between has its piece reported (the
+            # Report, then clear: a worker killed in between has its piece reported (the
             # parent ignores results it already has) rather than lost.
             status.send_bytes(pickle.dumps(P.TaskResults(me, results, dt, idle_said,
                                                          wake.seq), protocol=5))
-            cb.done_piece(me, lo, hi, dt)
+            cb.clear_current(me)
             per_task = dt / (hi - lo)
             self.task_ns = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
             if os.getppid() != ppid:

@@ -395,3 +395,22 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_map_right_after_a_task_counts_only_its_own_items():
+    """A task's worker once counted its last piece in the control block after saying it was
+    idle: the next map's last_stats got the task's item and busy time (and its cost
+    estimate with them)."""
+    with parrun.Pool(4) as p:
+        x = parrun.asshared(np.arange(15, dtype=np.int64))
+        out = parrun.zeros(15, np.int64)
+        for _ in range(300):
+            p.submit(int, 1).result(timeout=TIMEOUT)
+            p.map(np.negative, x, out=out)
+            st = p.last_stats
+            assert sum(w.items for w in st.workers) + st.probe_items == st.items == 15, st
+        p.submit(time.sleep, 0.05).result(timeout=TIMEOUT)
+        p.map(np.negative, x, out=out)
+        assert max(p.last_stats.busy_s) < 0.04, p.last_stats  # not the task's 50 ms
+        x.release()
+        out.release()
