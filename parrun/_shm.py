@@ -131,16 +131,14 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
             os.ftruncate(fd, size)
     except OSError as e:
         os.close(fd)
-        _posixshmem.shm_unlink("/" + name)
-        resource_tracker.unregister("/" + name, "shared_memory")
+        _unlink(name)
         raise SharedMemoryError(
             f"cannot create a shared array of {_fmt_bytes(size)} in {_SHM_DIR}: {e.strerror}; "
             f"{_SHM_DIR} has {_shm_space()}. Free space there (leaked segments are files "
             f"named {PREFIX}*) or enlarge it.") from e
     except BaseException:
         os.close(fd)
-        _posixshmem.shm_unlink("/" + name)
-        resource_tracker.unregister("/" + name, "shared_memory")
+        _unlink(name)
         raise
     return name, fd, size
 
@@ -158,8 +156,7 @@ class _Segment:
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
-            _posixshmem.shm_unlink("/" + name)
-            resource_tracker.unregister("/" + name, "shared_memory")
+            _unlink(name)
             raise
         if keep_fd:
             self.fd = fd
@@ -198,6 +195,18 @@ class _Segment:
         return raw
 
 
+def _unlink(name: str) -> None:
+    """Remove segment ``name`` from /dev/shm and from the resource tracker (idempotent)."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+    try:
+        resource_tracker.unregister("/" + name, "shared_memory")
+    except Exception:  # pragma: no cover - tracker already gone at interpreter exit
+        pass
+
+
 def _release_name(name: str) -> None:
     """Unlink an owned segment (idempotent); the memory goes when its last mapping does."""
     with _lock:
@@ -212,14 +221,7 @@ def _release_name(name: str) -> None:
     if seg.fd >= 0:
         os.close(seg.fd)
         seg.fd = -1
-    try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
-    try:
-        resource_tracker.unregister("/" + name, "shared_memory")
-    except Exception:  # pragma: no cover - tracker already gone at interpreter exit
-        pass
+    _unlink(name)
 
 
 def create_segment(nbytes: int, keep_fd: bool = False) -> tuple[_Segment, np.ndarray]:
@@ -525,11 +527,7 @@ class _Detached:
         self.name = name
 
     def release(self) -> None:
-        try:
-            _posixshmem.shm_unlink("/" + self.name)
-        except FileNotFoundError:
-            pass
-        resource_tracker.unregister("/" + self.name, "shared_memory")
+        _unlink(self.name)
 
 
 class _ArgsArrays:
@@ -537,9 +535,6 @@ class _ArgsArrays:
     parent releases when the task is over (``temps``)."""
 
     temps: list
-
-    def may_share(self, name: str) -> bool:
-        return True
 
     def big_array(self, obj: np.ndarray):
         tmp = asshared(obj)
@@ -644,6 +639,9 @@ class _FastPickler(pickle.Pickler):
             if r is not None:
                 return r
         return NotImplemented
+
+    def may_share(self, name: str) -> bool:
+        return True
 
 
 class _FastArgsPickler(_ArgsArrays, _FastPickler):
