@@ -158,6 +158,157 @@ def _close_all(peers: list) -> None:
                 proc.kill()
 
 
+# -- mpire and Ray: the other pools parrun means to beat (extras; skipped when missing) ------
+# mpire: a forked WorkerPool per worker count, kept alive between calls, its inputs handed
+# over as shared_objects (inherited at fork: copy-on-write, never pickled), results pickled.
+# Ray: one local runtime for the whole run (its start takes seconds), inputs put once into
+# its shared-memory object store (workers read them without a copy), one task per block or
+# item. ``workers`` caps how many of a method's tasks run at once through a custom resource:
+# each task asks for a share of RAY_SLOTS that only ``workers`` tasks can hold together.
+RAY_SLOTS = 720720  # divisible by every count 1..16 (and by many more)
+_RAY: dict[str, Any] = {"cpus": None, "skip": None, "fns": {}, "daemons": [], "killed": False}
+
+
+def _mpire_pool(w: int, shared: Any = None, held: list | None = None) -> Any:
+    from mpire import WorkerPool
+
+    p = WorkerPool(n_jobs=w, start_method="fork", keep_alive=True, shared_objects=shared)
+    if held is not None:
+        held.append(p)
+    return p
+
+
+def _chain_slice(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return _chain(x[lo:hi])
+
+
+def _split_slice(fn: Callable[..., np.ndarray], inputs: tuple, consts: tuple, lo: int,
+                 hi: int) -> np.ndarray:
+    return _one_thread_call(fn, *(a[lo:hi] for a in inputs), *consts)
+
+
+def _mpire_split(shared: tuple, lo: int, hi: int) -> np.ndarray:
+    fn, inputs, consts = shared
+    return _split_slice(fn, inputs, consts, lo, hi)
+
+
+def ray_config(cpus: int | None, skip: str | None = None) -> None:
+    """The CPUs the next Ray runtime is started with (``run`` sets the largest worker count;
+    default: this machine's cores), or why Ray's methods are skipped."""
+    _RAY.update(cpus=cpus, skip=skip)
+
+
+def _ray() -> Any:
+    """The run's Ray runtime, started on first use: no dashboard, its workers' logs kept
+    out of the tables, its workers at the priority every other method's processes run at
+    (Ray's default, nice 15, gives the cores to any other busy process first).
+    ``ray.init`` replaces the SIGTERM and SIGINT handlers (a C handler that prints a stack
+    and exits, inherited by every peer forked afterwards): the bench's own are put back, so
+    a signal still closes every pool and segment."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        main = threading.current_thread() is threading.main_thread()
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main \
+            else {}
+        import psutil
+
+        before = {p.pid for p in psutil.Process().children()}
+        ray.init(num_cpus=_RAY["cpus"] or os.cpu_count(), resources={"bench_slot": RAY_SLOTS},
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 _system_config={"worker_niceness": 0})
+        _RAY["daemons"] = [p for p in psutil.Process().children() if p.pid not in before]
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    return ray
+
+
+def ray_stop() -> None:
+    """Shut the Ray runtime down (its daemons and workers gone) if this process started one.
+    If its daemons died (a signal to the process group: ``timeout``, ``kill -TERM -PGID``),
+    ``ray.shutdown``, here or at exit, would wait for them without end, at times holding the
+    GIL so that the bench's watchdog could not run either: what is left of them is killed
+    instead."""
+    ray = sys.modules.get("ray")
+    _RAY["fns"].clear()
+    ray_config(None)
+    if ray is None or not ray.is_initialized():
+        return
+    import psutil
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    daemons, _RAY["daemons"] = _RAY["daemons"], []
+    if all(alive(p) for p in daemons):
+        ray.shutdown()
+        return
+    import atexit
+
+    atexit.unregister(ray.shutdown)
+    procs = []
+    for p in daemons:
+        try:
+            procs += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=PEER_CLOSE_TIMEOUT)
+    _RAY["killed"] = True
+
+
+SKIPPABLE = ("joblib", "loky", "numexpr", "numba", "torch", "sentence-transformers", "mpire",
+             "ray")  # the optional peers, by package: ``--skip`` leaves them out
+
+
+def _peer_package(method: str) -> str:
+    """The package a method's name begins with ("ray, a task per item": ray)."""
+    return method.split(",")[0].split()[0].lower()
+
+
+def _leave_if_ray_killed(code: int) -> None:
+    """Exit now if ``ray_stop`` had to kill Ray's daemons: Ray's C++ side of this process
+    crashes the interpreter's final clean-up (SIGSEGV) once they are gone. The exit
+    functions (joblib's and multiprocessing's clean-ups; not Ray's) run first."""
+    if _RAY["killed"]:
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _ray_task(fn: Callable, w: int) -> Any:
+    """``fn`` as a Ray task of which at most ``w`` run at once."""
+    ray = _ray()
+    if fn not in _RAY["fns"]:
+        _RAY["fns"][fn] = ray.remote(fn)
+    return _RAY["fns"][fn].options(num_cpus=0, resources={"bench_slot": RAY_SLOTS // w})
+
+
+def _peer_methods(*peers: tuple[str, Callable[[int], Callable[[], Any]]]) -> list[Method]:
+    """``(name, make)`` of mpire's and Ray's methods (the package is the name's first word),
+    or a skipped row for each one whose package is missing."""
+    import importlib.util
+
+    methods = []
+    for name, make in peers:
+        pkg = _peer_package(name)
+        skip = "not installed" if importlib.util.find_spec(pkg) is None \
+            else _RAY["skip"] if pkg == "ray" else None
+        methods.append(Method(name, None if skip else make, skipped=skip))
+    return methods
+
+
 def _release_all(arrays: Iterable[Any]) -> None:
     for a in arrays:
         a.release()
@@ -211,7 +362,23 @@ def map_workload(quick: bool, pools) -> Workload:
         shares = [(n * k // w, n * (k + 1) // w) for k in range(w)]
         return lambda: p.map(_copy_share, shares, chunksize=1)
 
+    def mpire_blocks(w):
+        p = _mpire_pool(w, xs, held)
+        block = 2**20
+        bounds = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
+        return lambda: np.concatenate(p.map(_chain_slice, bounds,
+                                            concatenate_numpy_output=False), out=out)
+
+    def ray_blocks(w):
+        ray = _ray()
+        if not refs:
+            refs.append(ray.put(xs))
+        task, block = _ray_task(_chain_slice, w), 2**20
+        return lambda: np.concatenate(ray.get([task.remote(refs[0], lo, lo + block)
+                                               for lo in range(0, n, block)]), out=out)
+
     held: list = []
+    refs: list = []
     methods = [Method("serial NumPy, 64K tiles", serial, scales=False),
                Method("parrun.map", with_parrun),
                Method("plain copy, forked (bandwidth ceiling)", plain_copy,
@@ -243,9 +410,11 @@ def map_workload(quick: bool, pools) -> Workload:
         methods.append(Method("numexpr", numexpr))
     except ImportError:
         methods.append(Method("numexpr", None, skipped="not installed"))
+    methods += _peer_methods(("mpire, inherited input, 4 MiB blocks", mpire_blocks),
+                             ("ray, object store, 4 MiB blocks", ray_blocks))
     wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
                   note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
-    wl.cleanup += [lambda: _close_all(held), _COPY.clear, x.release, out.release]
+    wl.cleanup += [lambda: _close_all(held), refs.clear, _COPY.clear, x.release, out.release]
     return wl
 
 
@@ -274,6 +443,18 @@ def tasks_workload(quick: bool, pools) -> Workload:
                 r.get()
         return run
 
+    def mpire_apply(w):
+        p = _mpire_pool(w, held=held)
+
+        def run():
+            for r in [p.apply_async(_noop) for _ in range(n)]:
+                r.get()
+        return run
+
+    def ray_tasks(w):
+        ray, task = _ray(), _ray_task(_noop, w)
+        return lambda: ray.get([task.remote() for _ in range(n)])
+
     methods = [Method("parrun Pool.submit", with_parrun),
                Method("ProcessPoolExecutor", executor(
                    lambda w: cf.ProcessPoolExecutor(w, mp_context=mp.get_context("fork")))),
@@ -287,6 +468,7 @@ def tasks_workload(quick: bool, pools) -> Workload:
         methods.append(Method("loky", executor(lambda w: LokyExecutor(w))))
     except ImportError:
         methods.append(Method("loky", None, skipped="not installed"))
+    methods += _peer_methods(("mpire apply_async", mpire_apply), ("ray tasks", ray_tasks))
     wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
     wl.cleanup.append(lambda: _close_all(held))
     return wl
@@ -331,6 +513,14 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
             return lambda: p.map(_cost, items)
         return lambda: list(p.imap_unordered(_cost, items, chunksize=1))
 
+    def mpire_map(w):
+        p = _mpire_pool(w, held=held)
+        return lambda: p.map(_cost, range(n))
+
+    def ray_items(w):
+        ray, task = _ray(), _ray_task(_cost, w)
+        return lambda: ray.get([task.remote(i) for i in range(n)])
+
     methods = [Method("serial Python", serial, scales=False),
                Method("parrun.map (work stealing)", with_parrun),
                Method("static contiguous split", lambda w: mp_pool(w, "halves")),
@@ -350,7 +540,8 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
         methods.append(Method("joblib auto batching", joblib_auto, exclusive=True))
     except ImportError:
         methods.append(Method("joblib auto batching", None, skipped="not installed"))
-
+    methods += _peer_methods(("mpire map default chunks", mpire_map),
+                             ("ray, a task per item", ray_items))
     wl = Workload("irregular", "items/s", n, methods,
                   note=f"{n} pure-Python items, cost proportional to the index")
     wl.cleanup += [lambda: _close_all(held), idx.release]
@@ -415,6 +606,20 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         blocks = [tuple(a[lo:hi] for a in inputs) for lo, hi in bounds(w)]
         return lambda: np.concatenate(p.map(_split_block, blocks, chunksize=1), out=out)
 
+    def mpire_blocks(w):
+        p = _mpire_pool(w, (fn, inputs, consts), held)
+        return lambda: np.concatenate(p.map(_mpire_split, bounds(w), chunk_size=1,
+                                            concatenate_numpy_output=False), out=out)
+
+    def ray_blocks(w):
+        ray = _ray()
+        if not refs:
+            refs.extend([ray.put(inputs), ray.put(consts)])
+        task = _ray_task(_split_slice, w)
+        return lambda: np.concatenate(ray.get([task.remote(fn, *refs, lo, hi)
+                                               for lo, hi in bounds(w)]), out=out)
+
+    refs: list = []  # Ray's copies of inputs and consts, put once for every count
     methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool)]
     try:
@@ -430,7 +635,8 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         methods.append(Method("joblib, memmapped blocks", joblib_blocks, exclusive=True))
     except ImportError:
         methods.append(Method("joblib, memmapped blocks", None, skipped="not installed"))
-    return methods
+    return methods + _peer_methods(("mpire, inherited blocks", mpire_blocks),
+                                   ("ray, object store blocks", ray_blocks))
 
 
 def _attention_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -723,20 +929,25 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
 
 def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
         progress: bool = True, warmup: int = 2, irregular_items: int | None = None,
-        json_path: str | None = None) -> dict:
+        json_path: str | None = None, skip: Iterable[str] = ()) -> dict:
     """Run the suites; return everything measured (what ``--json`` writes). With
     ``json_path``, the results so far are written there after each workload, so that a run
-    cut short (a time limit) keeps what it measured."""
+    cut short (a time limit) keeps what it measured. ``skip`` names peers (of
+    ``SKIPPABLE``) to leave out: reported as skipped."""
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
     if not workers or min(workers) < 1:
         raise ValueError(f"worker counts must be positive integers, got {workers}")
+    skip = set(skip)
+    if skip - set(SKIPPABLE):
+        raise ValueError(f"cannot skip {', '.join(sorted(skip - set(SKIPPABLE)))}; "
+                         f"choose from {', '.join(SKIPPABLE)}")
     np.random.seed(0)
     results: dict[str, Any] = {"format": JSON_FORMAT, "machine": machine_info(),
                                "config": {"suites": suites, "workers": workers,
                                           "repeat": repeat, "warmup": warmup,
-                                          "quick": quick},
+                                          "quick": quick, "skip": sorted(skip)},
                                "workloads": {}}
     bar = None
     if progress:
@@ -747,10 +958,15 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
         except ImportError:
             bar = None
     pools = {w: parrun.Pool(w) for w in workers}
+    ray_config(max(workers), skip="left out of --quick: its runtime takes seconds to start, "
+               "and its tasks cost milliseconds each" if quick else None)
     try:
         for name in suites:
             try:
                 wl = _build(name, quick, pools, irregular_items)
+                for m in wl.methods:
+                    if m.make is not None and _peer_package(m.name) in skip:
+                        m.make, m.skipped = None, "left out by --skip"
             except Exception as e:  # the workload could not be set up: say so, go on
                 results["workloads"][name] = {"error": _failed(e)}
             else:
@@ -772,6 +988,7 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
     finally:
         for p in pools.values():
             p.close()
+        ray_stop()
         if bar is not None:
             bar.close()
     return results
@@ -973,6 +1190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--irregular-items", type=int, default=None,
                     help="items of the irregular workload (default 2000; its cost grows as "
                          "the square)")
+    ap.add_argument("--skip", default="",
+                    help=f"comma-separated peers to leave out, of {', '.join(SKIPPABLE)}")
     ap.add_argument("--from-json", metavar="PATH",
                     help="print the tables (and --plot) of a saved run instead of running")
     args = ap.parse_args(argv)
@@ -1001,6 +1220,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in suites if t not in SUITES]
     if unknown:
         ap.error(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    skip = _parse_list(ap, "--skip", args.skip) if args.skip else []
+    unknown = [t for t in skip if t not in SKIPPABLE]
+    if unknown:
+        ap.error(f"--skip: unknown peer {', '.join(unknown)}; choose from {', '.join(SKIPPABLE)}")
     if args.json:
         _writable(ap, "--json", args.json)
     if any(v in os.environ for v in _OPENBLAS_VARS):
@@ -1025,11 +1248,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,
                       warmup=warmup, irregular_items=args.irregular_items,
-                      json_path=args.json)
+                      json_path=args.json, skip=skip)
     except KeyboardInterrupt:
         print("bench: interrupted" + (f"; the workloads done so far are in {args.json}"
                                       if args.json else ""), file=sys.stderr)
+        _leave_if_ray_killed(130)
         return 130
+    except SystemExit as e:  # SIGTERM
+        _leave_if_ray_killed(e.code if isinstance(e.code, int) else 1)
+        raise
     if args.plot:
         plot(results, args.plot)
     bad = failures(results)

@@ -121,5 +121,5 @@ def no_leaked_workers():
     if default is not None:
         default.close()
     gc.collect()
-    assert wait_until(lambda: not worker_processes(), timeout=10), \
-        f"worker processes left: {[p.pid for p in worker_processes()]}"
+    left = [] if wait_until(lambda: not worker_processes(), timeout=10) else worker_processes()
+    assert not left, f"worker processes left: {[(p.pid, p.cmdline()[:4]) for p in left]}"
