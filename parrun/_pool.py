@@ -352,17 +352,22 @@ class Pool:
                 _close_handle(w)
 
     def _replace_dead(self) -> None:
-        """Replace the workers that have died since the last call (one poll, ~1 us)."""
+        """Replace the workers that have died since the last call (one poll, ~1 us). A dead
+        worker's status pipe hangs up as it exits; its sentinel (the fork server's report of
+        its exit status) can come milliseconds later on a busy machine, so both are
+        watched."""
         if self._dead_poll[0] != self._generation:
             poll = select.poll()
+            slots = {}
             for w in self._workers:
                 poll.register(w.process.sentinel, select.POLLIN)
-            self._dead_poll = (self._generation, poll, {w.process.sentinel: w.slot
-                                                        for w in self._workers})
+                poll.register(w.status.fileno(), 0)  # 0: hang-ups (and errors) only
+                slots[w.process.sentinel] = slots[w.status.fileno()] = w.slot
+            self._dead_poll = (self._generation, poll, slots)
         _gen, poll, slots = self._dead_poll
-        for fd, _ in poll.poll(0):
-            self._workers[slots[fd]].process.join(STOP_TIMEOUT)
-            self._replace(slots[fd])
+        for slot in sorted({slots[fd] for fd, _ in poll.poll(0)}):
+            self._workers[slot].process.join(STOP_TIMEOUT)
+            self._replace(slot)
 
     def _terminate_all(self) -> None:
         for w in self._workers:

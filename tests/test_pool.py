@@ -585,8 +585,9 @@ def test_a_worker_that_died_while_idle_does_not_fail_the_next_call():
         assert p.map_reduce(np.sum, operator.add, x) == x.sum()
         pid = p.pids[0]
         os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: not psutil.pid_exists(pid) or
-                          psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        # reaped: its fork server has then sent the pool its exit status (a zombie is not
+        # yet known to the pool: this test once failed in CI waiting only for that)
+        assert wait_until(lambda: not psutil.pid_exists(pid))
         assert p.map_reduce(np.sum, operator.add, x) == x.sum()  # the partial was not lost
         assert pid not in p.pids
 
