@@ -207,14 +207,13 @@ def _ray() -> Any:
     a signal still closes every pool and segment."""
     import logging
 
+    import psutil
     import ray
 
     if not ray.is_initialized():
         main = threading.current_thread() is threading.main_thread()
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main \
             else {}
-        import psutil
-
         before = {p.pid for p in psutil.Process().children()}
         ray.init(num_cpus=_RAY["cpus"] or os.cpu_count(), resources={"bench_slot": RAY_SLOTS},
                  include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
