@@ -57,6 +57,18 @@ def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
     assert "speed-up" in r.stdout and "vs best peer" in r.stdout
 
 
+def _signal_and_wait(p: subprocess.Popen, sig: int, group: bool) -> tuple[str, float]:
+    """Send ``sig`` to a bench (to its whole process group if ``group``); its stderr and the
+    seconds it took to exit."""
+    if group:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=30)
+    return err, time.monotonic() - t0
+
+
 def _stop_joblib() -> None:
     if _installed("joblib"):
         from joblib.externals.loky import get_reusable_executor
@@ -173,16 +185,11 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
             time.sleep(0.1)
         time.sleep(3.0)
         children = psutil.Process(p.pid).children(recursive=True)
-        if to == "group":
-            os.killpg(p.pid, sig)
-        else:
-            p.send_signal(sig)
-        t0 = time.monotonic()
-        _, err = p.communicate(timeout=30)
+        err, took = _signal_and_wait(p, sig, group=to == "group")
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert time.monotonic() - t0 < parrun.bench.EXIT_GRACE + 5
+    assert took < parrun.bench.EXIT_GRACE + 5
     # Ray's driver side may see its raylet die first and end the process itself (code 1):
     # seen in about 1 in 15 group SIGTERMs
     raylet_first = sig == signal.SIGTERM and to == "group" and p.returncode == 1
@@ -411,18 +418,12 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
         time.sleep(1.0 if second == "irregular" else 4.0)  # map: into its timed runs
         children = psutil.Process(p.pid).children(recursive=True)
         assert children  # parrun's workers and the peers' pools are running
-        if to == "group":
-            os.killpg(p.pid, signal.SIGTERM)
-        elif to == "group-ctrl-c":
-            os.killpg(p.pid, signal.SIGINT)
-        else:
-            p.terminate()
-        t0 = time.monotonic()
-        _, err = p.communicate(timeout=30)
+        err, took = _signal_and_wait(p, signal.SIGINT if to == "group-ctrl-c"
+                                     else signal.SIGTERM, group=to != "process")
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert time.monotonic() - t0 < parrun.bench.EXIT_GRACE + 5
+    assert took < parrun.bench.EXIT_GRACE + 5
     if to == "group-ctrl-c":
         assert p.returncode == 130 and err.strip().splitlines() == [
             f"bench: interrupted; the workloads done so far are in {out}"], err[-3000:]
