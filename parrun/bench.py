@@ -1099,6 +1099,18 @@ def plot(results: dict, path: str) -> None:
 
 
 EXIT_GRACE = 10.0  # seconds closing may take after a signal before everything is killed
+WAKE_AFTER = 0.2  # seconds a signal may wait for the main thread before it is sent there
+
+
+def _forget_wakeup_fd(fd: int) -> None:
+    """In a forked child: its signals are its own, not the bench's (a pool's ``terminate``
+    sends its workers SIGTERM)."""
+    try:
+        old = signal.set_wakeup_fd(-1)
+        if old not in (-1, fd):
+            signal.set_wakeup_fd(old)
+    except ValueError:
+        pass
 
 
 def _on_signals() -> None:
@@ -1107,9 +1119,17 @@ def _on_signals() -> None:
     inherit this handler: there Ctrl-C is ignored (their parent closes their pools; they
     printed a traceback each) and SIGTERM ends them at once. If closing takes longer than
     ``EXIT_GRACE`` (a peer's pool stuck on a lock a killed worker held, say), every child is
-    killed and the process exits: the resource tracker then unlinks what is left."""
-    main_pid = os.getpid()
-    fired: list[int] = []
+    killed and the process exits: the resource tracker then unlinks what is left.
+
+    Python runs a handler only in the main thread, and a signal to the process can land in
+    any of its threads: the main thread, waiting on a lock (``Pool.map`` whose workers the
+    same signal killed), then never wakes. A thread watching ``signal.set_wakeup_fd`` sees
+    every signal, starts the watchdog and, if the handler has not run within ``WAKE_AFTER``,
+    sends the signal to the main thread itself. A second signal while closing is ignored:
+    closing goes on, and the watchdog ends it ``EXIT_GRACE`` after the first."""
+    main_pid, main_thread = os.getpid(), threading.get_ident()
+    handled = threading.Event()  # the main thread has raised for a signal
+    lock, fired = threading.RLock(), list[int]()
 
     def watchdog(signum: int) -> None:
         time.sleep(EXIT_GRACE)
@@ -1125,6 +1145,24 @@ def _on_signals() -> None:
                 pass
         os._exit(128 + signum)
 
+    def start_watchdog(signum: int) -> None:
+        with lock:
+            if not fired:
+                fired.append(signum)
+                threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
+
+    def watch(fd: int) -> None:
+        while True:
+            try:
+                got = os.read(fd, 64)
+            except OSError:
+                return
+            for signum in got:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    start_watchdog(signum)
+                    if not handled.wait(WAKE_AFTER):
+                        signal.pthread_kill(main_thread, signum)
+
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:
             if signum == signal.SIGINT:
@@ -1132,14 +1170,20 @@ def _on_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if not fired:
-            fired.append(signum)
-            threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
+        if handled.is_set():  # closing already (or the watcher's copy of this signal)
+            return
+        handled.set()
+        start_watchdog(signum)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    os.register_at_fork(after_in_child=lambda: _forget_wakeup_fd(w))
+    threading.Thread(target=watch, args=(r,), daemon=True, name="bench-signals").start()
 
 
 def _parse_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:

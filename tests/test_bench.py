@@ -187,8 +187,11 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
         children = psutil.Process(p.pid).children(recursive=True)
         err, took = _signal_and_wait(p, sig, group=to == "group")
     finally:
-        if p.poll() is None:
+        if p.poll() is None:  # hung: take it all down, so the next test starts clean
             os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
+                seg.unlink()
     assert took < parrun.bench.EXIT_GRACE + 5
     # Ray's driver side may see its raylet die first and end the process itself (code 1):
     # seen in about 1 in 15 group SIGTERMs
@@ -421,8 +424,11 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
         err, took = _signal_and_wait(p, signal.SIGINT if to == "group-ctrl-c"
                                      else signal.SIGTERM, group=to != "process")
     finally:
-        if p.poll() is None:
+        if p.poll() is None:  # hung: take it all down, so the next test starts clean
             os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
+                seg.unlink()
     assert took < parrun.bench.EXIT_GRACE + 5
     if to == "group-ctrl-c":
         assert p.returncode == 130 and err.strip().splitlines() == [
@@ -513,6 +519,52 @@ def test_a_signal_ends_the_bench_even_when_a_peer_cannot_stop():
                 p.wait()
         assert p.returncode == 128 + 15, err[-3000:]
 
+
+
+SIGNAL_TO_ANOTHER_THREAD = """
+import multiprocessing as mp, signal, sys, threading, time
+import parrun.bench as B
+
+if __name__ == "__main__":
+    B._on_signals()
+    pool = mp.get_context("fork").Pool(2)  # its terminate() sends each worker SIGTERM:
+    pool.map(abs, range(4))                # theirs, not the bench's
+    pool.terminate()
+    pool.join()
+    time.sleep(0.5)
+    print("pool closed, still running", flush=True)
+    other = threading.Thread(target=time.sleep, args=(30,), daemon=True)
+    other.start()
+    # a signal to the process that the kernel hands to another thread than the main one
+    threading.Timer(0.3, signal.pthread_kill, (other.ident, signal.SIGTERM)).start()
+    t = time.monotonic()
+    try:
+        threading.Event().wait()  # as Pool.map waits for a result that never comes
+    finally:
+        print(f"closing after {time.monotonic() - t:.2f} s", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_that_lands_in_another_thread_still_ends_the_run():
+    """Python runs signal handlers only in the main thread, and the kernel may hand a signal
+    to any thread: the main thread, waiting on a lock, then waited for ever (a bench cut by
+    a SIGTERM to its process group, in ``Pool.map``). The bench sends the signal on to the
+    main thread, which closes at once; its peers' workers' signals stay their own."""
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_TO_ANOTHER_THREAD],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=parrun.bench.EXIT_GRACE + 20)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 128 + 15, err[-3000:]
+    lines = out.splitlines()
+    assert lines[0] == "pool closed, still running", out
+    assert lines[1].startswith("closing after ")
+    assert 0.3 <= float(lines[1].split()[2]) < 0.3 + 1.0, out  # not the watchdog's EXIT_GRACE
 
 
 def _info(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
