@@ -7,12 +7,15 @@ shared VM one process can run the same pure-Python work 10% faster or slower tha
 its whole life, so a single pool per method (as ``python -m parrun bench`` has) carries that
 luck into its number. Here every trial starts fresh pools for every method, warms them once,
 then times them in ``--repeat`` interleaved rounds beside the serial run in the parent;
-efficiency = serial time / (workers x time), per trial, and its median over trials.
+efficiency = serial time / (workers x time), per trial, and its median over trials. joblib and
+mpire are measured where installed; Ray is not (a fresh runtime per trial takes seconds to
+start): the suite has it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -35,6 +38,7 @@ from parrun.bench import (
     _cost_array,
     _cost_chunk,
     _measure,
+    _mpire_pool,
     _on_signals,
     lpt_shares,
     machine_info,
@@ -49,6 +53,7 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
     pool = parrun.Pool(w)
     fork = mp.get_context("fork")
     cyclic, oracle, chunks = fork.Pool(w), fork.Pool(w), fork.Pool(w)
+    peers: list = [cyclic, oracle, chunks]
     runs = {
         "serial Python": lambda: _cost_chunk(items),
         "parrun.map (work stealing)": lambda: pool.map(_cost_array, idx),
@@ -63,6 +68,9 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
         runs["joblib auto batching"] = lambda: par(delayed(_cost)(i) for i in items)
     except ImportError:
         pass
+    if importlib.util.find_spec("mpire") is not None:
+        mpire = _mpire_pool(w, held=peers)
+        runs["mpire map default chunks"] = lambda: mpire.map(_cost, items)
     try:
         # One warm-up each (imports, page faults), then interleaved rounds, as the suite does.
         wl = Workload("irregular", "items/s", n, [
@@ -76,7 +84,7 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
                 f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time")
     finally:
         pool.close()
-        _close_all([cyclic, oracle, chunks])
+        _close_all(peers)
 
 
 def main() -> int:

@@ -1,9 +1,9 @@
 """The reference workloads against NumPy, torch, joblib and numba, side by side in one run.
 
-    python benchmarks/bench_nn.py [--repeat 5] [--only mlp,attention,inference,minilm,mandelbrot]
+    python benchmarks/bench_nn.py [--repeat 5] [--only mlp,attention,minilm,mandelbrot]
 
-MLP 4096x1024 -> 4096 -> 1024 float32; attention 8x16x1024x64 float32, causal and not;
-batched inference with MLPModel.predict_many; all-MiniLM-L6-v2 on 512 sentences of mixed
+MLP 4096x1024 -> 4096 -> 1024 float32, then batched inference with MLPModel.predict_many;
+attention 8x16x1024x64 float32, causal and not; all-MiniLM-L6-v2 on 512 sentences of mixed
 length; Mandelbrot 2000x2000, 256 iterations. Peers not installed are reported as skipped.
 """
 
@@ -280,14 +280,19 @@ def main():
     ap.add_argument("--only", default="mlp,attention,minilm,mandelbrot")
     ap.add_argument("--json")
     args = ap.parse_args()
+    benches = {"mlp": bench_mlp, "attention": bench_attention, "minilm": bench_minilm,
+               "mandelbrot": bench_mandelbrot}
+    only = args.only.split(",")
+    unknown = [name for name in only if name not in benches]
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(benches)}")
     torch = _torch()
     print(f"parrun {parrun.__version__}, numpy {np.__version__}, torch "
           f"{torch.__version__ if torch else 'not installed'}, {parrun.default_workers()} cores")
     pools = {1: parrun.Pool(1), 2: parrun.Pool(2)}
     try:
-        for name in args.only.split(","):
-            {"mlp": bench_mlp, "attention": bench_attention, "minilm": bench_minilm,
-             "mandelbrot": bench_mandelbrot}[name](args.repeat, pools)
+        for name in only:
+            benches[name](args.repeat, pools)
     finally:
         for p in pools.values():
             p.close()

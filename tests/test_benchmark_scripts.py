@@ -1,0 +1,91 @@
+"""The scripts in ``benchmarks/`` run, at sizes small enough for CI, and report real numbers:
+they import the bench's internals, and a rename there would otherwise break them unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    before = set(Path("/dev/shm").glob("parrun_*"))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                       capture_output=True, text=True, timeout=150, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert set(Path("/dev/shm").glob("parrun_*")) <= before, "a segment outlived the script"
+    return r
+
+
+@pytest.mark.timeout(180)
+def test_bench_irregular(tmp_path):
+    out = tmp_path / "i.json"
+    r = _run("bench_irregular.py", "--items", "60", "--trials", "2", "--repeat", "1",
+             "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["workers"] == 2 and data["items"] == 60 and len(data["trials"]) == 2
+    for trial in data["trials"]:
+        assert {"serial Python", "parrun.map (work stealing)", "static cyclic split",
+                "multiprocessing.Pool.map default chunks"} <= set(trial)
+        assert all(t > 0 for t in trial.values())
+    assert "efficiency: median" in r.stdout and "steals" in r.stdout
+
+
+@pytest.mark.timeout(180)
+def test_bench_map(tmp_path):
+    out = tmp_path / "m.json"
+    r = _run("bench_map.py", "--n", "65536", "--repeat", "1", "--skip-slow", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["n"] == 65536
+    times = data["timings_s"]
+    assert any(k.startswith("parrun.map 2 workers") for k in times)
+    assert all(t > 0 for ts in times.values() for t in ts)
+    assert "parrun 2 workers" in r.stdout
+
+
+@pytest.mark.timeout(180)
+def test_bench_tasks(tmp_path):
+    out = tmp_path / "t.json"
+    _run("bench_tasks.py", "--tasks", "200", "--trips", "50", "--items", "1000", "--repeat", "1",
+         "--json", str(out))
+    data = json.loads(out.read_text())
+    for peer in ("parrun.Executor", "ProcessPoolExecutor", "multiprocessing.Pool"):
+        assert data[peer]["tasks_per_s"] > 0 and data[peer]["map_items_per_s"] > 0, peer
+
+
+@pytest.mark.timeout(180)
+def test_bench_first_call():
+    r = _run("bench_first_call.py", "--calls", "1", "--trivial-calls", "20")
+    assert "nn.mandelbrot" in r.stdout and "median of 20 calls" in r.stdout
+
+
+@pytest.mark.timeout(180)
+def test_bench_dask(tmp_path):
+    pytest.importorskip("distributed")
+    out = tmp_path / "d.json"
+    r = _run("bench_dask.py", "--repeat", "1", "--map-size", "65536", "--mlp", "64,32,64,32",
+             "--round-trips", "10", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert len(data["nthreads"]) == 2  # a real cluster of two workers
+    assert {"task round trip (x10)", "map chain, 0 MiB float32"} <= {
+        row["workload"] for row in data["rows"]}
+    assert all(row["local_median_s"] > 0 and row["dask_median_s"] > 0 for row in data["rows"])
+    assert "dask/local" in r.stdout
+
+
+def test_bench_nn_names_an_unknown_workload():
+    """(Its workloads take a minute even once each: the suite's nn workloads are tested in
+    test_bench.py.)"""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_nn.py"), "--only",
+                        "mlp,inference"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--only: unknown inference; choose from mlp, attention, minilm, mandelbrot" in r.stderr
