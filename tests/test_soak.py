@@ -28,10 +28,16 @@ def _task(a, k):
     return a * k if isinstance(a, np.ndarray) else (a, k)
 
 
+def _malloc_trim() -> None:
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
+    if trim is not None:
+        trim(0)
+
+
 def _trim(flags: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Give the heap's free pages back to the system (glibc), then wait until every worker
     has: a worker waiting here cannot take another piece, so each runs exactly one."""
-    ctypes.CDLL(None).malloc_trim(0)
+    _malloc_trim()
     flags[int(idx[0])] = 1
     deadline = time.monotonic() + TIMEOUT
     while not flags.all():
@@ -53,7 +59,7 @@ def snapshot(pool: parrun.Pool) -> dict:
     finally:
         flags.release()
         idx.release()
-    ctypes.CDLL(None).malloc_trim(0)
+    _malloc_trim()
     out = {}
     for role, pid in [("parent", os.getpid())] + [(f"worker{k}", p)
                                                    for k, p in enumerate(pool.pids)]:
