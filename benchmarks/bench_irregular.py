@@ -69,8 +69,8 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
     except ImportError:
         pass
     if importlib.util.find_spec("mpire") is not None:
-        mpire = _mpire_pool(w, held=peers)
-        runs["mpire map default chunks"] = lambda: mpire.map(_cost, items)
+        workers = _mpire_pool(w, held=peers)
+        runs["mpire map default chunks"] = lambda: workers.map(_cost, items)
     try:
         # One warm-up each (imports, page faults), then interleaved rounds, as the suite does.
         wl = Workload("irregular", "items/s", n, [

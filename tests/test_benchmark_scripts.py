@@ -15,14 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    before = set(Path("/dev/shm").glob("parrun_*"))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                       capture_output=True, text=True, timeout=150, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert set(Path("/dev/shm").glob("parrun_*")) <= before, "a segment outlived the script"
-    return r
+    p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        out, err = p.communicate(timeout=150)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*")), "a segment outlived it"
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 @pytest.mark.timeout(180)
