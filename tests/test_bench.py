@@ -69,6 +69,16 @@ def _signal_and_wait(p: subprocess.Popen, sig: int, group: bool) -> tuple[str, f
     return err, time.monotonic() - t0
 
 
+def _take_down_if_hung(p: subprocess.Popen) -> None:
+    """A bench or script (in a session of its own) still running: kill it and its whole
+    process group, reap it and unlink its segments, so that the next test starts clean."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
+            seg.unlink()
+
+
 def _stop_joblib() -> None:
     if _installed("joblib"):
         from joblib.externals.loky import get_reusable_executor
@@ -187,11 +197,7 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
         children = psutil.Process(p.pid).children(recursive=True)
         err, took = _signal_and_wait(p, sig, group=to == "group")
     finally:
-        if p.poll() is None:  # hung: take it all down, so the next test starts clean
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
-                seg.unlink()
+        _take_down_if_hung(p)
     assert took < parrun.bench.EXIT_GRACE + 5
     # Ray's driver side may see its raylet die first and end the process itself (code 1):
     # seen in about 1 in 15 group SIGTERMs
@@ -424,11 +430,7 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
         err, took = _signal_and_wait(p, signal.SIGINT if to == "group-ctrl-c"
                                      else signal.SIGTERM, group=to != "process")
     finally:
-        if p.poll() is None:  # hung: take it all down, so the next test starts clean
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
-                seg.unlink()
+        _take_down_if_hung(p)
     assert took < parrun.bench.EXIT_GRACE + 5
     if to == "group-ctrl-c":
         assert p.returncode == 130 and err.strip().splitlines() == [
@@ -469,9 +471,7 @@ def test_a_peer_pool_whose_workers_were_killed_still_closes():
     try:
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:  # hung: take its pool's workers down with it
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _take_down_if_hung(p)  # with its pool's workers
     assert p.returncode == 0, err[-3000:]
     took, codes = out.split(" ", 1)
     assert float(took) < 10
@@ -514,9 +514,7 @@ def test_a_signal_ends_the_bench_even_when_a_peer_cannot_stop():
         try:
             _, err = p.communicate(timeout=15)
         finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            _take_down_if_hung(p)
         assert p.returncode == 128 + 15, err[-3000:]
 
 
@@ -557,9 +555,7 @@ def test_a_signal_that_lands_in_another_thread_still_ends_the_run():
     try:
         out, err = p.communicate(timeout=parrun.bench.EXIT_GRACE + 20)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+        _take_down_if_hung(p)
     assert p.returncode == 128 + 15, err[-3000:]
     lines = out.splitlines()
     assert lines[0] == "pool closed, still running", out
