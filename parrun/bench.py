@@ -1129,7 +1129,7 @@ def _on_signals() -> None:
     closing goes on, and the watchdog ends it ``EXIT_GRACE`` after the first."""
     main_pid, main_thread = os.getpid(), threading.get_ident()
     handled = threading.Event()  # the main thread has raised for a signal
-    lock, fired = threading.RLock(), list[int]()
+    started = threading.Lock()  # held once the watchdog runs
 
     def watchdog(signum: int) -> None:
         time.sleep(EXIT_GRACE)
@@ -1146,10 +1146,8 @@ def _on_signals() -> None:
         os._exit(128 + signum)
 
     def start_watchdog(signum: int) -> None:
-        with lock:
-            if not fired:
-                fired.append(signum)
-                threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
+        if started.acquire(blocking=False):  # the first signal's, from either thread
+            threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
 
     def watch(fd: int) -> None:
         while True:

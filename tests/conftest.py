@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
+import signal
 import time
 
 import psutil
@@ -62,6 +63,16 @@ def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.02) -> b
             return True
         time.sleep(interval)
     return predicate()
+
+
+def take_down_if_hung(p) -> None:
+    """A subprocess (in a session of its own) still running: kill it and its whole process
+    group, reap it and unlink its segments, so that the next test starts clean."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        for name in shm_segments(p.pid):
+            os.unlink(f"/dev/shm/{name}")
 
 
 class Counted:

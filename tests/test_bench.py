@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import take_down_if_hung, wait_until
 
 import parrun.bench
 
@@ -67,16 +67,6 @@ def _signal_and_wait(p: subprocess.Popen, sig: int, group: bool) -> tuple[str, f
     t0 = time.monotonic()
     _, err = p.communicate(timeout=30)
     return err, time.monotonic() - t0
-
-
-def _take_down_if_hung(p: subprocess.Popen) -> None:
-    """A bench or script (in a session of its own) still running: kill it and its whole
-    process group, reap it and unlink its segments, so that the next test starts clean."""
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        for seg in Path("/dev/shm").glob(f"parrun_{p.pid}_*"):
-            seg.unlink()
 
 
 def _stop_joblib() -> None:
@@ -197,7 +187,7 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
         children = psutil.Process(p.pid).children(recursive=True)
         err, took = _signal_and_wait(p, sig, group=to == "group")
     finally:
-        _take_down_if_hung(p)
+        take_down_if_hung(p)
     assert took < parrun.bench.EXIT_GRACE + 5
     # Ray's driver side may see its raylet die first and end the process itself (code 1):
     # seen in about 1 in 15 group SIGTERMs
@@ -430,7 +420,7 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
         err, took = _signal_and_wait(p, signal.SIGINT if to == "group-ctrl-c"
                                      else signal.SIGTERM, group=to != "process")
     finally:
-        _take_down_if_hung(p)
+        take_down_if_hung(p)
     assert took < parrun.bench.EXIT_GRACE + 5
     if to == "group-ctrl-c":
         assert p.returncode == 130 and err.strip().splitlines() == [
@@ -471,7 +461,7 @@ def test_a_peer_pool_whose_workers_were_killed_still_closes():
     try:
         out, err = p.communicate(timeout=30)
     finally:
-        _take_down_if_hung(p)  # with its pool's workers
+        take_down_if_hung(p)  # with its pool's workers
     assert p.returncode == 0, err[-3000:]
     took, codes = out.split(" ", 1)
     assert float(took) < 10
@@ -514,7 +504,7 @@ def test_a_signal_ends_the_bench_even_when_a_peer_cannot_stop():
         try:
             _, err = p.communicate(timeout=15)
         finally:
-            _take_down_if_hung(p)
+            take_down_if_hung(p)
         assert p.returncode == 128 + 15, err[-3000:]
 
 
@@ -555,7 +545,7 @@ def test_a_signal_that_lands_in_another_thread_still_ends_the_run():
     try:
         out, err = p.communicate(timeout=parrun.bench.EXIT_GRACE + 20)
     finally:
-        _take_down_if_hung(p)
+        take_down_if_hung(p)
     assert p.returncode == 128 + 15, err[-3000:]
     lines = out.splitlines()
     assert lines[0] == "pool closed, still running", out

@@ -10,23 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shm_segments, take_down_if_hung
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, code: int = 0) -> subprocess.CompletedProcess:
     p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
         out, err = p.communicate(timeout=150)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 0, err[-3000:]
+        take_down_if_hung(p)  # with its pools' workers
+    assert p.returncode == code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*")), "a segment outlived it"
+    assert not shm_segments(p.pid), "a segment outlived it"
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
@@ -89,8 +88,5 @@ def test_bench_dask(tmp_path):
 def test_bench_nn_names_an_unknown_workload():
     """(Its workloads take a minute even once each: the suite's nn workloads are tested in
     test_bench.py.)"""
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_nn.py"), "--only",
-                        "mlp,inference"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _run("bench_nn.py", "--only", "mlp,inference", code=2)
     assert "--only: unknown inference; choose from mlp, attention, minilm, mandelbrot" in r.stderr
