@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import math
 import multiprocessing as mp
 import os
@@ -54,7 +53,6 @@ import numpy as np
 from . import _protocol as P
 from . import _shm
 from ._checks import (
-    accepts_out,
     check_arrays,
     check_first_result,
     check_fn,
@@ -62,6 +60,7 @@ from ._checks import (
     check_ufunc_out,
 )
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
+from ._functions import pickle_function
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
 
@@ -507,7 +506,7 @@ class Pool:
 
         Called from any thread (``submit``): it touches only the LRU. What workers hold is
         changed only where jobs and tasks are sent (see ``_queue_forgets``)."""
-        key, data, takes_out, names = _pickle_function(fn, what)
+        key, data, takes_out, names = pickle_function(fn, what)
         with self._fn_lock:
             lru = self._fn_lru
             if key in lru:
@@ -984,64 +983,6 @@ class Pool:
         return {"workers": self.workers, "pids": self.pids, "start_method": self.start_method,
                 "blas_threads_per_worker": self.blas_threads, "pinned": self._cpus is not None,
                 "startup_s": self.startup_s}
-
-
-# id(fn) -> (fn, fingerprint, key, data, takes_out): functions pickled already, so that a
-# function used again costs a dict lookup instead of a cloudpickle run (~100 us for a
-# lambda). Holding ``fn`` keeps its id from being reused.
-# id(fn) -> (weak reference to fn, fingerprint, key, pickle, takes out, segments it names)
-_pickled: OrderedDict[int, tuple[Any, tuple, bytes, bytes, bool, frozenset[str]]] = \
-    OrderedDict()
-_pickled_lock = threading.Lock()
-
-
-def _fingerprint(fn: Any) -> tuple:
-    """What can change in a function object between calls without changing its identity:
-    its code, defaults and the objects its closure cells hold."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ()
-    cells = getattr(fn, "__closure__", None) or ()
-    contents: list[int | None] = []
-    for c in cells:
-        try:
-            contents.append(id(c.cell_contents))
-        except ValueError:  # empty cell
-            contents.append(None)
-    return (code, getattr(fn, "__defaults__", None),
-            id(getattr(fn, "__kwdefaults__", None)), tuple(contents))
-
-
-def _pickle_function(fn: Any, what: str) -> tuple[bytes, bytes, bool, frozenset[str]]:
-    """Cloudpickle ``fn`` once (again only if its code, defaults or closure were rebound);
-    return (key, bytes, whether fn takes ``out``, the segments the pickle names), the key
-    being a hash of the bytes.
-
-    Global variables the function reads are captured the first time it is pickled.
-    """
-    if not callable(fn):
-        raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
-    fp = _fingerprint(fn)
-    hit = _pickled.get(id(fn))  # a dict read is atomic: no lock on the hot path
-    if hit is not None and hit[0]() is fn and hit[1] == fp:
-        return hit[2:]
-    try:
-        data, names = _shm.dumps_naming(fn)
-    except Exception as e:
-        raise TypeError(f"{what} could not be pickled (cloudpickle): "
-                        f"{type(e).__name__}: {e}") from e
-    key = hashlib.blake2b(data, digest_size=16).digest()
-    takes_out = accepts_out(fn)
-    try:
-        # Weakly: a function must not keep the shared arrays in its closure alive.
-        ref: Callable[[], Any] = weakref.ref(fn)
-    except TypeError:
-        ref = lambda: fn  # noqa: E731 - not weakly referenceable (a few builtins)
-    with _pickled_lock:
-        _pickled[id(fn)] = (ref, fp, key, data, takes_out, names)
-        while len(_pickled) > FN_CACHE_SIZE:
-            _pickled.popitem(last=False)
-    return key, data, takes_out, names
 
 
 class _PhaseResult:

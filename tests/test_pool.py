@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import operator
 import os
@@ -610,6 +611,39 @@ def test_a_function_evicted_from_the_cache_and_used_again_runs(monkeypatch):
         y.release()
         s = p.map_reduce(np.sum, operator.add, x, grain=1000)  # reduce evicted by fn's entry
         assert s == x.sum() and p.map_reduce(np.sum, operator.add, x, grain=1000) == s
+
+
+class _Scale:
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, t):
+        return t * self.k
+
+
+def test_a_function_is_sent_again_when_what_it_captures_changes():
+    """Pickles are cached per function, but never stale: a rebound global, a callable's
+    attribute, a small captured array changed in place, a partial's argument."""
+    x = np.arange(8.0)
+    ns = {"k": 2.0}
+    exec("def by_global(t):\n    return t * k\n", ns)  # a script's function: by value
+    w = np.array([2.0])
+    v = np.array([2.0])
+    obj = _Scale(2.0)
+    fns = [ns["by_global"], obj, lambda t: t * w, functools.partial(np.multiply, v)]
+
+    def change(k):
+        ns["k"] = k
+        obj.k = k
+        w[0] = k
+        v[0] = k
+
+    with parrun.Pool(2) as p:
+        for fn in fns:
+            for k in (2.0, 3.0, 3.0, 5.0):
+                change(k)
+                np.testing.assert_array_equal(p.map(fn, x), x * k)
+                assert p.submit(fn, 1.0).result(timeout=TIMEOUT) == k
 
 
 def test_map_in_a_future_callback_is_refused_and_the_pool_lives_on():
