@@ -95,16 +95,19 @@ def _rebuild_exc(exc: BaseException, tb: str) -> BaseException:
 
 
 def exception_for_transport(exc: BaseException) -> object:
-    """Wrap ``exc`` so that it pickles with its traceback; fall back to a plain copy.
+    """Wrap ``exc`` so that it pickles (with cloudpickle: its class may be one the user's
+    script defined) with its traceback; fall back to a plain copy.
 
     An exception that cannot be pickled (it holds a lock, say) is replaced by a
     ``ParrunError`` that keeps its type name, message and traceback.
     """
     import pickle
 
+    import cloudpickle
+
     wrapped = _ExceptionWithTraceback(exc)
     try:
-        pickle.loads(pickle.dumps(wrapped))
+        pickle.loads(cloudpickle.dumps(wrapped))
     except Exception:
         substitute = ParrunError(f"{type(exc).__qualname__}: {exc} (the original exception "
                                  "could not be pickled)")

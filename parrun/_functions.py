@@ -76,9 +76,10 @@ def _captured(fn: Any) -> list[Any]:
     code = getattr(fn, "__code__", None)
     if not isinstance(code, types.CodeType):  # a callable object
         return [type(fn), *_attributes(fn)]
-    out: list[Any] = [code, fn.__defaults__, *(fn.__defaults__ or ()),
-                      *(fn.__kwdefaults__ or {}).values()]
-    for cell in fn.__closure__ or ():
+    defaults = getattr(fn, "__defaults__", None)  # (a numba kernel has a __code__ only)
+    out: list[Any] = [code, defaults, *(defaults or ()),
+                      *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+    for cell in getattr(fn, "__closure__", None) or ():
         try:
             out.append(cell.cell_contents)
         except ValueError:  # an empty cell

@@ -126,7 +126,8 @@ class Executor(_Executor):
             fs = [self.submit(_run_chunk, fn, list(chunk))
                   for chunk in _batched(items, chunksize)]
 
-        def result_iterator() -> Iterator[Any]:
+        def result_iterator(executor: Executor = self) -> Iterator[Any]:
+            # (``executor``: not collected, its pool closed, while results are read.)
             try:
                 fs.reverse()  # pop from the end: the futures left are the ones to cancel
                 while fs:

@@ -32,6 +32,7 @@ import pickle
 import secrets
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Iterable
 from multiprocessing import resource_tracker
@@ -638,6 +639,11 @@ class _FastPickler(pickle.Pickler):
             r = _reduce_array(self, obj)
             if r is not None:
                 return r
+        elif (isinstance(obj, (types.FunctionType, type))
+              and getattr(obj, "__module__", None) == "__main__"):
+            # By reference it would name the script, which workers do not import:
+            # cloudpickle sends it by value.
+            raise pickle.PicklingError("a function or class of __main__")
         return NotImplemented
 
     def may_share(self, name: str) -> bool:

@@ -156,8 +156,8 @@ class _Worker:
                 self.read_functions()  # sent after this worker started serving
             fn = self.fn(key)
             value = fn(*args, **kwargs)
-        except BaseException as e:
-            return tid, False, pickle.dumps(exception_for_transport(e))
+        except BaseException as e:  # cloudpickle: the class may be the script's
+            return tid, False, cloudpickle.dumps(exception_for_transport(e))
         try:
             return tid, True, _shm.dumps_result(value)
         except BaseException as e:
@@ -346,7 +346,7 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
             init, initargs = cloudpickle.loads(initializer)
             init(*initargs)
         except BaseException as e:
-            status.send_bytes(pickle.dumps(P.InitFailed(slot, exception_for_transport(e))))
+            status.send_bytes(cloudpickle.dumps(P.InitFailed(slot, exception_for_transport(e))))
             sys.exit(1)
     status.send_bytes(pickle.dumps(P.Ready(slot, os.getpid())))
     while True:

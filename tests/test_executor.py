@@ -86,6 +86,65 @@ def test_exception_has_worker_traceback(ex):
     assert ex.submit(int, "7").result(timeout=TIMEOUT) == 7
 
 
+def test_an_exception_class_made_by_the_caller_comes_back_as_itself(ex, pool):
+    class MyError(Exception):  # cloudpickled by value: plain pickle fails in the worker
+        pass
+
+    def fail(*_):
+        raise MyError("bad")
+
+    with pytest.raises(MyError, match="bad"):
+        ex.submit(fail).result(timeout=TIMEOUT)
+    with pytest.raises(MyError, match="bad"):
+        list(ex.map(fail, range(100)))  # batched
+    with pytest.raises(MyError, match="bad"):
+        pool.map(fail, np.arange(10.0))
+
+
+SCRIPT_OBJECTS = textwrap.dedent("""
+    import dataclasses, numpy as np, parrun
+
+    def square(x):
+        return x * x
+
+    @dataclasses.dataclass
+    class Box:
+        v: int
+
+    class MyError(Exception):
+        pass
+
+    def fail(*_):
+        raise MyError("bad")
+
+    # An executor nobody holds: it lives until its map's results are read.
+    assert list(parrun.Executor(2).map(square, range(100))) == [i * i for i in range(100)]
+    with parrun.Executor(2) as ex:
+        assert list(ex.map(square, range(200))) == [i * i for i in range(200)]  # fn as an arg
+        assert ex.submit(lambda b: b.v, Box(5)).result() == 5
+        assert ex.submit(lambda: Box(6)).result() == Box(6)
+        try:
+            ex.submit(fail).result()
+        except MyError:
+            pass
+    with parrun.Pool(2) as p:
+        try:
+            p.map(fail, np.arange(10.0))
+        except MyError:
+            print("ok")
+""")
+
+
+def test_a_scripts_functions_classes_and_exceptions_travel(tmp_path):
+    """Workers do not import the user's script: what it defines goes by value, as
+    arguments, results and exceptions too."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_OBJECTS)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_shutdown_semantics():
     e = parrun.Executor(1)
     f = e.submit(time.sleep, 0.2)
