@@ -9,12 +9,15 @@ same work-stealing scheduler as ``Pool.map``; ``executor.pool`` gives the pool i
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -67,13 +70,19 @@ class Executor(_Executor):
                                **pool_options)
         self._pool: Pool | None = None
         self._lock = threading.Lock()
+        self._submits_done = threading.Condition(self._lock)
+        self._submitting = 0  # submits past the shutdown check, not yet queued
         self._shutdown = False
+        self._cancelled = False  # shut down with cancel_futures
         self._broken: str | None = None
+        _executors.add(self)
 
     @property
     def pool(self) -> Pool:
         """The pool behind this executor (started if it was not yet)."""
         with self._lock:
+            if self._shutdown and self._pool is None:
+                raise RuntimeError("this executor is shut down; it has no pool")
             return self._ensure_pool()
 
     def _ensure_pool(self) -> Pool:
@@ -98,7 +107,14 @@ class Executor(_Executor):
                 f: Future = Future()
                 f.set_exception(e)
                 return f
-        return pool.submit(fn, *args, **kwargs)
+            self._submitting += 1  # shutdown waits for this one to be queued
+        try:
+            return pool.submit(fn, *args, **kwargs)
+        finally:
+            with self._lock:
+                self._submitting -= 1
+                if not self._submitting:
+                    self._submits_done.notify_all()
 
     submit.__doc__ = _Executor.submit.__doc__
 
@@ -151,39 +167,67 @@ class Executor(_Executor):
         return result_iterator()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; free the workers once the tasks already started finish.
+        """Stop accepting tasks; free the workers once the tasks submitted have run.
 
         Args:
             wait: block until all submitted (not cancelled) tasks are done and the workers
-                have exited. With False, return at once; a background thread does that.
+                have exited. With False, return at once; a background thread does that (and
+                the program does not exit before it has, as with ``ProcessPoolExecutor``).
             cancel_futures: cancel the tasks that have not started.
 
         Ctrl-C (KeyboardInterrupt) while waiting cancels what has not started, stops the
-        workers at once and re-raises.
+        workers at once and re-raises. ``wait=True`` from a done-callback raises
+        ``RuntimeError`` (it would wait for itself); the executor still shuts down.
         """
         with self._lock:
             self._shutdown = True
+            self._cancelled |= cancel_futures
+            while self._submitting:  # submits that passed the check are queued first
+                self._submits_done.wait()
             pool = self._pool
         if pool is None:
             return
         tasks = pool._tasks
         if cancel_futures and tasks is not None:
             tasks.cancel_pending()
-        if not wait:
-            threading.Thread(target=pool.close, name="parrun-shutdown", daemon=True).start()
+        in_callback = tasks is not None and threading.current_thread() is tasks.thread
+        if not wait or in_callback:
+            threading.Thread(target=self._finish, args=(pool,), name="parrun-shutdown",
+                             daemon=True).start()
+            if in_callback and wait:
+                raise RuntimeError("shutdown(wait=True) in a done-callback would wait for "
+                                   "the callback itself; the executor shuts down in the "
+                                   "background")
             return
         try:
-            if tasks is not None:
-                from concurrent.futures import wait as wait_futures
-
-                wait_futures(tasks.outstanding())
-            pool.close()
+            self._finish(pool)
         except KeyboardInterrupt:
             if tasks is not None:
                 tasks.cancel_pending()
             pool.terminate()
             raise
 
+    @staticmethod
+    def _finish(pool: Pool) -> None:
+        """Wait for the tasks submitted, then close the pool."""
+        if pool._tasks is not None:
+            wait_futures(pool._tasks.outstanding())
+        pool.close()
+
+    def _wait_at_exit(self) -> None:
+        if self._pool is not None and self._pool._tasks is not None and not self._cancelled:
+            wait_futures(self._pool._tasks.outstanding())
+
+
+# The executors alive; at exit, each one's submitted tasks run before the pools close (this
+# hook runs before the pools' own: atexit runs the last registered first).
+_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _wait_for_executors() -> None:
+    for ex in list(_executors):
+        ex._wait_at_exit()
 
 
 def _batched(items: list, n: int) -> Iterator[tuple]:

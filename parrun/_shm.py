@@ -56,6 +56,12 @@ _attached: dict[str, np.ndarray] = {}
 _starts: list[int] = []
 _spans: list[tuple[int, str, int]] = []
 
+# At exit, segments still alive are released by their weakref.finalize, whose atexit hook is
+# registered with the first finalizer made. Made now, before the pools' and executors' own
+# hooks: atexit runs the last registered first, so tasks finish and pools close while their
+# segments are still there (a segment released first once failed the tasks still pending).
+weakref.finalize(np.empty(0), lambda: None)  # (runs, a no-op, as the array goes)
+
 
 class ReleaseLog:
     """Names of segments released since the subscriber (a pool) last drained the log; the

@@ -178,6 +178,84 @@ def test_cancel_pending_and_shutdown_without_waiting():
     assert sum(f.cancelled() for f in queued) >= 4
 
 
+def test_shutdown_without_waiting_still_runs_what_was_submitted():
+    e = parrun.Executor(2)
+    fs = [e.submit(time.sleep, 0.1) for _ in range(8)]
+    e.shutdown(wait=False)
+    assert not cf.wait(fs, timeout=TIMEOUT).not_done
+    assert not any(f.cancelled() for f in fs)
+    e2 = parrun.Executor(1)
+    e2.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        e2.pool  # noqa: B018 - would start a pool nobody closes
+
+
+EXIT_WITH_PENDING = textwrap.dedent("""
+    import os, sys, time, parrun
+
+    def work(i):
+        time.sleep(0.1)
+        open(os.path.join(sys.argv[1], str(i)), "w").close()
+
+    {make}
+    fs = [ex.submit(work, i) for i in range(8)]
+    {then}
+""")
+
+
+@pytest.mark.parametrize("then", ["", "ex.shutdown(wait=False)"])
+def test_a_program_that_exits_runs_its_submitted_tasks_first(tmp_path, then):
+    """As concurrent.futures promises: no shutdown, or one that does not wait, and the
+    program still exits only after the tasks submitted have run."""
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_WITH_PENDING.format(make="ex = parrun.Executor(2)", then=then))
+    done = tmp_path / "done"
+    done.mkdir()
+    r = subprocess.run([sys.executable, str(script), str(done)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(int(p.name) for p in done.iterdir()) == list(range(8)), r.stderr
+
+
+def test_shutdown_in_a_done_callback_does_not_wait_for_itself():
+    e = parrun.Executor(2)
+    errors = []
+
+    def cb(_f):
+        try:
+            e.shutdown(wait=True)
+        except RuntimeError as err:
+            errors.append(err)
+
+    fs = [e.submit(time.sleep, t) for t in (0.05, 0.3, 0.3)]
+    fs[0].add_done_callback(cb)
+    assert not cf.wait(fs, timeout=TIMEOUT).not_done
+    assert len(errors) == 1 and "callback" in str(errors[0])
+    assert wait_until(lambda: e._pool not in parrun._pool._live_pools, timeout=TIMEOUT)
+
+
+class SlowToPickle:
+    def __reduce__(self):
+        time.sleep(0.5)
+        return (int, (7,))
+
+
+def test_shutdown_waits_for_a_submit_already_under_way():
+    e = parrun.Executor(2)
+    e.submit(abs, 0).result(timeout=TIMEOUT)
+    out = {}
+
+    def submitter():
+        out["f"] = e.submit(abs, SlowToPickle())
+
+    th = threading.Thread(target=submitter)
+    th.start()
+    time.sleep(0.1)  # pickling its argument
+    e.shutdown(wait=True)
+    th.join(TIMEOUT)
+    assert out["f"].done() and out["f"].result() == 7
+
+
 class NoUnpickle:
     def __reduce__(self):
         return (_explode, ())
