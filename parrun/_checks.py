@@ -60,6 +60,7 @@ def check_first_result(res: Any, lo: int, hi: int) -> np.ndarray:
         raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
                         "array with one row per input row (use map_reduce to reduce)")
     check_not_tuple(res)
+    _check_not_masked(res, f"fn's result for rows {lo}:{hi}")
     res = np.asarray(res)
     if res.ndim == 0 or res.shape[0] != hi - lo:
         raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}; map needs one "
@@ -108,9 +109,14 @@ def accepts_out(fn: Any) -> bool:
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
-def store_result(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
+def store_result(dst: np.ndarray, res: Any, lo: int, hi: int,
+                 casting: str = "same_kind") -> None:
     """Write ``fn``'s result for rows ``lo:hi`` into ``dst`` (its slice of ``out``), checking
-    shape and dtype: TypeError or ValueError naming the rows, never a silent cast."""
+    shape and dtype: TypeError or ValueError naming the rows, never a silent cast.
+
+    ``casting``: ``same_kind`` (NumPy's rule for ``out=``) into an out the caller gave;
+    ``safe`` into one map made from the first piece's dtype, so that a later piece's wider
+    result (int64 after int8) is refused, not cut down."""
     if res is dst or (isinstance(res, np.ndarray) and res.base is dst.base
                       and res.__array_interface__ == dst.__array_interface__):
         return
@@ -120,17 +126,23 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int) -> None:
             raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
                             f"array of shape {dst.shape}")
         res = np.asarray(res)
+    _check_not_masked(res, f"fn's result for rows {lo}:{hi}")
     if res.shape != dst.shape:
         raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
                          f"{dst.shape}: one result row per input row (use map_reduce to "
                          "reduce)")
-    if dst.dtype.kind in "SUV" and res.dtype.itemsize > dst.dtype.itemsize:
-        # same_kind lets NumPy cut strings short; here that would lose data silently.
+    if ((dst.dtype.kind in "SU" and not np.can_cast(res.dtype, dst.dtype, "safe"))
+            or (dst.dtype.kind == "V" and res.dtype.itemsize > dst.dtype.itemsize)):
+        # same_kind lets NumPy cut strings short (and write 1000 as '10'): data lost silently.
         raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi} but out has dtype "
                         f"{dst.dtype}, which would cut it short; pass an out wide enough "
                         "(when map allocates out, its dtype is that of the first piece)")
+    if casting == "safe" and not np.can_cast(res.dtype, dst.dtype, "safe"):
+        raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi}, but the first rows "
+                        f"gave {dst.dtype} (map made out with that dtype), which cannot hold "
+                        "it; return one dtype for every piece, or pass out")
     try:
-        np.copyto(dst, res, casting="same_kind")
+        np.copyto(dst, res, casting=casting)
     except TypeError as e:
         raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
             from None

@@ -190,7 +190,7 @@ class Executor(_Executor):
         tasks = pool._tasks
         if cancel_futures and tasks is not None:
             tasks.cancel_pending()
-        in_callback = tasks is not None and threading.current_thread() is tasks.thread
+        in_callback = threading.current_thread() is getattr(tasks, "thread", None)
         if not wait or in_callback:
             threading.Thread(target=self._finish, args=(pool,), name="parrun-shutdown",
                              daemon=True).start()

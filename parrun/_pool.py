@@ -663,7 +663,8 @@ class Pool:
                         temps.append(target)
                         out_h = _shm.handle_of(target)
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
-                                       adaptive, takes_out, red, initial)
+                                       adaptive, takes_out, red, initial,
+                                       made_out=allocated is not None)
             if reduce is not None:
                 return result
             if copy_back is not None:
@@ -719,14 +720,14 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
-                 initial, collect=False):
+                 initial, collect=False, made_out=False):
         t0 = time.perf_counter()
         self._job_id += 1
         cost = self._cost.get(fn_key, 0.0) if adaptive else 0.0
         job = P.Job(job_id=self._job_id, fn_key=fn_key, inputs=ins, out=out, grain=grain,
                     reduce_key=None if red is None else red[0], adaptive=adaptive,
                     pass_out=out is not None and takes_out,
-                    ns_per_item=cost)
+                    ns_per_item=cost, made_out=made_out)
         self._queue_forgets()
         fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
         totals = [[0, 0, 0, 0] for _ in range(self.workers)]

@@ -66,6 +66,7 @@ class Job:
     adaptive: bool = False  # size pieces by measured cost, up to ``grain``
     ns_per_item: float = 0.0  # cost per item measured on an earlier job (0: unknown)
     pass_out: bool = False  # call fn(*pieces, out=out_piece): it writes in place
+    made_out: bool = False  # map made ``out`` from the first piece: no narrowing casts into it
 
 
 @dataclass(frozen=True)

@@ -493,7 +493,27 @@ def _first_rows_slow(t):
     if t[0] == 0:
         time.sleep(0.3)
         return t.astype(np.float32)
-    return t.astype(np.float64)
+    return t.astype(np.int16)  # held exactly by float32: cast up
+
+
+def _times_ten(t):
+    return t * 10
+
+
+def _same(t):
+    return t
+
+
+def _narrow_first(t):
+    return t.astype(np.int8) if t[0] < 8 else t.astype(np.int64) * 1000
+
+
+def _float32_first(t):
+    return t.astype(np.float32) if t[0] < 8 else t * 1e300
+
+
+def _masked_below_5(t):
+    return np.ma.masked_less(t, 5)
 
 
 def check_map_semantics(p):
@@ -521,9 +541,24 @@ def check_map_semantics(p):
     ok = np.empty(1000, "U3")
     p.map(_as_str, np.arange(1000), out=ok, grain=100)
     np.testing.assert_array_equal(ok, _as_str(np.arange(1000)))
-    # Masked arrays would lose their mask.
+    # Numbers into a string out: not written as '10' for 1000.
+    for fn, x, dtype in ((_times_ten, np.arange(100, 110), "U2"),
+                         (_times_ten, np.arange(100.0, 110.0), "U3"),
+                         (_same, np.array([b"abcde"] * 10), "U2")):
+        with pytest.raises(TypeError, match="would cut it short"):
+            p.map(fn, x, out=np.zeros(10, dtype))
+    wide = np.zeros(10, "U21")
+    p.map(_same, np.arange(10), out=wide)
+    np.testing.assert_array_equal(wide, np.arange(10).astype("U21"))
+    # A later piece's result wider than the first piece's, which map made out with: refused.
+    for fn in (_narrow_first, _float32_first):
+        with pytest.raises(TypeError, match="cannot hold it"):
+            p.map(fn, np.arange(20), grain=4)
+    # Masked arrays would lose their mask, as inputs or as results.
     with pytest.raises(TypeError, match="masked array"):
         p.map(np.negative, np.ma.array([1.0, 2.0], mask=[0, 1]))
+    with pytest.raises(TypeError, match="masked array"):
+        p.map(_masked_below_5, np.arange(10.0))
     # A ufunc's out of the wrong shape would be filled by broadcasting.
     with pytest.raises(ValueError, match="out has shape"):
         p.map(np.negative, np.arange(2.0), out=np.zeros((2, 2)))
