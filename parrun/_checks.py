@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def accepts_out(fn: Any) -> bool:
 
 
 def store_result(dst: np.ndarray, res: Any, lo: int, hi: int,
-                 casting: str = "same_kind") -> None:
+                 casting: Literal["safe", "same_kind"] = "same_kind") -> None:
     """Write ``fn``'s result for rows ``lo:hi`` into ``dst`` (its slice of ``out``), checking
     shape and dtype: TypeError or ValueError naming the rows, never a silent cast.
 
