@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -109,14 +109,13 @@ def accepts_out(fn: Any) -> bool:
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
-def store_result(dst: np.ndarray, res: Any, lo: int, hi: int,
-                 casting: Literal["safe", "same_kind"] = "same_kind") -> None:
+def store_result(dst: np.ndarray, res: Any, lo: int, hi: int, made_out: bool = False) -> None:
     """Write ``fn``'s result for rows ``lo:hi`` into ``dst`` (its slice of ``out``), checking
     shape and dtype: TypeError or ValueError naming the rows, never a silent cast.
 
-    ``casting``: ``same_kind`` (NumPy's rule for ``out=``) into an out the caller gave;
-    ``safe`` into one map made from the first piece's dtype, so that a later piece's wider
-    result (int64 after int8) is refused, not cut down."""
+    Casting is ``same_kind`` (NumPy's rule for ``out=``) into an out the caller gave, and
+    ``safe`` into one map made with the first piece's dtype (``made_out``), so that a later
+    piece's wider result (int64 after int8) is refused, not cut down."""
     if res is dst or (isinstance(res, np.ndarray) and res.base is dst.base
                       and res.__array_interface__ == dst.__array_interface__):
         return
@@ -137,12 +136,12 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int,
         raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi} but out has dtype "
                         f"{dst.dtype}, which would cut it short; pass an out wide enough "
                         "(when map allocates out, its dtype is that of the first piece)")
-    if casting == "safe" and not np.can_cast(res.dtype, dst.dtype, "safe"):
+    if made_out and not np.can_cast(res.dtype, dst.dtype, "safe"):
         raise TypeError(f"fn returned dtype {res.dtype} for rows {lo}:{hi}, but the first rows "
                         f"gave {dst.dtype} (map made out with that dtype), which cannot hold "
                         "it; return one dtype for every piece, or pass out")
     try:
-        np.copyto(dst, res, casting=casting)
+        np.copyto(dst, res, casting="safe" if made_out else "same_kind")
     except TypeError as e:
         raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
             from None

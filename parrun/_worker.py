@@ -240,7 +240,7 @@ class _Worker:
             return P.Done(job.job_id, me, exception_for_transport(e), P.NOTHING)
         ppid = self.ppid
         adaptive, est, pass_out = job.adaptive, job.ns_per_item, job.pass_out
-        casting = "safe" if job.made_out else "same_kind"
+        made_out = job.made_out
         busy = items = 0
         fn: Callable[..., Any] | None = None
         combine: Callable[[Any, Any], Any] | None = None
@@ -276,9 +276,9 @@ class _Worker:
                     if pass_out:
                         res = fn(*[a[lo:hi] for a in ins], out=dst)
                         if res is not None:
-                            store_result(dst, res, lo, hi, casting)
+                            store_result(dst, res, lo, hi, made_out)
                     else:
-                        store_result(dst, fn(*[a[lo:hi] for a in ins]), lo, hi, casting)
+                        store_result(dst, fn(*[a[lo:hi] for a in ins]), lo, hi, made_out)
                 else:
                     res = fn(*[a[lo:hi] for a in ins])
                     # combine is None only for a probe, which runs one piece

@@ -369,7 +369,7 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
 
     def run(fn: Any, _args: Any) -> Any:
         acc: Any = _NOTHING
-        casting = "same_kind"  # into an out the caller gave; "safe" into one made here
+        made_out = False  # buf made here from the first tile's result
         if start is not None:
             buf = np.array(start)  # writable, and what fn does not write stays as it was
         elif spec.out_dtype is not None:
@@ -386,14 +386,14 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
                 r = check_first_result(fn(*ins), lo + a, lo + b)
                 buf = np.empty((n, *r.shape[1:]), r.dtype)
                 buf[a:b] = r
-                casting = "safe"
+                made_out = True
             elif spec.takes_out:
                 dst = buf[a:b]
                 r = fn(*ins, out=dst)
                 if r is not None:
-                    store_result(dst, r, lo + a, lo + b, casting)
+                    store_result(dst, r, lo + a, lo + b, made_out)
             else:
-                store_result(buf[a:b], fn(*ins), lo + a, lo + b, casting)
+                store_result(buf[a:b], fn(*ins), lo + a, lo + b, made_out)
         return acc if spec.reduce else buf
 
     value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run,
@@ -876,7 +876,7 @@ class DaskPool(parrun.Pool):
                 for lo, value in (early.items() if early else ((r.lo, r.value),)):
                     # Each piece chose its dtype from its own first tile: check, never cast.
                     store_result(out[lo:bounds[lo]], value, lo, bounds[lo],
-                                 "safe" if allocated is not None else "same_kind")
+                                 allocated is not None)
                 early.clear()
         except BaseException:
             if allocated is not None:
