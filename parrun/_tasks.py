@@ -93,7 +93,8 @@ class TaskService:
         # Reentrant: a future's done-callback may submit from inside the collector.
         self.cv = threading.Condition(threading.RLock())
         self.idle: set[int] = set()
-        self.task_ns = 0.0  # running estimate of a task's cost, sizes the dispatch window
+        # Per function: a running estimate of a task's cost, which sizes the dispatch window.
+        self.task_ns: dict[bytes, float] = {}
         self.pending: deque[_Task] = deque()
         self.redo: list[tuple[int, int]] = []
         self.inflight: dict[int, _Task] = {}
@@ -333,7 +334,9 @@ class TaskService:
         # The oldest task in flight holds the slot the next ids would wrap around to (the
         # dict keeps insertion order, which is id order).
         oldest = next(iter(self.inflight), self.next_tid)
-        room = min(ARENA_SLOTS - (self.next_tid - oldest), self._window() - len(self.inflight))
+        head = self.pending[0].key if self.pending else None
+        room = min(ARENA_SLOTS - (self.next_tid - oldest),
+                   self._window(head) - len(self.inflight))
         while self.pending and len(batch) < room:
             t = self.pending.popleft()
             # Cancelled while it waited: it takes no room. (It did once, so that a queue of
@@ -390,14 +393,16 @@ class TaskService:
                 idle.discard(k)
                 waiting -= 1
 
-    def _window(self) -> int:
-        """Tasks to have in flight: two per worker when tasks are slow, so that the rest stay
-        pending (cancellable) in the parent, as with ProcessPoolExecutor; up to enough to
-        fill a piece of ~TARGET_PIECE_NS per worker when they are quick."""
+    def _window(self, key: bytes | None) -> int:
+        """Tasks to have in flight when the next one runs function ``key``: two per worker
+        when its tasks are slow (or not timed yet), so that the rest stay pending
+        (cancellable) in the parent, as with ProcessPoolExecutor; up to enough to fill a
+        piece of ~TARGET_PIECE_NS per worker when they are quick."""
         per_worker = 2
-        if self.task_ns > 0:
+        est = self.task_ns.get(key, 0.0) if key is not None else 0.0
+        if est > 0:
             per_worker = max(2, min(ARENA_SLOTS // self.pool.workers,
-                                    int(2 * TARGET_PIECE_NS / self.task_ns)))
+                                    int(2 * TARGET_PIECE_NS / est)))
         return per_worker * self.pool.workers
 
     def _place(self, lo: int, hi: int, idle: set[int]) -> bool:
@@ -435,14 +440,19 @@ class TaskService:
     def _deliver(self, msg: P.TaskResults) -> None:
         st = self.stats
         st.pieces += 1
-        if msg.results:
-            per_task = msg.busy_ns / len(msg.results)
-            self.task_ns = per_task if not self.task_ns else 0.7 * self.task_ns + 0.3 * per_task
+        per_task = msg.busy_ns / max(1, len(msg.results))
         st.busy_s_per_worker[msg.slot] += msg.busy_ns / 1e9
+        timed = set()
         for tid, ok, payload in msg.results:
             t = self.inflight.pop(tid, None)
             if t is None:  # a duplicate after a crash: the first result stands
                 continue
+            if t.key not in timed:
+                timed.add(t.key)
+                est = self.task_ns.pop(t.key, 0.0)  # and back in at the end: the newest
+                self.task_ns[t.key] = per_task if not est else 0.7 * est + 0.3 * per_task
+                if len(self.task_ns) > ARENA_SLOTS:
+                    del self.task_ns[next(iter(self.task_ns))]
             self._release(t)
             st.tasks_per_worker[msg.slot] += 1
             try:

@@ -24,7 +24,7 @@ from . import _shm
 from ._checks import store_result
 from ._errors import exception_for_transport
 from ._process import detach_from_forkserver
-from ._scheduler import ControlBlock, now_ns
+from ._scheduler import HI, LO, ControlBlock, now_ns
 
 
 def _die_with_parent() -> None:
@@ -109,7 +109,10 @@ class _Worker:
         self.cb = ControlBlock(self._control_map, fd, nslots)
         self.fns: dict[bytes, Any] = {}  # key -> function, or its pickle until first used
         self.views: dict[tuple, np.ndarray] = {}
-        self.task_ns = 0.0  # running estimate of a task's cost, sizes pieces of tasks
+        # Per function: a running estimate of a task's cost, which sizes pieces of tasks.
+        # (One estimate for all once made two slow tasks one piece, after quick tasks of
+        # another function, while the other workers idled.)
+        self.task_ns: dict[bytes, float] = {}
         self.ppid = os.getppid()
 
     def array(self, handle: tuple) -> np.ndarray:
@@ -183,8 +186,15 @@ class _Worker:
         cb, me = self.cb, self.slot
         ppid = self.ppid
         idle_said = False
+
+        def key_of(tid: int) -> bytes:  # the function of task tid, from its arena slot
+            return _SLOT_HEAD.unpack_from(arena, (tid % wake.cap) * wake.slot_bytes)[1]
+
         while True:
-            est = self.task_ns
+            # The function of the next task in our range (after a steal, of what we stole):
+            # its cost sizes the piece; a function not timed here yet runs one task at first.
+            nxt = cb.get(me, LO)
+            est = self.task_ns.get(key_of(nxt), 0.0) if nxt < cb.get(me, HI) else 0.0
             size = max(1, min(TASK_PIECE_MAX, int(TARGET_PIECE_NS / est))) if est > 0 else 1
             piece = cb.take(me, size)
             if piece is None:
@@ -201,6 +211,7 @@ class _Worker:
                         hi = tid + 1
                         break
             dt = now_ns() - t0
+            key = key_of(lo)  # now: once reported, the slot may hold another task
             # Going idle after this piece? Say so with the results: one message, one wake-up
             # of the parent. (If work turns up after all, it is taken below as usual.)
             idle_said = not cb.has_work()
@@ -210,7 +221,10 @@ class _Worker:
                                                          wake.seq), protocol=5))
             cb.clear_current(me)
             per_task = dt / (hi - lo)
-            self.task_ns = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
+            est = self.task_ns.get(key, 0.0)
+            self.task_ns[key] = per_task if est <= 0 else 0.7 * est + 0.3 * per_task
+            if len(self.task_ns) > 4 * TASK_PIECE_MAX:
+                del self.task_ns[next(iter(self.task_ns))]
             if os.getppid() != ppid:
                 os._exit(1)
             if idle_said:

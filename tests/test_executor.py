@@ -256,6 +256,26 @@ def test_shutdown_waits_for_a_submit_already_under_way():
     assert out["f"].done() and out["f"].result() == 7
 
 
+def _sleep_pid(t):
+    time.sleep(t)
+    return os.getpid()
+
+
+def test_slow_tasks_after_quick_ones_stay_cancellable_and_spread():
+    """Costs are timed per function: a burst of quick tasks does not make the next
+    function's slow tasks look quick (all handed out at once, so none could be cancelled,
+    and two run one after the other on one worker while the other idled)."""
+    with parrun.Executor(2) as e:
+        for _ in range(3):
+            cf.wait([e.submit(abs, i) for i in range(300)], timeout=TIMEOUT)
+            pids = [e.submit(_sleep_pid, 0.4) for _ in range(2)]
+            assert len({f.result(timeout=TIMEOUT) for f in pids}) == 2
+        cf.wait([e.submit(abs, i) for i in range(300)], timeout=TIMEOUT)
+        fs = [e.submit(time.sleep, 0.3) for _ in range(20)]
+        time.sleep(0.1)
+        assert sum(f.cancel() for f in fs) >= 12  # all but about two per worker
+
+
 class NoUnpickle:
     def __reduce__(self):
         return (_explode, ())
