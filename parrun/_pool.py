@@ -1005,7 +1005,10 @@ def _close_handle(w: _WorkerHandle) -> None:
     try:
         w.process.close()
     except ValueError:  # still running (could not be stopped); leave it to the OS
-        pass
+        return
+    # Gone, and its pipes closed: a segment it made and had not handed over (killed while
+    # it pickled a big result) can no longer reach anyone.
+    _shm.unlink_orphans(w.pid)
 
 
 def _fold(reduce, partials: list[Any], initial: Any) -> Any:

@@ -231,6 +231,21 @@ def _release_name(name: str) -> None:
     _unlink(name)
 
 
+def unlink_orphans(pid: int) -> int:
+    """Unlink the segments that process ``pid``, dead, made and this process does not hold
+    (a result it was still pickling when it died, say); return how many."""
+    prefix = f"{PREFIX}{pid}_"
+    try:
+        names = [n for n in os.listdir(_SHM_DIR) if n.startswith(prefix)]
+    except OSError:  # pragma: no cover - no /dev/shm to look at
+        return 0
+    with _lock:
+        names = [n for n in names if n not in _owned and n not in _attached]
+    for name in names:
+        _unlink(name)
+    return len(names)
+
+
 def create_segment(nbytes: int, keep_fd: bool = False) -> tuple[_Segment, np.ndarray]:
     """Create an owned segment; return it and a uint8 array over all of it."""
     seg = _Segment.new(nbytes, keep_fd=keep_fd)

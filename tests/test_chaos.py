@@ -214,6 +214,22 @@ def test_submit_survives_a_crash_in_each_phase(retry_pool, once, phase, how):
     assert retry_pool.submit(operator.add, 2, 3).result(timeout=TIMEOUT) == 5
 
 
+def _big_result_then_death(once: Once):
+    # The array goes first, into a segment made for the parent; then pickling kills.
+    return np.ones(1 << 18), DiesWhenPickled(once, "sigkill")
+
+
+def test_a_worker_killed_while_sending_a_big_result_leaves_no_segment(pool, once):
+    before = set(pool.pids)
+    with pytest.raises(parrun.WorkerCrashed, match="SIGKILL"):
+        pool.submit(_big_result_then_death, once).result(timeout=TIMEOUT)
+    assert once.taken
+    assert wait_until(lambda: before - set(pool.pids))  # replaced
+    (dead,) = before - set(pool.pids)
+    assert wait_until(lambda: not shm_segments(dead)), shm_segments(dead)
+    assert pool.submit(operator.add, 2, 3).result(timeout=TIMEOUT) == 5
+
+
 def always_crash(x):
     crash("segv")
 
