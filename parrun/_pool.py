@@ -233,6 +233,10 @@ class Pool:
                  pin: bool = False, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
                  retries: int = 0, backend: str = "local"):
+        if mp.current_process().daemon:  # (multiprocessing would fail with an assertion)
+            raise RuntimeError("a parrun.Pool cannot start in a pool's worker process (fn of "
+                               "a map or a task runs there): pools do not nest; call NumPy "
+                               "directly in fn, or make the inner call from the caller")
         if workers is None:
             workers = default_workers()
         if isinstance(workers, bool) or not isinstance(workers, int):

@@ -27,6 +27,7 @@ import importlib
 import io
 import math
 import mmap
+import operator
 import os
 import pickle
 import secrets
@@ -469,7 +470,12 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
         SharedMemoryError: when ``/dev/shm`` has no room (the message gives the sizes).
     """
     dt = _check_dtype(dtype)
-    shape = tuple(int(s) for s in np.atleast_1d(shape))
+    dims = np.atleast_1d(shape) if isinstance(shape, np.ndarray) else \
+        shape if isinstance(shape, (tuple, list)) else (shape,)
+    try:
+        shape = tuple(operator.index(s) for s in dims)  # as NumPy: 2.5 is not a length
+    except TypeError:
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     if order not in ("C", "F"):

@@ -562,6 +562,15 @@ def check_map_semantics(p):
     # A ufunc's out of the wrong shape would be filled by broadcasting.
     with pytest.raises(ValueError, match="out has shape"):
         p.map(np.negative, np.arange(2.0), out=np.zeros((2, 2)))
+    # A gufunc's core dimensions count: matmul's out is (n, 2, 4), not (n, 2).
+    a, b = np.arange(60.0).reshape(5, 2, 6), np.arange(120.0).reshape(5, 6, 4)
+    for good in (np.empty((5, 2, 4)), parrun.empty((5, 2, 4))):
+        p.map(np.matmul, a, b, out=good)
+        np.testing.assert_array_equal(good, a @ b)
+        if parrun.is_shared(good):
+            good.release()
+    with pytest.raises(ValueError, match="out has shape"):
+        p.map(np.matmul, a, b, out=np.empty((5, 2)))
     # The first rows' result fixes out's dtype, even when other pieces finish first.
     y = p.map(_first_rows_slow, np.arange(400), grain=100)
     assert y.dtype == np.float32
@@ -646,6 +655,18 @@ def test_a_function_evicted_from_the_cache_and_used_again_runs(monkeypatch):
         y.release()
         s = p.map_reduce(np.sum, operator.add, x, grain=1000)  # reduce evicted by fn's entry
         assert s == x.sum() and p.map_reduce(np.sum, operator.add, x, grain=1000) == s
+
+
+def _nested_map(t):
+    return parrun.map(np.sqrt, t)
+
+
+def test_pools_do_not_nest_and_say_so(pool):
+    with pytest.raises(RuntimeError, match="pools do not nest"):
+        pool.map(_nested_map, np.arange(10.0))
+    with pytest.raises(RuntimeError, match="pools do not nest"):
+        pool.submit(parrun.Pool, 1).result(timeout=TIMEOUT)
+    np.testing.assert_array_equal(pool.map(np.negative, np.arange(4.0)), -np.arange(4.0))
 
 
 class _Scale:

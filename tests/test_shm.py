@@ -53,6 +53,13 @@ def test_object_dtype_is_refused(dtype):
 def test_bad_shape_is_refused():
     with pytest.raises(ValueError, match="negative"):
         parrun.empty((2, -1))
+    for shape in (2.5, (2, 3.0), "3"):  # as NumPy: not cut down to an int
+        for make in (parrun.empty, parrun.zeros):
+            with pytest.raises(TypeError, match="shape must be an int"):
+                make(shape)
+    a = parrun.zeros(np.array([2, 3]))
+    assert a.shape == (2, 3)
+    a.release()
 
 
 def test_handle_of_512_mib_array_is_small():
