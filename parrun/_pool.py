@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import inspect
 import math
 import multiprocessing as mp
 import os
@@ -988,6 +989,12 @@ class Pool:
         return {"workers": self.workers, "pids": self.pids, "start_method": self.start_method,
                 "blas_threads_per_worker": self.blas_threads, "pinned": self._cpus is not None,
                 "startup_s": self.startup_s}
+
+
+# help(parrun.Pool) and inspect.signature show __init__'s parameters, not __new__'s
+# (*args, backend, **kwargs).
+_init_params = list(inspect.signature(Pool.__init__).parameters.values())[1:]
+Pool.__signature__ = inspect.Signature(_init_params)  # type: ignore[attr-defined]
 
 
 class _PhaseResult:

@@ -19,6 +19,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,8 @@ import parrun
 
 SUITES = ("map", "tasks", "irregular", "mlp", "attention", "minilm", "mandelbrot")
 _OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# The most workers --workers may ask for, per logical CPU (each runs every peer's pool).
+MAX_WORKERS_PER_CPU = 4
 JSON_FORMAT = "parrun-bench/1"  # in every --json file; --from-json reads this or none
 
 
@@ -402,6 +405,9 @@ def map_workload(quick: bool, pools) -> Workload:
         import numexpr as ne
 
         def numexpr(w):
+            if w > ne.MAX_THREADS:  # it would run MAX_THREADS and print an error
+                raise ValueError(f"numexpr runs at most {ne.MAX_THREADS} threads")
+
             def run():
                 ne.set_num_threads(w)
                 ne.evaluate("tanh(1.7*x + 0.3)**2 - 0.5*x", local_dict={"x": xs}, out=out)
@@ -1197,8 +1203,26 @@ def _parse_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
 def _writable(ap: argparse.ArgumentParser, flag: str, path: str) -> None:
     """Fail now, not after minutes of measuring, if ``path`` cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if os.path.isdir(path) or not os.path.isdir(folder):
         ap.error(f"{flag} {path}: not a file in a writable folder")
+    try:  # what is written there is a temporary file renamed into place: make one
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".parrun-bench-"):
+            pass
+    except OSError as e:
+        ap.error(f"{flag} {path}: not a file in a writable folder ({e.strerror})")
+
+
+def _plot_format(ap: argparse.ArgumentParser, path: str) -> None:
+    """Fail now if matplotlib is missing or cannot write ``path``'s format."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        ap.error("--plot needs matplotlib: pip install 'parrun[bench]'")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        ap.error(f"--plot {path}: matplotlib cannot write .{ext}; use one of "
+                 f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 def _load_results(ap: argparse.ArgumentParser, path: str) -> dict:
@@ -1238,10 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.plot:
         _writable(ap, "--plot", args.plot)
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            ap.error("--plot needs matplotlib: pip install 'parrun[bench]'")
+        _plot_format(ap, args.plot)
     if args.from_json:
         results = _load_results(ap, args.from_json)
         for name, wl in results["workloads"].items():
@@ -1252,9 +1273,9 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat if args.repeat is not None else 2 if args.quick else 5
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     if repeat < 1:
-        raise SystemExit(f"--repeat must be >= 1, got {repeat}")
+        ap.error(f"--repeat must be >= 1, got {repeat}")
     if warmup < 0:
-        raise SystemExit(f"--warmup must be >= 0, got {warmup}")
+        ap.error(f"--warmup must be >= 0, got {warmup}")
     if args.irregular_items is not None and args.irregular_items < 1:
         ap.error(f"--irregular-items must be >= 1, got {args.irregular_items}")
     suites = _parse_list(ap, "--suite", args.suite)
@@ -1279,6 +1300,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--workers needs whole numbers, got {args.workers!r}")
         if min(workers) < 1:
             ap.error(f"--workers needs counts of at least 1, got {args.workers!r}")
+        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+        if max(workers) > most:
+            ap.error(f"--workers {max(workers)}: more than {MAX_WORKERS_PER_CPU} a logical "
+                     f"CPU ({most} here) measures only oversubscription")
     else:
         cores, workers, w = parrun.default_workers(), [], 1
         while w < cores:

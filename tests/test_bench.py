@@ -277,6 +277,11 @@ def test_bad_arguments():
     (["--irregular-items", "0"], "--irregular-items must be >= 1"),
     (["--json", "/nonexistent/r.json"], "not a file in a writable folder"),
     (["--plot", "/nonexistent/r.png"], "not a file in a writable folder"),
+    (["--json", "/proc/r.json"], "not a file in a writable folder"),  # a folder, not ours
+    (["--plot", "r.txt"], "PLOT_FORMAT"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--workers", "1,100000"], "measures only oversubscription"),
     (["--from-json", "/nonexistent/r.json"], "No such file"),
     (["--from-json", "TRUNCATED"], "Expecting"),
     (["--from-json", "OTHER"], "not a `python -m parrun bench --json` file"),
@@ -285,6 +290,12 @@ def test_bad_command_lines_fail_at_once_in_one_line(tmp_path, args, says):
     (tmp_path / "TRUNCATED").write_text('{"workloads": {"map": ')
     (tmp_path / "OTHER").write_text('{"format": "something-else/3", "workloads": {}}')
     args = [str(tmp_path / a) if a in ("TRUNCATED", "OTHER") else a for a in args]
+    if says == "PLOT_FORMAT":  # matplotlib is a bench extra, not a test one
+        try:
+            import matplotlib  # noqa: F401
+            says = "matplotlib cannot write .txt"
+        except ImportError:
+            says = "--plot needs matplotlib"
     r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

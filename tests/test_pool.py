@@ -657,6 +657,13 @@ def test_a_function_evicted_from_the_cache_and_used_again_runs(monkeypatch):
         assert s == x.sum() and p.map_reduce(np.sum, operator.add, x, grain=1000) == s
 
 
+def test_help_shows_the_pools_parameters():
+    import inspect
+
+    params = inspect.signature(parrun.Pool).parameters
+    assert list(params)[:2] == ["workers", "blas_threads"] and "retries" in params
+
+
 def _nested_map(t):
     return parrun.map(np.sqrt, t)
 
