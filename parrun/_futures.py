@@ -58,7 +58,7 @@ class Executor(_Executor):
 
     def __init__(self, max_workers: int | None = None, initializer: Callable[..., Any] |
                  None = None, initargs: tuple = (), *, retries: int = 0,
-                 **pool_options: Any):
+                 **pool_options: Any) -> None:
         if max_workers is None:
             max_workers = default_workers()
         elif max_workers <= 0:

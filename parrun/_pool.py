@@ -161,6 +161,7 @@ class JobStats:
 
     @property
     def busy_s(self) -> tuple[float, ...]:
+        """Seconds each worker spent running ``fn`` in this call."""
         return tuple(w.busy_s for w in self.workers)
 
     def __str__(self) -> str:
@@ -233,7 +234,7 @@ class Pool:
     def __init__(self, workers: int | None = None, *, blas_threads: int | None = 1,
                  pin: bool = False, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-                 retries: int = 0, backend: str = "local"):
+                 retries: int = 0, backend: str = "local") -> None:
         if mp.current_process().daemon:  # (multiprocessing would fail with an assertion)
             raise RuntimeError("a parrun.Pool cannot start in a pool's worker process (fn of "
                                "a map or a task runs there): pools do not nest; call NumPy "
@@ -395,6 +396,7 @@ class Pool:
 
     @property
     def closed(self) -> bool:
+        """True once ``close`` or ``terminate`` was called."""
         return self._closed
 
     def close(self) -> None:
