@@ -182,15 +182,17 @@ class Executor(_Executor):
         with self._lock:
             self._shutdown = True
             self._cancelled |= cancel_futures
-            while self._submitting:  # submits that passed the check are queued first
-                self._submits_done.wait()
             pool = self._pool
+            tasks = pool._tasks if pool is not None else None
+            # In a done-callback, the thread that completes futures holds the lock that a
+            # submit under way waits for: waiting for it here would wait for ever.
+            in_callback = threading.current_thread() is getattr(tasks, "thread", None)
+            while self._submitting and not in_callback:  # submits past the check go first
+                self._submits_done.wait()
         if pool is None:
             return
-        tasks = pool._tasks
         if cancel_futures and tasks is not None:
             tasks.cancel_pending()
-        in_callback = threading.current_thread() is getattr(tasks, "thread", None)
         if not wait or in_callback:
             threading.Thread(target=self._finish, args=(pool,), name="parrun-shutdown",
                              daemon=True).start()

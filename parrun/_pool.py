@@ -37,6 +37,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import secrets
 import select
 import sys
 import threading
@@ -187,13 +188,15 @@ class _WorkerHandle:
         "process",
         "slot",
         "status",
+        "tag",
     )
 
-    def __init__(self, slot: int, process: Any, cmd: Any, status: Any):
+    def __init__(self, slot: int, process: Any, cmd: Any, status: Any, tag: str):
         self.slot = slot
         self.process = process
         self.cmd = cmd
         self.status = status
+        self.tag = tag  # in the names of the segments it makes (see _close_handle)
         self.pid = process.pid
         self.fn_keys: set[bytes] = set()
         # What this worker must drop, told with the next job or round of tasks it gets.
@@ -310,14 +313,15 @@ class Pool:
         cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
         st_r, st_w = self._ctx.Pipe(duplex=False)
         cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
+        tag = secrets.token_hex(4)
         proc = self._Process(
             target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
             args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu,
-                  self._initializer))
+                  self._initializer, tag))
         proc.start()
         cmd_r.close()
         st_w.close()
-        return _WorkerHandle(slot, proc, cmd_w, st_r)
+        return _WorkerHandle(slot, proc, cmd_w, st_r, tag)
 
     def _await_ready(self, w: _WorkerHandle) -> None:
         ready = _wait([w.status, w.process.sentinel], timeout=START_TIMEOUT)
@@ -1020,8 +1024,9 @@ def _close_handle(w: _WorkerHandle) -> None:
     except ValueError:  # still running (could not be stopped); leave it to the OS
         return
     # Gone, and its pipes closed: a segment it made and had not handed over (killed while
-    # it pickled a big result) can no longer reach anyone.
-    _shm.unlink_orphans(w.pid)
+    # it pickled a big result) can no longer reach anyone. Found by its pid and its tag: a
+    # pid alone could be another process's (pid reuse; containers sharing /dev/shm).
+    _shm.unlink_orphans(_shm.name_prefix(w.pid, w.tag))
 
 
 def _fold(reduce, partials: list[Any], initial: Any) -> Any:

@@ -82,8 +82,23 @@ class ReleaseLog:
 _subscribers: weakref.WeakSet[ReleaseLog] = weakref.WeakSet()
 
 
+# A worker's segment names carry a tag its pool chose, so that the pool can tell them from
+# any other process's when the worker dies (see unlink_orphans).
+_name_tag = ""
+
+
+def set_name_tag(tag: str) -> None:
+    global _name_tag
+    _name_tag = tag
+
+
+def name_prefix(pid: int, tag: str = "") -> str:
+    """How the names of the segments process ``pid`` (with ``tag``) makes begin."""
+    return f"{PREFIX}{pid}_{tag}"
+
+
 def _new_name() -> str:
-    return f"{PREFIX}{os.getpid()}_{secrets.token_hex(12)}"
+    return f"{name_prefix(os.getpid(), _name_tag)}{secrets.token_hex(12)}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -232,10 +247,10 @@ def _release_name(name: str) -> None:
     _unlink(name)
 
 
-def unlink_orphans(pid: int) -> int:
-    """Unlink the segments that process ``pid``, dead, made and this process does not hold
-    (a result it was still pickling when it died, say); return how many."""
-    prefix = f"{PREFIX}{pid}_"
+def unlink_orphans(prefix: str) -> int:
+    """Unlink the segments whose names begin with ``prefix`` (a dead worker's: see
+    ``name_prefix``) that this process does not hold (a result the worker was still
+    pickling when it died, say); return how many."""
     try:
         names = [n for n in os.listdir(_SHM_DIR) if n.startswith(prefix)]
     except OSError:  # pragma: no cover - no /dev/shm to look at

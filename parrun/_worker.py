@@ -339,8 +339,10 @@ def _spin(cmd) -> None:
 
 
 def main(slot: int, cmd, status, control_name: str, nslots: int,
-         blas_threads: int | None, cpu: int | None, initializer: bytes | None = None) -> None:
+         blas_threads: int | None, cpu: int | None, initializer: bytes | None = None,
+         name_tag: str = "") -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    _shm.set_name_tag(name_tag)
     detach_from_forkserver()
     _close_on_exec()
     _die_with_parent()

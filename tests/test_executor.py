@@ -234,6 +234,20 @@ def test_shutdown_in_a_done_callback_does_not_wait_for_itself():
     assert wait_until(lambda: e._pool not in parrun._pool._live_pools, timeout=TIMEOUT)
 
 
+def test_shutdown_in_a_done_callback_while_another_thread_submits():
+    """The callback runs in the thread that holds the task lock, which the submit under way
+    waits for: shutdown must not wait for that submit (it once deadlocked here)."""
+    e = parrun.Executor(2)
+    e.submit(abs, 0).result(timeout=TIMEOUT)
+    e.submit(time.sleep, 0.2).add_done_callback(lambda _f: e.shutdown(wait=False))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        while time.monotonic() - t0 < TIMEOUT:
+            e.submit(abs, 1)
+    assert time.monotonic() - t0 < TIMEOUT
+    assert wait_until(lambda: e._pool not in parrun._pool._live_pools, timeout=TIMEOUT)
+
+
 class SlowToPickle:
     def __reduce__(self):
         time.sleep(0.5)

@@ -20,7 +20,8 @@ from conftest import TIMEOUT, shm_segments, wait_until
 
 import parrun
 
-NAME = re.compile(r"^parrun_(\d+)_([0-9a-f]{24})$")  # 96 random bits
+# 96 random bits, after a worker's 32-bit tag (the pool's, to find a dead worker's segments)
+NAME = re.compile(r"^parrun_(\d+)_(?:[0-9a-f]{8})?([0-9a-f]{24})$")
 
 
 def _segments_of(pids) -> list[str]:
