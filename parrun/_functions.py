@@ -2,17 +2,20 @@
 
 A function is cloudpickled for the workers (and keyed by a hash of the bytes, which is how
 workers cache it). Pickling a lambda costs ~70 us and a script's function ~200 us, too much
-for every call, so the pickle is cached per function object and reused while the function's
-*fingerprint* is unchanged: what cloudpickle would capture by value,
+for every call, so the pickle is cached per function object and reused while what
+cloudpickle would capture by value is unchanged:
 
-- its code, defaults, closure cells and the global variables its code reads (one level down
-  for a ``functools.partial``, a bound method or a callable object: its attributes);
-- held by identity, so a rebound name (``k = 3``) is seen; and for a small plain NumPy array
-  among them, also a digest of its bytes, so an in-place change (``w[0] = 3``) is seen.
+- its code, defaults, closure cells and the global variables its code reads; one level
+  down for a ``functools.partial`` (its arguments), a bound method (its object's
+  attributes) or a callable object (its attributes and its ``__call__``);
+- each compared by identity (held weakly, so the cache keeps nothing alive), so a rebound
+  name (``k = 3``) is seen; numbers and strings by value; and a small plain NumPy array
+  (up to ``COMPARE_BYTES``) by its bytes too, so an in-place change (``w[0] = 3``) is seen.
 
-Not seen: an in-place change inside a container or a plain array bigger than
-``DIGEST_BYTES``; put such state in shared memory (``parrun.asshared``), which workers read
-live, or pass it as an argument.
+Not seen: a change deeper down (a global read by a function that ``fn`` calls, a class
+attribute, an item of a captured list or dict) or inside a bigger plain array. Put such
+state in shared memory (``parrun.asshared``), which workers read live, or pass it as an
+argument.
 """
 
 from __future__ import annotations
@@ -34,15 +37,17 @@ from ._checks import accepts_out
 
 # Functions whose pickles are kept (the least recently used go first).
 CACHE_SIZE = 256
-# A captured plain array up to this size is digested on every call (~5 us at 64 KiB).
-DIGEST_BYTES = 64 * 1024
+# A captured plain array up to this size is compared by its bytes on every call (a copy and
+# a memcmp: ~1 us at 16 KiB; a hash of them was ~40 us).
+COMPARE_BYTES = 16 * 1024
+
+_ATOMS = (int, float, complex, str, bytes, bool, type(None))
 
 
 @dataclass(slots=True)
 class _Entry:
     ref: Callable[[], Any]  # to the function
-    objs: list[Any]  # what it captured, compared by identity
-    digests: tuple  # of the small plain arrays among objs
+    tokens: list[tuple]  # what it captured (see _token)
     key: bytes
     data: bytes
     takes_out: bool
@@ -53,6 +58,37 @@ class _Entry:
 # another function while the entry lives).
 _pickled: OrderedDict[int, _Entry] = OrderedDict()
 _lock = threading.Lock()
+
+
+def _token(v: Any) -> tuple:
+    """What tells, on a later call, that ``v`` is still what was pickled (see _same)."""
+    if type(v) in _ATOMS:
+        return (0, v)
+    try:
+        ref = weakref.ref(v)
+    except TypeError:  # a list, dict, tuple: by id (and length)
+        return (3, id(v), _length(v))
+    if type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject:
+        return (2, ref, v.tobytes())
+    return (1, ref)
+
+
+def _same(token: tuple, v: Any) -> bool:
+    kind = token[0]
+    if kind == 1:
+        return token[1]() is v
+    if kind == 0:
+        return type(v) is type(token[1]) and v == token[1]
+    if kind == 2:
+        return token[1]() is v and v.tobytes() == token[2]
+    return token[1] == id(v) and token[2] == _length(v)
+
+
+def _length(v: Any) -> int:
+    try:
+        return len(v)
+    except Exception:
+        return -1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -67,17 +103,22 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 
 def _captured(fn: Any) -> list[Any]:
     """The objects ``fn`` carries along when pickled by value, one level deep."""
-    if isinstance(fn, (np.ufunc, types.BuiltinFunctionType)):
+    if isinstance(fn, np.ufunc):
         return []
+    if isinstance(fn, (types.BuiltinFunctionType, types.MethodWrapperType)):  # w.__mul__
+        owner = getattr(fn, "__self__", None)
+        return [] if owner is None or isinstance(owner, types.ModuleType) else [owner]
     if isinstance(fn, functools.partial):
         return [fn.func, *_captured(fn.func), *fn.args, *fn.keywords.values()]
     if isinstance(fn, types.MethodType):
         return [fn.__self__, *_attributes(fn.__self__), *_captured(fn.__func__)]
     code = getattr(fn, "__code__", None)
     if not isinstance(code, types.CodeType):  # a callable object
-        return [type(fn), *_attributes(fn)]
+        call = type(fn).__call__
+        return [type(fn), *_attributes(fn),
+                *(_captured(call) if isinstance(call, types.FunctionType) else ())]
     defaults = getattr(fn, "__defaults__", None)  # (a numba kernel has a __code__ only)
-    out: list[Any] = [code, defaults, *(defaults or ()),
+    out: list[Any] = [code, *(defaults or ()),
                       *(getattr(fn, "__kwdefaults__", None) or {}).values()]
     for cell in getattr(fn, "__closure__", None) or ():
         try:
@@ -91,17 +132,10 @@ def _captured(fn: Any) -> list[Any]:
 
 def _attributes(obj: Any) -> list[Any]:
     d = getattr(obj, "__dict__", None)
-    return list(d.values()) if isinstance(d, dict) else []
-
-
-def _digests(objs: list[Any]) -> tuple:
-    """Digests of the small plain arrays among ``objs`` (a change in place shows here)."""
-    out = []
-    for v in objs:
-        if type(v) is np.ndarray and v.nbytes <= DIGEST_BYTES and not v.dtype.hasobject:
-            out.append(hashlib.blake2b(np.ascontiguousarray(v).view(np.uint8).data,
-                                       digest_size=16).digest())
-    return tuple(out)
+    out = list(d.values()) if isinstance(d, dict) else []
+    for name in getattr(type(obj), "__slots__", ()):
+        out.append(getattr(obj, name, None))
+    return out
 
 
 def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, frozenset[str]]:
@@ -110,11 +144,10 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
     hash of the bytes."""
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
-    objs = [v for v in _captured(fn) if v is not fn]  # a recursive fn would hold itself
-    digests = _digests(objs)
+    objs = _captured(fn)
     hit = _pickled.get(id(fn))  # a dict read is atomic: no lock on the hot path
-    if (hit is not None and hit.ref() is fn and hit.digests == digests
-            and len(hit.objs) == len(objs) and all(a is b for a, b in zip(hit.objs, objs))):
+    if (hit is not None and hit.ref() is fn and len(hit.tokens) == len(objs)
+            and all(map(_same, hit.tokens, objs))):
         return hit.key, hit.data, hit.takes_out, hit.names
     try:
         data, names = _shm.dumps_naming(fn)
@@ -128,8 +161,8 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
         ref = weakref.ref(fn, lambda r: _forget(fid, r))
     except TypeError:
         ref = lambda: fn  # noqa: E731 - not weakly referenceable (a few builtins): held
-    entry = _Entry(ref, objs, digests, hashlib.blake2b(data, digest_size=16).digest(), data,
-                   accepts_out(fn), names)
+    entry = _Entry(ref, [_token(v) for v in objs], hashlib.blake2b(data, digest_size=16).digest(),
+                   data, accepts_out(fn), names)
     with _lock:
         _pickled.pop(fid, None)
         _pickled[fid] = entry  # at the end: the least recently pickled go first

@@ -485,12 +485,15 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
         SharedMemoryError: when ``/dev/shm`` has no room (the message gives the sizes).
     """
     dt = _check_dtype(dtype)
-    dims = np.atleast_1d(shape) if isinstance(shape, np.ndarray) else \
-        shape if isinstance(shape, (tuple, list)) else (shape,)
-    try:
-        shape = tuple(operator.index(s) for s in dims)  # as NumPy: 2.5 is not a length
+    try:  # as NumPy: an int or a sequence of ints (2.5 is not a length)
+        dims = (operator.index(shape),)
     except TypeError:
-        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+        try:
+            dims = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") \
+                from None
+    shape = dims
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     if order not in ("C", "F"):

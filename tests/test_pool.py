@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 
 import numpy as np
 import psutil
@@ -662,6 +663,28 @@ def test_help_shows_the_pools_parameters():
 
     params = inspect.signature(parrun.Pool).parameters
     assert list(params)[:2] == ["workers", "blas_threads"] and "retries" in params
+
+
+class _Model:
+    def __init__(self):
+        self.w = parrun.zeros(1 << 17)  # 1 MiB
+        self.act = self.relu  # a cycle: the model holds a method that holds the model
+
+    def relu(self, t):
+        return np.maximum(t, 0.0) + self.w[0]
+
+    def __call__(self, t):
+        return self.act(t)
+
+
+def test_the_function_cache_keeps_nothing_alive(pool):
+    m = _Model()
+    np.testing.assert_array_equal(pool.map(m, np.arange(-2.0, 2.0)), [0, 0, 0, 1])
+    ref, name = weakref.ref(m), m.w.segment
+    del m
+    gc.collect()
+    assert ref() is None
+    assert name not in shm_segments()
 
 
 def _nested_map(t):

@@ -55,11 +55,12 @@ def test_bad_shape_is_refused():
         parrun.empty((2, -1))
     for shape in (2.5, (2, 3.0), "3"):  # as NumPy: not cut down to an int
         for make in (parrun.empty, parrun.zeros):
-            with pytest.raises(TypeError, match="shape must be an int"):
+            with pytest.raises(TypeError, match="shape must be an int or a sequence"):
                 make(shape)
-    a = parrun.zeros(np.array([2, 3]))
-    assert a.shape == (2, 3)
-    a.release()
+    for shape in (np.array([2, 3]), range(2, 4), [2, 3]):
+        a = parrun.zeros(shape)
+        assert a.shape == tuple(shape)
+        a.release()
 
 
 def test_handle_of_512_mib_array_is_small():
