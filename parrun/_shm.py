@@ -476,6 +476,19 @@ class SharedArray(np.ndarray):
         self.release()
 
 
+def _dims(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints; as NumPy, an int or a sequence of ints (2.5 is not a
+    length)."""
+    try:
+        return (operator.index(shape),)
+    except TypeError:
+        pass
+    try:
+        return tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+
+
 def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
           order: Literal["C", "F"] = "C") -> SharedArray:
     """A new shared array of ``shape`` and ``dtype``. Its memory reads as zeros.
@@ -485,15 +498,7 @@ def empty(shape: int | tuple[int, ...], dtype: Any = np.float64,
         SharedMemoryError: when ``/dev/shm`` has no room (the message gives the sizes).
     """
     dt = _check_dtype(dtype)
-    try:  # as NumPy: an int or a sequence of ints (2.5 is not a length)
-        dims = (operator.index(shape),)
-    except TypeError:
-        try:
-            dims = tuple(operator.index(s) for s in shape)
-        except TypeError:
-            raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") \
-                from None
-    shape = dims
+    shape = _dims(shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     if order not in ("C", "F"):
