@@ -8,9 +8,11 @@ cloudpickle would capture by value is unchanged:
 - its code, defaults, closure cells and the global variables its code reads; one level
   down for a ``functools.partial`` (its arguments), a bound method (its object's
   attributes) or a callable object (its attributes and its ``__call__``);
-- each compared by identity (held weakly, so the cache keeps nothing alive), so a rebound
-  name (``k = 3``) is seen; numbers and strings by value; and a small plain NumPy array
-  (up to ``COMPARE_BYTES``) by its bytes too, so an in-place change (``w[0] = 3``) is seen.
+- each compared by identity, so a rebound name (``k = 3``) is seen: held weakly where it
+  can be (so the cache keeps no array or object alive), else (a tuple, list, dict or NumPy
+  scalar) held until the function is next used or dies; numbers and strings by value; and a
+  small plain NumPy array (up to ``COMPARE_BYTES``) by its bytes, shape and dtype too, so an
+  in-place change (``w[0] = 3``) is seen.
 
 Not seen: a change deeper down (a global read by a function that ``fn`` calls, a class
 attribute, an item of a captured list or dict) or inside a bigger plain array. Put such
@@ -66,29 +68,24 @@ def _token(v: Any) -> tuple:
         return (0, v)
     try:
         ref = weakref.ref(v)
-    except TypeError:  # a list, dict, tuple: by id (and length)
-        return (3, id(v), _length(v))
+    except TypeError:  # a tuple, list, dict, NumPy scalar: held (an id could be reused)
+        return (3, v)
     if type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject:
-        return (2, ref, v.tobytes())
+        return (2, ref, v.tobytes(), v.shape, v.dtype)
     return (1, ref)
 
 
 def _same(token: tuple, v: Any) -> bool:
-    kind = token[0]
+    kind, was = token[0], token[1]
     if kind == 1:
-        return token[1]() is v
-    if kind == 0:
-        return type(v) is type(token[1]) and v == token[1]
+        return was() is v
+    if kind == 0:  # by value; floats by their bits (nan is itself, -0.0 is not 0.0)
+        return was is v or (type(v) is type(was) and v == was
+                            and (type(v) not in (float, complex) or repr(v) == repr(was)))
     if kind == 2:
-        return token[1]() is v and v.tobytes() == token[2]
-    return token[1] == id(v) and token[2] == _length(v)
-
-
-def _length(v: Any) -> int:
-    try:
-        return len(v)
-    except Exception:
-        return -1
+        return (was() is v and v.shape == token[3] and v.dtype == token[4]
+                and v.tobytes() == token[2])
+    return was is v
 
 
 @functools.lru_cache(maxsize=1024)
@@ -133,8 +130,11 @@ def _captured(fn: Any) -> list[Any]:
 def _attributes(obj: Any) -> list[Any]:
     d = getattr(obj, "__dict__", None)
     out = list(d.values()) if isinstance(d, dict) else []
-    for name in getattr(type(obj), "__slots__", ()):
-        out.append(getattr(obj, name, None))
+    for cls in type(obj).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                out.append(getattr(obj, name, None))
     return out
 
 

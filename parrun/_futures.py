@@ -185,16 +185,17 @@ class Executor(_Executor):
             pool = self._pool
             tasks = pool._tasks if pool is not None else None
             # In a done-callback, the thread that completes futures holds the lock that a
-            # submit under way waits for: waiting for it here would wait for ever.
+            # submit under way waits for: waiting for it here would wait for ever (the
+            # background thread below waits for it instead).
             in_callback = threading.current_thread() is getattr(tasks, "thread", None)
-            while self._submitting and not in_callback:  # submits past the check go first
-                self._submits_done.wait()
+            if not in_callback:
+                self._await_submits()
         if pool is None:
             return
         if cancel_futures and tasks is not None:
             tasks.cancel_pending()
         if not wait or in_callback:
-            threading.Thread(target=self._finish, args=(pool,), name="parrun-shutdown",
+            threading.Thread(target=self._finish, args=(pool, True), name="parrun-shutdown",
                              daemon=True).start()
             if in_callback and wait:
                 raise RuntimeError("shutdown(wait=True) in a done-callback would wait for "
@@ -209,9 +210,17 @@ class Executor(_Executor):
             pool.terminate()
             raise
 
-    @staticmethod
-    def _finish(pool: Pool) -> None:
+    def _await_submits(self) -> None:
+        """Wait for the submits that passed the shutdown check to queue their tasks
+        (called with ``self._lock`` held)."""
+        while self._submitting:
+            self._submits_done.wait()
+
+    def _finish(self, pool: Pool, await_submits: bool = False) -> None:
         """Wait for the tasks submitted, then close the pool."""
+        if await_submits:
+            with self._lock:
+                self._await_submits()
         if pool._tasks is not None:
             wait_futures(pool._tasks.outstanding())
         pool.close()

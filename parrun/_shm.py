@@ -16,7 +16,8 @@ Handles
     ``SharedArray`` (any view of a segment) pickles as a small handle: segment name, byte
     offset, shape, strides, dtype and writeability. Unpickling maps the same memory.
 
-Names are ``parrun_<pid>_<96 random bits>`` and segments are created with mode 0600.
+Names are ``parrun_<pid>_<96 random bits>`` (a worker's with its pool's 32-bit tag before
+the random bits) and segments are created with mode 0600.
 """
 
 from __future__ import annotations

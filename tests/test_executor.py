@@ -254,6 +254,23 @@ class SlowToPickle:
         return (int, (7,))
 
 
+def test_shutdown_in_a_done_callback_keeps_a_submit_under_way():
+    e = parrun.Executor(2)
+    e.submit(abs, 0).result(timeout=TIMEOUT)
+    out = {}
+
+    def submitter():
+        out["f"] = e.submit(abs, SlowToPickle())  # past the shutdown check, pickling
+
+    blocker = e.submit(time.sleep, 0.2)
+    th = threading.Thread(target=submitter)
+    th.start()
+    blocker.add_done_callback(lambda _f: e.shutdown(wait=False))
+    th.join(TIMEOUT)
+    assert out["f"].result(timeout=TIMEOUT) == 7
+    assert wait_until(lambda: e._pool not in parrun._pool._live_pools, timeout=TIMEOUT)
+
+
 def test_shutdown_waits_for_a_submit_already_under_way():
     e = parrun.Executor(2)
     e.submit(abs, 0).result(timeout=TIMEOUT)
