@@ -131,7 +131,8 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int, made_out: bool = F
             raise TypeError(f"fn returned None for rows {lo}:{hi}; map needs fn to return an "
                             f"array of shape {dst.shape}")
         res = np.asarray(res)
-    _check_not_masked(res, f"fn's result for rows {lo}:{hi}")
+    if isinstance(res, np.ma.MaskedArray):  # (the message is built only then: a hot path)
+        _check_not_masked(res, f"fn's result for rows {lo}:{hi}")
     if res.shape != dst.shape:
         raise ValueError(f"fn returned shape {res.shape} for rows {lo}:{hi}, expected "
                          f"{dst.shape}: one result row per input row (use map_reduce to "
@@ -147,7 +148,7 @@ def store_result(dst: np.ndarray, res: Any, lo: int, hi: int, made_out: bool = F
                         f"gave {dst.dtype} (map made out with that dtype), which cannot hold "
                         "it; return one dtype for every piece, or pass out")
     try:
-        np.copyto(dst, res, casting="safe" if made_out else "same_kind")
+        np.copyto(dst, res, casting="same_kind")  # (made_out: a safe cast, checked above)
     except TypeError as e:
         raise TypeError(f"fn returned dtype {res.dtype} but out has dtype {dst.dtype}: {e}") \
             from None
