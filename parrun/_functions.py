@@ -2,8 +2,9 @@
 
 A function is cloudpickled for the workers (and keyed by a hash of the bytes, which is how
 workers cache it). Pickling a lambda costs ~70 us and a script's function ~200 us, too much
-for every call, so the pickle is cached per function object and reused while what
-cloudpickle would capture by value is unchanged:
+for every call, so the pickle is cached per function object (a bound method per function
+and object, as ``obj.method`` is a new object each time) and reused while what cloudpickle
+would capture by value is unchanged:
 
 - its code, defaults, closure cells and the global variables its code reads; one level
   down for a ``functools.partial`` (its arguments), a bound method (its object's
@@ -48,7 +49,7 @@ _ATOMS = (int, float, complex, str, bytes, bool, type(None))
 
 @dataclass(slots=True)
 class _Entry:
-    ref: Callable[[], Any]  # to the function
+    refs: tuple[Callable[[], Any], ...]  # to what the function is (see _anchors)
     tokens: list[tuple]  # what it captured (see _token)
     key: bytes
     data: bytes
@@ -56,9 +57,9 @@ class _Entry:
     names: frozenset[str]  # the segments the pickle names
 
 
-# id(fn) -> _Entry. An entry goes when its function dies (so the id is not reused by
-# another function while the entry lives).
-_pickled: OrderedDict[int, _Entry] = OrderedDict()
+# _anchors(fn)[0] -> _Entry. An entry goes when an anchor dies (so its ids are not reused
+# by another function while the entry lives).
+_pickled: OrderedDict[tuple, _Entry] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -96,6 +97,27 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(_global_names(const))
     return tuple(sorted(names))
+
+
+def _anchors(fn: Any) -> tuple[tuple, tuple[Any, ...]]:
+    """(a cache key, the objects it names): what ``fn`` is. A bound method is made anew at
+    each attribute access (``obj.method``, ``arr.sum``), so it is keyed by its function and
+    object, which live on; anything else by itself."""
+    if isinstance(fn, types.MethodType):
+        if _weak(fn.__func__) and _weak(fn.__self__):
+            return ("method", id(fn.__func__), id(fn.__self__)), (fn.__func__, fn.__self__)
+    elif isinstance(fn, (types.BuiltinMethodType, types.MethodWrapperType)):
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType) and _weak(owner):
+            return (type(fn), fn.__name__, id(owner)), (owner,)
+    return (id(fn),), (fn,)
+
+
+def _weak(obj: Any) -> bool:
+    """Whether ``obj`` can be weakly referenced, or held (a ufunc: ``np.add.reduce``). Else
+    a bound method of it is keyed by itself, as an entry by its object would hold the
+    object, and so the entry dies with the method: a miss on the next call."""
+    return type(obj).__weakrefoffset__ != 0 or isinstance(obj, np.ufunc)
 
 
 def _captured(fn: Any) -> list[Any]:
@@ -145,24 +167,18 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
     objs = _captured(fn)
-    hit = _pickled.get(id(fn))  # a dict read is atomic: no lock on the hot path
-    if (hit is not None and hit.ref() is fn and len(hit.tokens) == len(objs)
-            and all(map(_same, hit.tokens, objs))):
+    fid, anchors = _anchors(fn)
+    hit = _pickled.get(fid)  # a dict read is atomic: no lock on the hot path
+    if (hit is not None and all(r() is a for r, a in zip(hit.refs, anchors))
+            and len(hit.tokens) == len(objs) and all(map(_same, hit.tokens, objs))):
         return hit.key, hit.data, hit.takes_out, hit.names
     try:
         data, names = _shm.dumps_naming(fn)
     except Exception as e:
         raise TypeError(f"{what} could not be pickled (cloudpickle): "
                         f"{type(e).__name__}: {e}") from e
-    fid = id(fn)
-    ref: Callable[[], Any]
-    try:
-        # Weakly: the entry must not keep ``fn`` (and the shared arrays it holds) alive.
-        ref = weakref.ref(fn, lambda r: _forget(fid, r))
-    except TypeError:
-        ref = lambda: fn  # noqa: E731 - not weakly referenceable (a few builtins): held
-    entry = _Entry(ref, [_token(v) for v in objs], hashlib.blake2b(data, digest_size=16).digest(),
-                   data, accepts_out(fn), names)
+    entry = _Entry(tuple(_ref(a, fid) for a in anchors), [_token(v) for v in objs],
+                   hashlib.blake2b(data, digest_size=16).digest(), data, accepts_out(fn), names)
     with _lock:
         _pickled.pop(fid, None)
         _pickled[fid] = entry  # at the end: the least recently pickled go first
@@ -171,9 +187,17 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
     return entry.key, entry.data, entry.takes_out, entry.names
 
 
-def _forget(fid: int, ref: Callable[[], Any]) -> None:
+def _ref(obj: Any, fid: tuple) -> Callable[[], Any]:
+    try:
+        # Weakly: the entry must not keep ``fn`` (and the shared arrays it holds) alive.
+        return weakref.ref(obj, lambda r: _forget(fid, r))
+    except TypeError:  # not weakly referenceable (a few builtins): held
+        return lambda: obj
+
+
+def _forget(fid: tuple, ref: Callable[[], Any]) -> None:
     # A weakref callback runs wherever the collector does, maybe inside ``with _lock``: no
     # lock here. Losing a race with a new entry for ``fid`` costs only a cache miss.
     e = _pickled.get(fid)
-    if e is not None and e.ref is ref:
+    if e is not None and any(r is ref for r in e.refs):
         _pickled.pop(fid, None)

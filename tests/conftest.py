@@ -119,10 +119,16 @@ def no_leaked_segments(request):
     before = shm_segments(os.getpid())
     yield
     gc.collect()
-    after = shm_segments(os.getpid())
-    live_pools = set().union(*[p._own_segments() for p in list(parrun._pool._live_pools)])
-    leaked = after - before - live_pools
-    assert not leaked, f"{request.node.name} leaked shared-memory segments: {sorted(leaked)}"
+
+    def leaked() -> set[str]:
+        # The pools first: one closing in the background (Executor.shutdown(wait=False))
+        # may leave the live set after its segments were listed, never before.
+        live_pools = set().union(*[p._own_segments() for p in list(parrun._pool._live_pools)])
+        return shm_segments(os.getpid()) - before - live_pools
+
+    wait_until(lambda: not leaked(), timeout=5)
+    left = leaked()
+    assert not left, f"{request.node.name} leaked shared-memory segments: {sorted(left)}"
 
 
 @pytest.fixture(autouse=True, scope="module")
