@@ -555,11 +555,18 @@ class Pool:
 
     def _send_forgets(self, w: _WorkerHandle) -> None:
         """Send ``w`` what it must drop (see ``_queue_forgets``); OSError if it is dead."""
-        if w.forget_segments or w.forget_fns:
-            msg = P.Forget(tuple(w.forget_segments), tuple(w.forget_fns))
-            w.forget_segments.clear()
-            w.forget_fns.clear()
-            w.cmd.send_bytes(pickle.dumps(msg, protocol=5))
+        msg = self._forgets(w)
+        if msg is not None:
+            w.cmd.send_bytes(msg)
+
+    def _forgets(self, w: _WorkerHandle) -> bytes | None:
+        """The message telling ``w`` what it must drop, if anything (now counted as sent)."""
+        if not (w.forget_segments or w.forget_fns):
+            return None
+        msg = P.Forget(tuple(w.forget_segments), tuple(w.forget_fns))
+        w.forget_segments.clear()
+        w.forget_fns.clear()
+        return pickle.dumps(msg, protocol=5)
 
     # -- jobs -----------------------------------------------------------------------------
     def map(self, fn: Callable[..., Any], *arrays: Any, out: np.ndarray | None = None,

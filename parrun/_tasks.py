@@ -54,6 +54,15 @@ _NAME_FIELD = 64
 _SLOT_HEAD = struct.Struct("<q16s")
 
 
+def _frame(data: bytes) -> bytes:
+    """``data`` framed as ``multiprocessing.connection.Connection.send_bytes`` frames it, for
+    its ``recv_bytes`` on the other end."""
+    n = len(data)
+    if n > 0x7FFFFFFF:
+        return struct.pack("!i", -1) + struct.pack("!Q", n) + data
+    return struct.pack("!i", n) + data
+
+
 @dataclass
 class _Task:
     future: Future
@@ -111,6 +120,12 @@ class TaskService:
         self.wake = P.TaskWake(self.arena_seg.name, ARENA_SLOTS, SLOT_BYTES)
         self.next_wake = 0
         self.wake_seq = [0] * pool.workers  # the last wake-up sent to each worker
+        # Per worker slot: frames for its command pipe that it has not taken yet. While
+        # serving, nothing waits on a worker's full command pipe: a busy worker reads it
+        # only between tasks, and may itself be blocked sending results, which only this
+        # thread reads (a 200 KB function to busy workers returning 200 KB results once
+        # hung the pool). What does not fit goes out as the pipe drains (POLLOUT).
+        self.outbox: dict[int, deque[memoryview]] = {}
         self._poke_r, self._poke_w = os.pipe()
         self._poked = False
         os.set_blocking(self._poke_w, False)
@@ -246,6 +261,7 @@ class TaskService:
                     self.serving = True
                 try:
                     self._serve()
+                    self._flush_all()
                 except BaseException as e:  # a bug here must not hang the futures
                     with self.cv:
                         self.serving = False
@@ -261,10 +277,14 @@ class TaskService:
                     return
                 finally:
                     self._account_steals()
+                    self._blocking(pool, True)
             del pool  # not held while idle
 
     def _make_poller(self):
-        """A poll object over every worker's status pipe and sentinel, and the poke pipe."""
+        """A poll object over every worker's status pipe and sentinel, and the poke pipe;
+        command pipes are watched for room while they have frames waiting (``_send``)."""
+        self._blocking(self.pool, False)
+        self._watched_out: set[int] = set()
         poller = select.poll()
         conns = {w.status: w.slot for w in self.pool._workers}
         sentinels = {w.process.sentinel: w.slot for w in self.pool._workers}
@@ -288,10 +308,22 @@ class TaskService:
             if poller_gen != pool._generation:  # workers changed: watch the new ones
                 poller, conns, sentinels = self._make_poller()
                 poller_gen = pool._generation
+            with self.cv:
+                outs = {pool._workers[k].cmd.fileno(): k for k in self.outbox}
+            for fd in outs.keys() - self._watched_out:
+                poller.register(fd, select.POLLOUT)
+            for fd in self._watched_out - outs.keys():
+                poller.unregister(fd)
+            self._watched_out = set(outs)
             # Block at once: a thread waiting on a future we just completed needs the GIL,
             # and gets it soonest when this thread sleeps.
             fds = self._fds
-            ready = [fds[fd] for fd, _ in poller.poll()]
+            events = poller.poll()
+            with self.cv:
+                for fd, _ in events:  # room in a command pipe (or its reader is gone)
+                    if fd in outs and poller_gen == pool._generation:
+                        self._flush(pool._workers[outs[fd]])
+            ready = [fds[fd] for fd, _ in events if fd in fds]
             with self.cv:
                 for r in ready:
                     if poller_gen != pool._generation:
@@ -351,22 +383,17 @@ class TaskService:
         if batch:
             pool._queue_forgets()
             for w in pool._workers:
-                try:
-                    pool._send_forgets(w)
-                except OSError:  # dead: its sentinel will tell
-                    pass
+                msg = pool._forgets(w)
+                if msg is not None:
+                    self._send(w, msg)
         for t in batch:
             tid = self.next_tid
             self.next_tid += 1
             self._write(tid, t)
             self.inflight[tid] = t
             for w in pool._workers:
-                if t.key not in w.fn_keys:
-                    try:
-                        w.cmd.send_bytes(pickle.dumps(P.Function(t.key, t.fn_data),
-                                                      protocol=5))
-                    except OSError:  # dead: its sentinel will tell (and once, a
-                        continue     # BrokenPipeError here ended the collector thread)
+                if t.key not in w.fn_keys and self._send(
+                        w, pickle.dumps(P.Function(t.key, t.fn_data), protocol=5)):
                     w.fn_keys.add(t.key)
         ranges = list(self.redo)
         self.redo.clear()
@@ -384,10 +411,8 @@ class TaskService:
                 if waiting <= 0:
                     break
                 self.next_wake += 1
-                try:
-                    pool._workers[k].cmd.send_bytes(pickle.dumps(
-                        dataclasses.replace(self.wake, seq=self.next_wake)))
-                except OSError:
+                if not self._send(pool._workers[k], pickle.dumps(
+                        dataclasses.replace(self.wake, seq=self.next_wake))):
                     continue  # dead: its sentinel will tell
                 self.wake_seq[k] = self.next_wake
                 idle.discard(k)
@@ -505,16 +530,79 @@ class TaskService:
                     pid=w.pid, exitcode=code))
         if lo < hi:
             self.redo.append((lo, hi))
+        self.outbox.pop(slot, None)  # for the dead worker's pipe
         pool._replace(slot)
         self.wake_seq[slot] = 0  # a fresh worker has answered everything
         new = pool._workers[slot]
+        os.set_blocking(new.cmd.fileno(), False)
         for key, data in {(t.key, t.fn_data) for t in self.inflight.values()}:
-            try:
-                new.cmd.send_bytes(pickle.dumps(P.Function(key, data), protocol=5))
-            except OSError:  # the replacement died too: its sentinel will tell
-                break
+            if not self._send(new, pickle.dumps(P.Function(key, data), protocol=5)):
+                break  # the replacement died too: its sentinel will tell
             new.fn_keys.add(key)
         self.idle.add(slot)
+
+    # -- command pipes while serving (see ``outbox``) ------------------------------------
+    def _send(self, w: Any, data: bytes) -> bool:
+        """Send ``data`` to worker ``w`` as ``Connection.send_bytes`` would, without waiting:
+        what its pipe cannot take now waits in ``outbox``. False if ``w`` is dead (its
+        sentinel will tell). Called with ``self.cv`` held."""
+        frame = memoryview(_frame(data))
+        q = self.outbox.get(w.slot)
+        if q is not None:
+            q.append(frame)
+            return True
+        self.outbox[w.slot] = deque([frame])
+        alive = self._flush(w)
+        if w.slot in self.outbox and threading.current_thread() is not self.thread:
+            self._poke()  # the collector now watches that pipe for room
+        return alive
+
+    def _flush(self, w: Any) -> bool:
+        """Write what the pipe to ``w`` takes now; False if ``w`` is dead (its frames are
+        dropped)."""
+        q = self.outbox.get(w.slot)
+        try:
+            fd = w.cmd.fileno()
+        except OSError:  # closed: a replacement failed
+            fd = -1
+        while q:
+            try:
+                n = os.write(fd, q[0])
+            except BlockingIOError:
+                return True
+            except OSError:  # EPIPE (or EBADF): dead
+                self.outbox.pop(w.slot, None)
+                return False
+            if n < len(q[0]):
+                q[0] = q[0][n:]
+                return True
+            q.popleft()
+        self.outbox.pop(w.slot, None)
+        return True
+
+    def _flush_all(self) -> None:
+        """At the end of serving (every worker idle, reading its command pipe): send what
+        waits, waiting for room, so that the next user of the pipes finds whole frames."""
+        pool = self.pool
+        for slot in list(self.outbox):
+            w = pool._workers[slot]
+            try:
+                os.set_blocking(w.cmd.fileno(), True)
+            except OSError:  # closed: a replacement failed
+                self.outbox.pop(slot)
+                continue
+            self._flush(w)
+
+    def _blocking(self, pool: Any, on: bool) -> None:
+        """Command pipes block outside serving (``send_bytes`` of maps and ``close``)."""
+        if on:
+            self._flush_all()
+            self.outbox.clear()
+        for w in pool._workers:
+            try:
+                os.set_blocking(w.cmd.fileno(), on)
+            except OSError:  # closed: a replacement failed
+                pass
 
     def _release(self, t: _Task) -> None:
         for tmp in t.temps:

@@ -156,7 +156,7 @@ class _Worker:
                 raise TypeError(f"the task's arguments could not be unpickled in worker "
                                 f"{os.getpid()}: {type(e).__name__}: {e}") from e
             if key not in self.fns:
-                self.read_functions()  # sent after this worker started serving
+                self.read_functions(until=key)  # sent after this worker started serving
             fn = self.fn(key)
             value = fn(*args, **kwargs)
         except BaseException as e:  # cloudpickle: the class may be the script's
@@ -168,10 +168,12 @@ class _Worker:
                             f"{type(e).__name__}: {e}")
             return tid, False, pickle.dumps(exception_for_transport(err))
 
-    def read_functions(self) -> None:
+    def read_functions(self, until: bytes | None = None) -> None:
         """Read the commands waiting in the pipe while serving tasks: functions are cached,
-        forgets applied in order; wake-ups are moot (we are awake)."""
-        while self.cmd.poll():
+        forgets applied in order; wake-ups are moot (we are awake). With ``until``, wait
+        for that function too: the parent sends it before the task, but does not wait for
+        room in a busy worker's pipe (see ``TaskService.outbox``)."""
+        while self.cmd.poll() or (until is not None and until not in self.fns):
             msg = pickle.loads(self.cmd.recv_bytes())
             if isinstance(msg, P.Function):
                 self.fns[msg.key] = msg.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
 import gc
@@ -921,3 +922,26 @@ def test_parrun_nn_loads_on_first_use():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert "has no attribute 'nope'" in r.stdout
+
+
+def test_a_big_function_sent_to_busy_workers_returning_big_results_does_not_hang(pool):
+    """Workers busy sending 200 KB results (pickled into their status pipes) while a new
+    function capturing a 200 KB array goes down their command pipes: the parent once
+    waited for room in a command pipe that a worker, itself waiting for the parent to read
+    its results, never emptied."""
+    table = np.random.default_rng(0).random(25_000)  # plain: pickled with the function
+
+    def embed(i):
+        time.sleep(0.01)
+        return np.full(25_000, float(i))
+
+    def lookup(i):
+        return table[i]
+
+    fs = [pool.submit(embed, i) for i in range(50)]
+    time.sleep(0.03)
+    fs += [pool.submit(lookup, i) for i in range(4)]
+    assert not cf.wait(fs, timeout=TIMEOUT).not_done
+    assert [f.result()[0] for f in fs[:50]] == list(range(50))
+    assert [f.result() for f in fs[50:]] == list(table[:4])
+    np.testing.assert_array_equal(pool.map(np.negative, np.arange(3.0)), [0, -1, -2])
