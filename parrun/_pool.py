@@ -651,7 +651,7 @@ class Pool:
         temps: list[np.ndarray] = []
         allocated = None  # an out this call made: released if the call fails
         try:
-            ins = []
+            ins, used = [], []
             for a in arrs:
                 h = _shm.handle_of(a)
                 if h is not None and out is not None and _overlaps_across_rows(a, out):
@@ -663,7 +663,9 @@ class Pool:
                     temps.append(a)
                     h = _shm.handle_of(a)
                 ins.append(h)
+                used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
+            rerun_safe = True
             with self._lock:
                 self._check_open()
                 if reduce is None:
@@ -680,9 +682,11 @@ class Pool:
                                                      _shm.empty(target.shape, target.dtype))
                         temps.append(target)
                         out_h = _shm.handle_of(target)
+                    if allocated is None:
+                        rerun_safe = _rerun_safe(fn, takes_out, used, target)
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
                                        adaptive, takes_out, red, initial,
-                                       made_out=allocated is not None)
+                                       made_out=allocated is not None, rerun_safe=rerun_safe)
             if reduce is not None:
                 return result
             if copy_back is not None:
@@ -738,7 +742,7 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
-                 initial, collect=False, made_out=False):
+                 initial, collect=False, made_out=False, rerun_safe=True):
         t0 = time.perf_counter()
         self._job_id += 1
         cost = self._cost.get(fn_key, 0.0) if adaptive else 0.0
@@ -777,6 +781,16 @@ class Pool:
                     raise result.interrupted
                 if error is not None or red is not None or collect or not lost:
                     break
+                if not rerun_safe:
+                    slot, pid, code = crashed[-1]
+                    rows = ", ".join(f"{a}:{b}" for a, b in lost)
+                    raise WorkerCrashed(
+                        f"worker {slot} (pid {pid}) died during map ({describe_exit(code)}). "
+                        f"Rows {rows} may be unfinished, and are not run again: out is also "
+                        "an input, or fn takes out and may read it (out += a), so a piece "
+                        "the worker was writing would be applied twice. The other rows of a "
+                        "shared out are done; a plain out is left as it was. A replacement "
+                        "worker has started.", pid=pid, exitcode=code)
                 if len(crashed) >= MAX_DEATHS_PER_CALL:
                     slot, pid, code = crashed[-1]
                     raise WorkerCrashed(
@@ -784,7 +798,7 @@ class Pool:
                         f"(pid {pid}, {describe_exit(code)}): fn probably ends its process (a "
                         "crash in compiled code, os._exit). Replacement workers have started.",
                         pid=pid, exitcode=code)
-                # Re-run what dead workers left (map pieces are idempotent), one range per
+                # Re-run what dead workers left (rerun_safe: pieces are idempotent), one range per
                 # slot and phase; the others steal from it as usual.
                 phase, lost = lost[:self.workers], lost[self.workers:]
                 recovered += len(phase)
@@ -1043,6 +1057,17 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
     if acc is P.NOTHING:
         raise ValueError("map_reduce of empty arrays with no initial value")
     return acc
+
+
+def _rerun_safe(fn: Any, takes_out: bool, ins: list[np.ndarray], out: np.ndarray) -> bool:
+    """Whether a dead worker's piece may run again (map's crash recovery): not if ``out`` is
+    also an input (the piece may have half updated it: ``out=x``), nor if ``fn`` takes
+    ``out`` and may read it (``out += a``), unless fn is a ufunc (it reads ``out`` only
+    where ``where=`` is false, and leaves it so) or says so (``__parrun_rerun_safe__``)."""
+    if any(np.may_share_memory(a, out) for a in ins):
+        return False
+    return (not takes_out or isinstance(fn, np.ufunc)
+            or bool(getattr(fn, "__parrun_rerun_safe__", False)))
 
 
 def _overlaps_across_rows(a: np.ndarray, out: np.ndarray) -> bool:

@@ -21,6 +21,7 @@ import json
 import operator
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -181,6 +182,56 @@ def test_map_survives_a_crash_in_each_phase(retry_pool, once, phase, how):
     z = retry_pool.map(np.negative, x)  # the next job is right
     np.testing.assert_array_equal(z, -x)
     z.release()
+
+
+def adds_one_and_dies(once: Once):
+    """A map function taking ``out`` that writes its piece, then kills its worker, once."""
+    def fn(a, out):
+        np.add(a, 1.0, out=out)
+        if (a >= 3000).any() and once.take():
+            crash("sigkill")
+        return out
+    return fn
+
+
+def accumulates_and_dies(once: Once):
+    def fn(a, out):
+        out += a
+        if (a >= 3000).any() and once.take():
+            crash("sigkill")
+        return out
+    return fn
+
+
+@pytest.mark.parametrize("case", ["in_place", "accumulate", "plain_out"])
+def test_a_crash_in_a_map_that_reads_out_is_an_error_not_a_piece_applied_twice(
+        retry_pool, once, case):
+    """A dead worker's piece is run again only where that is harmless: not when out is also
+    an input (out=x), nor when fn takes out and may read it (out += a). Those once gave
+    wrong rows, silently (each applied twice)."""
+    x = parrun.asshared(np.arange(4000.0))
+    want = x + 1 if case == "in_place" else 2 * x
+    if case == "in_place":
+        fn, out = adds_one_and_dies(once), x
+    else:
+        fn = accumulates_and_dies(once)
+        out = parrun.asshared(x.copy()) if case == "accumulate" else x.copy()
+    before = out.copy()
+    with pytest.raises(parrun.WorkerCrashed, match="not run again") as e:
+        retry_pool.map(fn, x, out=out, grain=100)
+    assert once.taken
+    if case == "plain_out":  # worked on a shared copy: left as it was
+        np.testing.assert_array_equal(out, before)
+    else:
+        lost = np.zeros(len(x), bool)
+        for a, b in re.findall(r"(\d+):(\d+)", str(e.value).split("Rows ")[1].split(" may")[0]):
+            lost[int(a):int(b)] = True
+        assert lost.sum() >= 100
+        np.testing.assert_array_equal(out[~lost], want[~lost])  # the rest is done, once
+    np.testing.assert_array_equal(retry_pool.map(np.negative, x), -x)  # the pool lives on
+    x.release()
+    if case == "accumulate":
+        out.release()
 
 
 @pytest.mark.parametrize("how", HOWS)

@@ -83,6 +83,8 @@ def mandelbrot_numpy(width: int, height: int, max_iter: int, view=VIEW) -> np.nd
 class _Rows:
     """map's fn: escape times for a piece of row indices, written into its rows of out."""
 
+    __parrun_rerun_safe__ = True  # out is only written: a dead worker's piece may run again
+
     def __init__(self, width, height, max_iter, view, kernel):
         self.args = (width, height, max_iter, *view)
         self.kernel = kernel

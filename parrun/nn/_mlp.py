@@ -70,6 +70,10 @@ class _MLPTile:
     whole batch.
     """
 
+    # out is computed from x alone (written, then added to): a dead worker's piece may run
+    # again (see parrun._pool._rerun_safe).
+    __parrun_rerun_safe__ = True
+
     def __init__(self, w1, b1, w2, b2, activation):
         self.w1, self.b1, self.w2, self.b2, self.activation = w1, b1, w2, b2, activation
 
