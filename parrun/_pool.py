@@ -31,6 +31,7 @@ reduction cannot re-run a lost partial, so it raises ``WorkerCrashed`` instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -39,12 +40,13 @@ import os
 import pickle
 import secrets
 import select
+import signal
 import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait
@@ -186,6 +188,7 @@ class _WorkerHandle:
         "forget_segments",
         "pid",
         "process",
+        "ready",
         "slot",
         "status",
         "tag",
@@ -198,6 +201,7 @@ class _WorkerHandle:
         self.status = status
         self.tag = tag  # in the names of the segments it makes (see _close_handle)
         self.pid = process.pid
+        self.ready = False  # its Ready message was read (an interrupt may cut that short)
         self.fn_keys: set[bytes] = set()
         # What this worker must drop, told with the next job or round of tasks it gets.
         self.forget_segments: list[str] = []
@@ -329,6 +333,7 @@ class Pool:
             try:
                 msg = pickle.loads(w.status.recv_bytes())
                 if isinstance(msg, P.Ready):
+                    w.ready = True
                     return
                 if isinstance(msg, P.InitFailed):
                     w.process.join(STOP_TIMEOUT)
@@ -345,20 +350,23 @@ class Pool:
     def _replace(self, slot: int) -> None:
         if self._terminating:  # terminate() killed it: a call in flight fails, none restarts
             raise BrokenPool("the pool was terminated")
-        self._generation += 1
-        old = self._workers[slot]
-        if old is not None:
-            _close_handle(old)
-        for attempt in range(1, START_TRIES + 1):
-            w = self._launch(slot)
-            self._workers[slot] = w
-            try:
-                self._await_ready(w)
-                return
-            except WorkerCrashed:  # died while starting (an initializer failure is final)
-                if attempt == START_TRIES:
-                    raise
-                _close_handle(w)
+        with _sigint_deferred():  # Ctrl-C here once left the pool broken for good
+            self._generation += 1
+            old = self._workers[slot]
+            for attempt in range(1, START_TRIES + 1):
+                w = self._launch(slot)
+                # In place before the old handle closes: an interrupt (SIGALRM's, say) never
+                # leaves a closed handle in the pool; one not ready is seen by _replace_dead.
+                self._workers[slot] = w
+                if old is not None:
+                    _close_handle(old)
+                old = w
+                try:
+                    self._await_ready(w)
+                    return
+                except WorkerCrashed:  # died while starting (an initializer failure is final)
+                    if attempt == START_TRIES:
+                        raise
 
     def _replace_dead(self) -> None:
         """Replace the workers that have died since the last call (one poll, ~1 us). A dead
@@ -374,6 +382,12 @@ class Pool:
                 slots[w.process.sentinel] = slots[w.status.fileno()] = w.slot
             self._dead_poll = (self._generation, poll, slots)
         _gen, poll, slots = self._dead_poll
+        for w in self._workers:
+            if not w.ready:  # an interrupt cut its start short: its Ready is still to read
+                try:
+                    self._await_ready(w)
+                except WorkerCrashed:
+                    w.process.kill()  # replaced below
         for slot in sorted({slots[fd] for fd, _ in poll.poll(0)}):
             self._workers[slot].process.join(STOP_TIMEOUT)
             self._replace(slot)
@@ -1057,6 +1071,23 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
     if acc is P.NOTHING:
         raise ValueError("map_reduce of empty arrays with no initial value")
     return acc
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT's handler, in the main thread) until the block is done."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    got: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if got:
+            handler(*got[0])
 
 
 def _rerun_safe(fn: Any, takes_out: bool, ins: list[np.ndarray], out: np.ndarray) -> bool:

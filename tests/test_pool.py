@@ -881,6 +881,43 @@ def test_an_interrupt_anywhere_leaves_no_worker_on_the_next_call():
         out.release()
 
 
+def test_ctrl_c_while_a_dead_worker_is_replaced_leaves_the_pool_usable(monkeypatch):
+    """Ctrl-C landing while a worker that died mid-map is replaced: the interrupt is raised
+    once the replacement is in place. It once left the old, closed handle in the pool, and
+    every later call (close included) failed with 'process object is closed'."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
+    x = parrun.asshared(np.arange(1000.0))
+    flag = parrun.zeros(1, np.int64)
+
+    def dies_once(a):
+        if a[0] >= 500 and flag[0] == 0:
+            flag[0] = 1
+            os._exit(1)
+        return a * 2
+
+    try:
+        with parrun.Pool(2) as p:
+            launch = p._launch
+
+            def interrupted_launch(slot):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # delivered here, at the latest
+                return launch(slot)
+
+            monkeypatch.setattr(p, "_launch", interrupted_launch)
+            with pytest.raises(KeyboardInterrupt):
+                p.map(dies_once, x, grain=10)
+            monkeypatch.setattr(p, "_launch", launch)
+            assert flag[0] == 1
+            for _ in range(2):
+                np.testing.assert_array_equal(p.map(np.negative, x), -x)
+            assert p.submit(sum, [1, 2]).result(timeout=TIMEOUT) == 3
+    finally:
+        signal.signal(signal.SIGINT, old)
+        x.release()
+        flag.release()
+
+
 def _deleted_parrun_mappings(pid):
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/parrun_" in line and "(deleted)" in line)
