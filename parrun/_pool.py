@@ -421,10 +421,24 @@ class Pool:
         """Stop the workers and free the pool's own segments. Idempotent.
 
         Submitted tasks that have not started are cancelled; those running finish first.
+        Called in a done-callback of this pool's futures, it returns at once and a
+        background thread closes the pool.
         """
         if self._closed:
             return
         self._closed = True
+        if self._in_collector():
+            threading.Thread(target=self._close, name="parrun-close").start()
+            return
+        self._close()
+
+    def _in_collector(self) -> bool:
+        """True in the thread that serves tasks and runs their done-callbacks: it cannot
+        wait for itself (the running tasks failed, and the task arena leaked)."""
+        tasks = self._tasks
+        return tasks is not None and threading.current_thread() is tasks.thread
+
+    def _close(self) -> None:
         if self._tasks is not None:
             self._tasks.close()
         with self._lock:
@@ -446,7 +460,11 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop now: kill the workers, fail tasks in flight with ``BrokenPool``, free the
-        pool's segments."""
+        pool's segments (from a done-callback, in a background thread)."""
+        if self._in_collector():
+            self._closed = True
+            threading.Thread(target=self.terminate, name="parrun-terminate").start()
+            return
         self._closed = True
         self._terminating = True
         tasks = self._tasks

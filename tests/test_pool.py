@@ -918,6 +918,42 @@ def test_ctrl_c_while_a_dead_worker_is_replaced_leaves_the_pool_usable(monkeypat
         flag.release()
 
 
+@pytest.mark.parametrize("how", ["close", "terminate"])
+def test_closing_the_pool_in_a_done_callback(how):
+    """close() or terminate() in a done-callback (the thread that runs the tasks) once
+    failed the running tasks with 'process object is closed' and leaked the 4 MiB task
+    arena; now a background thread closes the pool."""
+    before = shm_segments(os.getpid())
+    p = parrun.Pool(2)
+
+    def t(i):
+        time.sleep(0.02)
+        return i
+
+    fs = [p.submit(t, i) for i in range(20)]
+    errors = []
+
+    def cb(_f):
+        try:
+            getattr(p, how)()
+        except BaseException as e:
+            errors.append(e)
+
+    fs[2].add_done_callback(cb)
+    assert not cf.wait(fs, timeout=TIMEOUT).not_done
+    assert not errors and p.closed
+    assert wait_until(lambda: not p._tasks.thread.is_alive())
+    assert wait_until(lambda: not shm_segments(os.getpid()) - before)
+    for i, f in enumerate(fs):
+        if not f.cancelled():
+            if how == "close":
+                assert f.result() == i  # those running finish
+            else:
+                assert f.exception() is None or isinstance(f.exception(), parrun.BrokenPool)
+    assert sum(not f.cancelled() for f in fs) >= 3
+    assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in p.pids))
+
+
 def _deleted_parrun_mappings(pid):
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/parrun_" in line and "(deleted)" in line)
