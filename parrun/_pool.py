@@ -428,9 +428,9 @@ class Pool:
             return
         self._closed = True
         if self._in_collector():
-            threading.Thread(target=self._close, name="parrun-close").start()
+            threading.Thread(target=self._stop, name="parrun-close").start()
             return
-        self._close()
+        self._stop()
 
     def _in_collector(self) -> bool:
         """True in the thread that serves tasks and runs their done-callbacks: it cannot
@@ -438,7 +438,7 @@ class Pool:
         tasks = self._tasks
         return tasks is not None and threading.current_thread() is tasks.thread
 
-    def _close(self) -> None:
+    def _stop(self) -> None:
         if self._tasks is not None:
             self._tasks.close()
         with self._lock:

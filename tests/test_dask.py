@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TIMEOUT
+from conftest import TIMEOUT, wait_until
 
 import parrun
 from parrun import nn
@@ -386,3 +386,99 @@ def test_a_lost_worker_with_the_functions_big_arrays_costs_a_rerun():
         np.testing.assert_array_equal(y, x * 2)
         assert pid not in c.run(os.getpid).values()
 
+
+def test_masked_arrays_keep_their_mask(dpool, pool):
+    # 2 MiB: the size at which plain arrays travel as Dask data of their own
+    m = np.ma.masked_greater_equal(np.arange(1 << 18, dtype=np.float64), 10)
+    for p in (pool, dpool):
+        y = p.map(lambda t: t * 0 + m.mean(), np.zeros(4))
+        got = y.tolist()
+        y.release()
+        assert got == [4.5] * 4  # the mean of 0..9, the rest masked
+        assert p.submit(np.ma.mean, m).result(TIMEOUT) == 4.5
+
+
+def test_a_scheduler_with_no_workers_is_a_connection_error():
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1",
+                                  dashboard_address=":0") as cluster:
+        with pytest.raises(ConnectionError, match=r"has no workers after 0\.5 s"):
+            parrun.Pool(backend="dask", address=cluster.scheduler_address, timeout=0.5)
+
+
+@pytest.mark.parametrize("how", ["close", "shutdown", "terminate"])
+def test_close_lets_running_tasks_finish_and_cancels_the_others(client, how):
+    def executing(dask_worker):
+        return [ts.key for ts in dask_worker.state.executing]
+
+    ex = parrun.Executor(2, backend="dask", client=client)
+    running = [ex.submit(time.sleep, 1.0) for _ in range(2)]  # one per worker thread
+    keys = {f._dask.key for f in running}
+    assert wait_until(lambda: keys <= {k for ks in client.run(executing).values() for k in ks})
+    queued = [ex.submit(time.sleep, 1.0) for _ in range(4)]
+    if how == "close":  # as on the local pool: those running finish first
+        ex.pool.close()
+    elif how == "shutdown":
+        ex.shutdown(wait=True, cancel_futures=True)
+    else:  # stop now
+        ex.pool.terminate()
+    assert all(f.cancelled() for f in queued)
+    if how == "terminate":
+        assert all(f.cancelled() for f in running)
+    else:
+        assert [f.result(0) for f in running] == [None, None]
+    ex.shutdown()
+
+
+def test_close_drops_the_functions_the_workers_loaded(client):
+    from parrun.backends import _dask
+
+    def loaded(token):  # on a worker: its cached functions and writers of this pool
+        return [k for k in (*_dask._worker_cache, *_dask._writers) if token in k]
+
+    w = np.full(1 << 18, 2.0)  # 2 MiB: each worker's cached function holds a copy
+    target = parrun.zeros(8)
+
+    def fill(rows):
+        target[rows] = 1  # read-only on the workers: fill becomes a writer there
+        return len(rows)
+
+    p = parrun.Pool(backend="dask", client=client)
+    try:
+        np.testing.assert_array_equal(p.map(lambda t: t * w[0], np.arange(1000.0)),
+                                      np.arange(1000.0) * 2)
+        assert p.map_reduce(fill, operator.add, np.arange(8), grain=1) == 8
+        assert len([k for ks in client.run(loaded, p._token).values() for k in ks]) >= 2
+    finally:
+        p.close()
+        target.release()
+    assert not any(client.run(loaded, p._token).values())
+
+
+def test_system_exit_and_unpicklable_exceptions_as_on_the_local_pool(dpool, pool, client):
+    class Unpicklable(Exception):
+        def __init__(self, msg):
+            super().__init__(msg)
+            self.lock = threading.Lock()
+
+    def exits(t):
+        sys.exit(3)
+
+    def interrupts(t):
+        raise KeyboardInterrupt("stop")
+
+    def holds_a_lock(t):
+        raise Unpicklable("held")
+
+    pids = client.run(os.getpid)
+    for p in (pool, dpool):
+        for fn, kind, message in (
+                (exits, SystemExit, "^3$"), (interrupts, KeyboardInterrupt, "^stop$"),
+                (holds_a_lock, parrun.ParrunError,
+                 r"Unpicklable: held \(the original exception could not be pickled\)")):
+            with pytest.raises(kind, match=message) as e:
+                p.map(fn, np.arange(10))
+            assert fn.__name__ in str(e.value.__cause__)  # the worker's traceback
+            with pytest.raises(kind, match=message) as e:
+                p.submit(fn, 1).result(TIMEOUT)
+            assert fn.__name__ in str(e.value.__cause__)
+    assert client.run(os.getpid) == pids  # no Dask worker was lost

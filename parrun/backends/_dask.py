@@ -78,6 +78,9 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
 FETCH_BATCH = 256
 # Seconds close() waits for the fetcher thread to finish its batch.
 FETCH_STOP_TIMEOUT = 5.0
+# Seconds close() lets the tasks already running finish before it cancels them: as the local
+# pool, running tasks finish first, but a task that hangs must not hang close() for ever.
+CLOSE_TIMEOUT = 60.0
 # Arrays at least this big travel as Dask data of their own (keyed by content, sent once per
 # worker, reused across calls) instead of inside a pickle. Smaller ones cost less to send
 # with each task than a scatter round trip (~1 ms) and a hash.
@@ -116,6 +119,9 @@ _NOTHING = _protocol.NOTHING
 
 
 # -- pickling by value -----------------------------------------------------------------------
+_PLAIN_ARRAYS = (np.ndarray, parrun.SharedArray)
+
+
 class _ValuePickler(cloudpickle.Pickler):
     """cloudpickle that never sends a ``/dev/shm`` handle.
 
@@ -130,7 +136,9 @@ class _ValuePickler(cloudpickle.Pickler):
         self.shared: list[bool] = []
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+        # Plain and shared arrays only: a subclass (a masked array, np.matrix) would arrive
+        # as a plain array, without its mask or its meaning of ``*``.
+        if type(obj) in _PLAIN_ARRAYS and not obj.dtype.hasobject:
             shared = parrun.is_shared(obj)
             if shared or obj.nbytes >= EXTERNAL_BYTES:
                 self.arrays.append(obj)
@@ -252,6 +260,24 @@ def _cached(p: _Payload, ext: tuple) -> Any:
     return obj
 
 
+def _forget(token: str) -> int:
+    """On a worker: drop the functions that the pool ``token`` (now closed) loaded here; each
+    may hold private copies of big arrays. Returns how many."""
+    prefix = f"parrun-payload-{token}-"
+    with _worker_lock:
+        keys = [k for k in _worker_cache if k.startswith(prefix)]
+        for k in keys:
+            del _worker_cache[k]
+        _writers.difference_update([k for k in _writers if k.startswith(prefix)])
+    return len(keys)
+
+
+def _running_keys(dask_worker: Any) -> list[str]:
+    """On a worker: the keys of the tasks its threads are running (not those queued)."""
+    state = dask_worker.state
+    return [ts.key for ts in (*state.executing, *state.long_running)]
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     """``a``, copied if its data is not aligned to its dtype. Dask hands received arrays over
     at any byte offset of a message, and NumPy runs unaligned data through slow loops
@@ -306,7 +332,8 @@ def _call_tracked(fn_p: _Payload, fn_ext: tuple, args_p: _Payload | None, args_e
         except Exception as e:  # NumPy: ValueError; numba: TypingError on "readonly array"
             if not writable or not ("read-only" in str(e) or "readonly array" in str(e)):
                 raise
-            _writers.add(fn_p.key)
+            with _worker_lock:
+                _writers.add(fn_p.key)
         if before_rerun is not None:
             before_rerun()
     fn, fsrc, ftab = _materialize(fn_p, fn_ext, True)
@@ -347,9 +374,53 @@ class _PieceResult:
     busy_ns: int
 
 
+class _Carried(Exception):
+    """Raised by a task, on a worker, for an exception Dask cannot carry as it is: one that
+    is not an ``Exception`` (``SystemExit`` there would stop the worker's thread and the
+    nanny would restart the worker) or one that cannot be pickled (Dask would send a bare
+    ``Exception``). The caller raises ``exc``, with ``tb`` (the worker's traceback)."""
+
+    def __init__(self, exc: BaseException, tb: str):
+        super().__init__(exc, tb)
+        self.exc = exc
+        self.tb = tb
+
+
+def _pickles(e: BaseException) -> bool:
+    try:
+        pickle.loads(cloudpickle.dumps(e))
+    except Exception:
+        return False
+    return True
+
+
+def _carrying(body: Callable[..., Any], *args: Any) -> Any:
+    """``body(*args)`` in a Dask task, with what Dask cannot carry raised as ``_Carried``."""
+    try:
+        return body(*args)
+    except BaseException as e:
+        if isinstance(e, Exception) and _pickles(e):
+            raise
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        # Only the exception travels (its text traceback beside it): its context may be
+        # what does not pickle.
+        e.__traceback__ = e.__cause__ = e.__context__ = None
+        exc = e if not isinstance(e, Exception) and _pickles(e) else parrun.ParrunError(
+            f"{type(e).__qualname__}: {e} (the original exception could not be pickled)")
+        carried = _Carried(exc, tb)
+    # Raised here, outside the handler, so that it has no context (Dask pickles that too).
+    raise carried
+
+
 def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | None,
                red_ext: tuple, lo: int, piece: tuple) -> _PieceResult:
     """A Dask task: fn over the tiles of one piece (its rows start at ``lo``)."""
+    result: _PieceResult = _carrying(_piece, spec, fn_p, fn_ext, red_p, red_ext, lo, piece)
+    return result
+
+
+def _piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | None,
+           red_ext: tuple, lo: int, piece: tuple) -> _PieceResult:
     _limit_blas(spec.blas_threads)
     t0 = time.perf_counter_ns()
     combine = _cached(red_p, red_ext) if red_p is not None else None
@@ -406,14 +477,17 @@ def _run_piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | 
 def _run_task(blas_threads: int | None, fn_p: _Payload, fn_ext: tuple, args_p: _Payload,
               args_ext: tuple) -> tuple[Any, tuple, tuple]:
     """A Dask task: ``fn(*args, **kwargs)``."""
-    _limit_blas(blas_threads)
+    def task() -> tuple[Any, tuple, tuple]:
+        _limit_blas(blas_threads)
+        value, fn_changes, args_changes = _call_tracked(fn_p, fn_ext, args_p, args_ext, run)
+        return _result_value(value), fn_changes, args_changes
 
     def run(fn: Any, args: Any) -> Any:
         a, kw = args
         return fn(*a, **kw)
 
-    value, fn_changes, args_changes = _call_tracked(fn_p, fn_ext, args_p, args_ext, run)
-    return _result_value(value), fn_changes, args_changes
+    result: tuple[Any, tuple, tuple] = _carrying(task)
+    return result
 
 
 # -- caller side -----------------------------------------------------------------------------
@@ -440,11 +514,15 @@ def _remote_error(fut: Any) -> BaseException:
     original until its key is released, and raising it would pin the caller's frames (and
     their arrays) there."""
     exc = fut.exception()
+    if isinstance(exc, _Carried):
+        tb = exc.tb
+        exc = exc.exc
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback()))
     try:
         copy = pickle.loads(pickle.dumps(exc))
-    except Exception:  # pragma: no cover - it came from a worker, so it pickles
+    except Exception:  # its class pickles by value only (cloudpickle): a local class
         copy = exc
-    tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback()))
     copy.__cause__ = parrun.RemoteTraceback(f'\n"""\n{tb}"""')
     return copy
 
@@ -460,6 +538,10 @@ def _lost(fut: Any) -> bool:
     return False
 
 
+# ``on`` > 0 in a thread delivering a task's result (and running its done-callbacks).
+_delivering = threading.local()
+
+
 class _TaskFuture(cf.Future):
     """The ``concurrent.futures.Future`` of a task on Dask; ``cancel()`` cancels the Dask
     task too (until it has finished)."""
@@ -469,19 +551,31 @@ class _TaskFuture(cf.Future):
         self._dask: Any = None
 
     def cancel(self) -> bool:
-        done = super().cancel()
-        if done and self._dask is not None:
-            self._dask.cancel()
-        return done
+        with self._condition:
+            pending = not self.done()
+            if not super().cancel():
+                return False
+            if pending:
+                # As an executor does on dequeuing it: ``concurrent.futures.wait`` counts a
+                # cancelled future done only once notified, and no one else will.
+                self.set_running_or_notify_cancel()
+        d = self._dask
+        if d is not None:
+            try:
+                d.cancel()
+            except Exception:  # a closed client: its tasks went with it
+                pass
+        return True
 
 
 class _Tasks:
     """The submitted tasks not finished yet (what ``parrun.Executor.shutdown`` waits for or
-    cancels)."""
+    cancels). ``running()`` gives the keys of the Dask tasks running on the workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, running: Callable[[], set[str]]) -> None:
         self._lock = threading.Lock()
         self._live: set[_TaskFuture] = set()
+        self._running = running
 
     def add(self, f: _TaskFuture) -> None:
         with self._lock:
@@ -499,6 +593,18 @@ class _Tasks:
             return list(self._live)
 
     def cancel_pending(self) -> None:
+        """Cancel the tasks that have not started; those running (or finished, their result
+        on its way) go on, as on the local pool."""
+        live = [f for f in self.outstanding() if not f.done()]
+        if not live:
+            return
+        running = self._running()
+        for f in live:
+            d = f._dask
+            if d is None or not (d.done() or d.key in running):
+                f.cancel()
+
+    def cancel_all(self) -> None:
         for f in self.outstanding():
             f.cancel()
 
@@ -601,7 +707,7 @@ class DaskPool(parrun.Pool):
             raise ValueError("initializer is not supported on the Dask backend; register a "
                              "distributed.WorkerPlugin with client.register_plugin instead")
         self._closed = True  # until connected (close() and __del__ then do nothing)
-        self._tasks = _Tasks()
+        self._tasks = _Tasks(self._running_keys)
         self.retries = 0
         self.blas_threads = blas_threads
         self.timeout = float(timeout)
@@ -634,12 +740,13 @@ class DaskPool(parrun.Pool):
         try:
             client.wait_for_workers(1, timeout=self.timeout)
         except (OSError, TimeoutError) as e:
+            # The address first: a closed client has no scheduler to ask.
+            where = getattr(client.scheduler, "address", address)
             if self._owns_client:
                 client.close()
             raise ConnectionError(
-                f"the Dask cluster at {client.scheduler.address} has no workers after "
-                f"{self.timeout:g} s; start some with `dask worker "
-                f"{client.scheduler.address}`") from e
+                f"the Dask cluster at {where} has no workers after {self.timeout:g} s; "
+                f"start some with `dask worker {where}`") from e
         self._threads = self._count_threads()
         self.startup_s = time.perf_counter() - t0
         self._closed = False
@@ -682,35 +789,67 @@ class DaskPool(parrun.Pool):
         return (f"<parrun.backends.DaskPool scheduler={getattr(where, 'address', None)!r} "
                 f"threads={getattr(self, '_threads', 0)} {state}>")
 
+    def _running_keys(self) -> set[str]:
+        """The keys of the Dask tasks running on the workers now; none if the workers do not
+        answer within ``timeout`` (a lost or hung worker must not hang ``close``)."""
+        try:
+            if self._client.status != "running":
+                return set()
+            # callback_timeout bounds the call (Client.sync's), and is not passed to the
+            # function; a worker that fails to answer is left out.
+            per_worker = self._client.run(_running_keys, on_error="ignore",
+                                          callback_timeout=self.timeout)
+        except Exception:  # the client closing, a timeout
+            return set()
+        return {k for keys in per_worker.values() for k in keys}
+
     def close(self) -> None:
-        """Cancel the tasks not finished, release what the pool keeps on the cluster, and
-        close the client if the pool opened it. Idempotent."""
+        """Cancel the tasks that have not started (those running finish first, for up to
+        ``CLOSE_TIMEOUT`` seconds), release what the pool keeps on the cluster (its data,
+        the functions its workers loaded), and close the client if the pool opened it.
+        Idempotent."""
+        self._close(wait=True)
+
+    def terminate(self) -> None:
+        """As ``close``, but the tasks running are cancelled too (the Dask workers belong to
+        the cluster: they go on)."""
+        self._close(wait=False)
+
+    def _close(self, wait: bool) -> None:
         if self._closed:
             return
         self._closed = True
-        self._tasks.cancel_pending()
+        # Not in a done-callback of a task: the thread it holds is the one that delivers the
+        # results waited for.
+        if wait and self._client.status == "running" and not getattr(_delivering, "on", 0):
+            self._tasks.cancel_pending()
+            cf.wait(self._tasks.outstanding(), timeout=CLOSE_TIMEOUT)
+        self._tasks.cancel_all()
         if self._fetch is not None:
             self._fetch.stop()
-            self._fetch.join(FETCH_STOP_TIMEOUT)
+            if threading.current_thread() is not self._fetch:  # not from a done-callback
+                self._fetch.join(FETCH_STOP_TIMEOUT)
         with self._cache_lock:
             futures = [f for f, _ in self._cache.values()]
             self._cache.clear()
             self._cache_bytes = 0
         try:
-            if futures and self._client.status == "running":
-                self._client.cancel(futures)
+            if self._client.status == "running":
+                if futures:
+                    self._client.cancel(futures)
+                try:  # the workers' loaded functions (process-global: they outlive the pool)
+                    self._client.run(_forget, self._token, on_error="ignore",
+                                     callback_timeout=self.timeout)
+                except Exception:  # a timeout, the client closing: their LRU drops them
+                    pass
         finally:
             if self._owns_client:
                 self._client.close()
 
-    def terminate(self) -> None:
-        """As ``close``: the Dask workers belong to the cluster, not to the pool."""
-        self.close()
-
     def __del__(self) -> None:
         try:
             if not self._closed and not __import__("sys").is_finalizing():
-                self.close()
+                self._close(wait=False)
         except Exception:
             pass
 
@@ -976,6 +1115,7 @@ class DaskPool(parrun.Pool):
             """``step``, unless the future is done; an exception in it fails the future: it
             is never left pending."""
             def run(arg: Any) -> None:
+                _delivering.on = getattr(_delivering, "on", 0) + 1
                 try:
                     if not f.done():
                         step(arg)
@@ -983,8 +1123,12 @@ class DaskPool(parrun.Pool):
                     if not f.done() and f.set_running_or_notify_cancel():
                         f.set_exception(e)
                 finally:
+                    _delivering.on -= 1
                     if f.done():
                         self._tasks.discard(f)
+                        # The Dask future would keep the result on its worker for as long
+                        # as the caller keeps this future.
+                        f._dask = None
             return run
 
         @guarded
