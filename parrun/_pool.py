@@ -368,11 +368,12 @@ class Pool:
                     if attempt == START_TRIES:
                         raise
 
-    def _replace_dead(self) -> None:
+    def _replace_dead(self, tolerate: bool = False) -> set[int]:
         """Replace the workers that have died since the last call (one poll, ~1 us). A dead
         worker's status pipe hangs up as it exits; its sentinel (the fork server's report of
         its exit status) can come milliseconds later on a busy machine, so both are
-        watched."""
+        watched. With ``tolerate``, return the slots whose replacement failed to start
+        instead of raising ``WorkerCrashed``."""
         if self._dead_poll[0] != self._generation:
             poll = select.poll()
             slots = {}
@@ -388,9 +389,16 @@ class Pool:
                     self._await_ready(w)
                 except WorkerCrashed:
                     w.process.kill()  # replaced below
+        down = set()
         for slot in sorted({slots[fd] for fd, _ in poll.poll(0)}):
             self._workers[slot].process.join(STOP_TIMEOUT)
-            self._replace(slot)
+            try:
+                self._replace(slot)
+            except WorkerCrashed:
+                if not tolerate:
+                    raise
+                down.add(slot)
+        return down
 
     def _terminate_all(self) -> None:
         for w in self._workers:

@@ -102,6 +102,7 @@ class TaskService:
         # Reentrant: a future's done-callback may submit from inside the collector.
         self.cv = threading.Condition(threading.RLock())
         self.idle: set[int] = set()
+        self.down: set[int] = set()  # slots whose replacement failed to start, this round
         # Per function: a running estimate of a task's cost, which sizes the dispatch window.
         self.task_ns: dict[bytes, float] = {}
         self.pending: deque[_Task] = deque()
@@ -254,12 +255,21 @@ class TaskService:
                 if pool._stopped:
                     self.fail_all(PoolClosedError("the pool was closed"))
                     break
-                pool._drain_stale()  # a map an interrupt cut short: its workers first
+                try:
+                    pool._drain_stale()  # a map an interrupt cut short: its workers first
+                except WorkerCrashed:  # a replacement failed to start: tried again below
+                    pass
                 pool._cb.start_job([])  # every range empty, abort cleared
-                self.idle = set(range(pool.workers))
                 with self.cv:
                     self.serving = True
                 try:
+                    # Workers whose replacement failed (in the last round too): again. Those
+                    # still dead are down for this round; the others serve.
+                    self.down = pool._replace_dead(tolerate=True)
+                    self.idle = set(range(pool.workers)) - self.down
+                    if self.down:
+                        with self.cv:
+                            self._fail_if_all_down(pool)
                     self._serve()
                     self._flush_all()
                 except BaseException as e:  # a bug here must not hang the futures
@@ -286,8 +296,9 @@ class TaskService:
         self._blocking(self.pool, False)
         self._watched_out: set[int] = set()
         poller = select.poll()
-        conns = {w.status: w.slot for w in self.pool._workers}
-        sentinels = {w.process.sentinel: w.slot for w in self.pool._workers}
+        live = [w for w in self.pool._workers if w.slot not in self.down]
+        conns = {w.status: w.slot for w in live}
+        sentinels = {w.process.sentinel: w.slot for w in live}
         self._fds = {}
         for obj in (*conns, *sentinels, self._poke_r):
             fd = obj if isinstance(obj, int) else obj.fileno()
@@ -302,7 +313,7 @@ class TaskService:
             with self.cv:
                 self._dispatch()
                 if (not self.inflight and not self.redo and not self.pending
-                        and len(self.idle) == pool.workers):
+                        and len(self.idle) + len(self.down) == pool.workers):
                     self.serving = False  # from now on submit() queues for the next round
                     return
             if poller_gen != pool._generation:  # workers changed: watch the new ones
@@ -392,7 +403,7 @@ class TaskService:
             self._write(tid, t)
             self.inflight[tid] = t
             for w in pool._workers:
-                if t.key not in w.fn_keys and self._send(
+                if w.slot not in self.down and t.key not in w.fn_keys and self._send(
                         w, pickle.dumps(P.Function(t.key, t.fn_data), protocol=5)):
                     w.fn_keys.add(t.key)
         ranges = list(self.redo)
@@ -434,7 +445,8 @@ class TaskService:
         """Add ``[lo, hi)`` to a range: an idle worker's empty one, the range that ends at
         ``lo``, or any empty one. False if none fits now."""
         cb = self.pool._cb
-        order = sorted(idle) + [k for k in range(self.pool.workers) if k not in idle]
+        order = sorted(idle) + [k for k in range(self.pool.workers)
+                                if k not in idle and k not in self.down]
         for k in order:
             cb._lock(k)
             try:
@@ -531,7 +543,16 @@ class TaskService:
         if lo < hi:
             self.redo.append((lo, hi))
         self.outbox.pop(slot, None)  # for the dead worker's pipe
-        pool._replace(slot)
+        try:
+            pool._replace(slot)
+        except WorkerCrashed:
+            # Its replacement died as it started, START_TRIES times (killed, say): the slot
+            # is down until the next round, and its tasks go to the others. (This once
+            # ended the collector, and every later submit failed.)
+            self.down.add(slot)
+            self.idle.discard(slot)
+            self._fail_if_all_down(pool)
+            return
         self.wake_seq[slot] = 0  # a fresh worker has answered everything
         new = pool._workers[slot]
         os.set_blocking(new.cmd.fileno(), False)
@@ -603,6 +624,23 @@ class TaskService:
                 os.set_blocking(w.cmd.fileno(), on)
             except OSError:  # closed: a replacement failed
                 pass
+
+    def _fail_if_all_down(self, pool: Any) -> None:
+        """With no worker left to run them, fail the tasks of this round (a later submit
+        tries to start workers again)."""
+        if len(self.down) < pool.workers:
+            return
+        w = pool._workers[0]
+        err = WorkerCrashed(f"no worker of the pool could be started (the last, pid {w.pid}: "
+                            f"{describe_exit(w.process.exitcode)}); the next call tries "
+                            "again", pid=w.pid, exitcode=w.process.exitcode)
+        self.redo.clear()
+        self.fail_all(err)
+        queued, self.pending = list(self.pending), deque()
+        for t in queued:
+            self._release(t)
+            if t.future.set_running_or_notify_cancel():
+                t.future.set_exception(err)
 
     def _release(self, t: _Task) -> None:
         for tmp in t.temps:

@@ -954,6 +954,44 @@ def test_closing_the_pool_in_a_done_callback(how):
     assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in p.pids))
 
 
+def _exits(i):
+    if i == 0:
+        os._exit(1)
+    return i
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_go_on_when_a_replacement_worker_fails_to_start(monkeypatch, workers):
+    """A worker dies running a task and its replacement dies as it starts, every try: the
+    slot is down for that round (with no worker left, its tasks fail), and the next round
+    starts it again. This once ended the task collector: every later submit failed with
+    BrokenPool."""
+    with parrun.Pool(workers) as p:
+        assert p.submit(int, 1).result(timeout=TIMEOUT) == 1  # the task service runs
+        launch, killed = p._launch, []
+
+        def dies_at_start(slot):
+            w = launch(slot)
+            if len(killed) < parrun._pool.START_TRIES:
+                w.process.kill()
+                killed.append(w.pid)
+            return w
+
+        monkeypatch.setattr(p, "_launch", dies_at_start)
+        fs = [p.submit(_exits, 0)] + [p.submit(_exits, i) for i in range(1, 20)]
+        assert isinstance(fs[0].exception(timeout=TIMEOUT), parrun.WorkerCrashed)
+        if workers == 2:
+            assert [f.result(timeout=TIMEOUT) for f in fs[1:]] == list(range(1, 20))
+        else:
+            for f in fs[1:]:
+                e = f.exception(timeout=TIMEOUT)
+                assert isinstance(e, parrun.WorkerCrashed) and "could be started" in str(e)
+        assert len(killed) == parrun._pool.START_TRIES
+        assert [p.submit(sum, [1, i]).result(timeout=TIMEOUT) for i in range(4)] == [1, 2, 3, 4]
+        np.testing.assert_array_equal(p.map(np.negative, np.arange(3.0)), [0, -1, -2])
+        assert all(psutil.pid_exists(pid) for pid in p.pids)
+
+
 def _deleted_parrun_mappings(pid):
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/parrun_" in line and "(deleted)" in line)
