@@ -286,9 +286,10 @@ class Pool:
         self._fn_lru: OrderedDict[bytes, frozenset[str]] = OrderedDict()
         self._fn_lock = threading.Lock()
         self._evicted: list[bytes] = []  # keys that left the LRU, for _queue_forgets
-        # fn key -> nanoseconds per item measured on the last job: sizes pieces and decides
-        # how many workers a small job is worth waking.
-        self._cost: OrderedDict[bytes, float] = OrderedDict()
+        # (fn key, input bytes per row) -> nanoseconds per item measured on the last job:
+        # sizes pieces and decides how many workers a small job is worth waking. By row size
+        # too: np.exp's cost per 1-element row once sent 48 rows of 3 MB to one worker.
+        self._cost: OrderedDict[tuple[bytes, int], float] = OrderedDict()
         self._released = _shm.ReleaseLog()
         seg, raw = _shm.create_segment(control_size(workers), keep_fd=True)
         self._control_name = seg.name
@@ -706,14 +707,15 @@ class Pool:
                 used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
             rerun_safe = True
+            cost_key = (fn_key, sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs))
             with self._lock:
                 self._check_open()
                 if reduce is None:
                     if target is None:
                         start = min(n, grain if not adaptive else PROBE_ROWS)
                         res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
-                        if adaptive and fn_key not in self._cost:
-                            self._cost[fn_key] = probe_ns / start
+                        if adaptive and cost_key not in self._cost:
+                            self._cost[cost_key] = probe_ns / start
                         target = allocated = _allocate_from_probe(res, start, n)
                     out_h = _shm.handle_of(target)
                     if out_h is None:
@@ -726,7 +728,8 @@ class Pool:
                         rerun_safe = _rerun_safe(fn, takes_out, used, target)
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
                                        adaptive, takes_out, red, initial,
-                                       made_out=allocated is not None, rerun_safe=rerun_safe)
+                                       made_out=allocated is not None, rerun_safe=rerun_safe,
+                                       cost_key=cost_key)
             if reduce is not None:
                 return result
             if copy_back is not None:
@@ -751,16 +754,18 @@ class Pool:
                  adaptive: bool) -> tuple[int, int]:
         """How many workers to wake for ``items`` items at once, and up to how many after
         ``LATE_WAKE_S``. When the function's cost is known: none that would get less than
-        ``MIN_SHARE_S``. Otherwise no more than there are pieces at once; and, when pieces
-        adapt to a cost not yet measured, every worker (up to one an item) once the call
-        proves slow, so that each loads the function (imports, JIT caches) in this call,
-        beside the others, and not in a later call while they wait for it."""
+        ``MIN_SHARE_S`` at once, and the rest if the call proves slower than that cost said
+        (a cost that depends on the data: cheap calls once left a slow one on one worker).
+        Otherwise no more than there are pieces at once; and, when pieces adapt to a cost
+        not yet measured, every worker (up to one an item) once the call proves slow, so
+        that each loads the function (imports, JIT caches) in this call, beside the others,
+        and not in a later call while they wait for it."""
         if items <= 0:
             return 0, 0
         if ns_per_item:
             k = min(self.workers, items,
                     max(1, int(items * ns_per_item / (MIN_SHARE_S * 1e9))))
-            return k, k
+            return k, min(self.workers, items)
         k = min(self.workers, -(-items // grain))
         return k, min(self.workers, items) if adaptive else k
 
@@ -782,10 +787,10 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
-                 initial, collect=False, made_out=False, rerun_safe=True):
+                 initial, collect=False, made_out=False, rerun_safe=True, cost_key=None):
         t0 = time.perf_counter()
         self._job_id += 1
-        cost = self._cost.get(fn_key, 0.0) if adaptive else 0.0
+        cost = self._cost.get(cost_key, 0.0) if adaptive and cost_key else 0.0
         job = P.Job(job_id=self._job_id, fn_key=fn_key, inputs=ins, out=out, grain=grain,
                     reduce_key=None if red is None else red[0], adaptive=adaptive,
                     pass_out=out is not None and takes_out,
@@ -852,9 +857,9 @@ class Pool:
                               for k, t in enumerate(totals)),
                 probe_items=start, recovered=recovered)
         items_run, busy_ns = sum(t[0] for t in totals), sum(t[3] for t in totals)
-        if adaptive and items_run and error is None:
-            self._cost[fn_key] = busy_ns / items_run
-            self._cost.move_to_end(fn_key)
+        if adaptive and cost_key and items_run and error is None:
+            self._cost[cost_key] = busy_ns / items_run
+            self._cost.move_to_end(cost_key)
             while len(self._cost) > FN_CACHE_SIZE:
                 self._cost.popitem(last=False)
         if error is not None:

@@ -264,10 +264,16 @@ class _Worker:
         while True:
             if adaptive:
                 # Pieces of about TARGET_PIECE_NS of work, up to grain rows; the first piece of
-                # a function never seen before is one row, to measure it.
+                # a function never seen before is one row, to measure it. The first piece
+                # after the parent's estimate is an eighth of that: a cost that depends on
+                # the data may be far higher this time, and what is left in our range can be
+                # stolen by the workers woken late (a 64-row piece of 10 ms rows, sized by a
+                # cheaper call, once ran alone for 640 ms).
                 if items:
                     est = busy / items
-                size = max(1, min(grain, int(TARGET_PIECE_NS / est))) if est > 0 else 1
+                    size = max(1, min(grain, int(TARGET_PIECE_NS / est))) if est > 0 else 1
+                else:
+                    size = max(1, min(grain, int(TARGET_PIECE_NS / est)) // 8) if est > 0 else 1
             piece = cb.take(me, size, solo)
             if piece is None:
                 break

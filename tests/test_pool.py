@@ -992,6 +992,30 @@ def test_tasks_go_on_when_a_replacement_worker_fails_to_start(monkeypatch, worke
         assert all(psutil.pid_exists(pid) for pid in p.pids)
 
 
+def _sleeps_by_value(a):
+    time.sleep(float(a.sum()))
+    return a * 2
+
+
+def test_costs_learned_on_cheap_calls_do_not_leave_a_slow_call_on_one_worker():
+    """What a function cost per row is learned per row size, and a call slower than it said
+    wakes the other workers: after quick calls on 1-element rows, np.exp on rows of 3 MB,
+    and a function whose cost depends on the data, once ran on one worker alone."""
+    with parrun.Pool(2) as p:
+        small, wide = parrun.asshared(np.random.rand(200)), parrun.zeros((8, 200_000))
+        cheap, dear = parrun.zeros(64), parrun.full(64, 0.005)  # 5 ms a row
+        try:
+            for _ in range(3):
+                p.map(np.exp, small, out=np.empty(200))
+                p.map(_sleeps_by_value, cheap, out=np.empty(64))
+            for x, fn in ((wide, np.exp), (dear, _sleeps_by_value)):
+                p.map(fn, x, out=np.empty(x.shape))  # (no probe: its rows run on one worker)
+                assert all(w.items > 0 for w in p.last_stats.workers), p.last_stats
+        finally:
+            for a in (small, wide, cheap, dear):
+                a.release()
+
+
 def _deleted_parrun_mappings(pid):
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/parrun_" in line and "(deleted)" in line)
