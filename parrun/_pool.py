@@ -151,7 +151,8 @@ class JobStats:
 
     ``items`` counts every index of the job; ``probe_items`` of them ran first, in one
     worker, to learn the output's shape and dtype (``map`` with no ``out``), and are not in
-    ``workers``' counts.
+    ``workers``' counts, nor in ``wall_s``. ``recovered`` counts the pieces run again after
+    a worker died (a probe run again is not counted).
     """
 
     items: int
