@@ -8,8 +8,8 @@ its whole life, so a single pool per method (as ``python -m parrun bench`` has) 
 luck into its number. Here every trial starts fresh pools for every method, warms them once,
 then times them in ``--repeat`` interleaved rounds beside the serial run in the parent;
 efficiency = serial time / (workers x time), per trial, and its median over trials. joblib and
-mpire are measured where installed; Ray is not (a fresh runtime per trial takes seconds to
-start): the suite has it.
+mpire are measured where installed (joblib not at one worker: n_jobs=1 runs in the parent);
+Ray is not (a fresh runtime per trial takes seconds to start): the suite has it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
 
 import parrun
 from parrun.bench import (
+    JOBLIB_IN_PROCESS,
     Method,
     Workload,
     _close_all,
@@ -64,8 +65,9 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
     try:
         from joblib import Parallel, delayed
 
-        par = Parallel(n_jobs=w)
-        runs["joblib auto batching"] = lambda: par(delayed(_cost)(i) for i in items)
+        if w not in JOBLIB_IN_PROCESS:  # n_jobs=1 runs in this process: not a process peer
+            par = Parallel(n_jobs=w)
+            runs["joblib auto batching"] = lambda: par(delayed(_cost)(i) for i in items)
     except ImportError:
         pass
     if importlib.util.find_spec("mpire") is not None:
@@ -99,6 +101,9 @@ def main() -> int:
     _on_signals()  # a run cut by `timeout` or Ctrl-C closes its pools and keeps its JSON
     print(f"irregular: {n} pure-Python items, cost proportional to the index; {w} workers, "
           f"{a.trials} trials of fresh pools, median of {a.repeat} interleaved rounds each")
+    if w in JOBLIB_IN_PROCESS and importlib.util.find_spec("joblib") is not None:
+        print(f"joblib left out at {w} worker: its n_jobs={w} runs in this process, not in a "
+              "worker process")
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
     trials: list[dict[str, float]] = []
     info = machine_info()

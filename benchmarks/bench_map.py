@@ -28,7 +28,7 @@ if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import parrun
-from parrun.bench import _chain_into, _times
+from parrun.bench import NUMEXPR_CHAIN, _chain_into, _times, numexpr_locals
 
 TILE = 65536  # elements per serial tile: 256 KiB of float32, L2-resident
 
@@ -108,6 +108,25 @@ def _joblib_chunk(x, lo, hi):
     return chain(x[lo:hi])
 
 
+def check(name: str, y: np.ndarray, ref: np.ndarray) -> None:
+    err = float(np.max(np.abs(np.asarray(y) - ref)))
+    if not err <= 1e-5:  # nan too: a value nobody wrote
+        raise AssertionError(f"{name}: max abs error {err}")
+
+
+def timed_and_checked(name: str, fn, repeat: int, out: np.ndarray, ref: np.ndarray,
+                      result=None) -> list[float]:
+    """``fn``'s seconds (one warm-up, ``repeat`` timed runs); then, if given, ``result()``
+    checked against ``ref``. ``out`` is filled with NaN first: the methods share it, and a
+    method that wrote nothing would otherwise pass on the previous method's numbers."""
+    if result is not None:
+        out.fill(np.nan)
+    ts = _times(fn, repeat, warmup=1)
+    if result is not None:
+        check(name, result(), ref)
+    return ts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2**27, help="elements (default 2**27 = 512 MiB)")
@@ -133,16 +152,8 @@ def main():
     results: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
 
-    def check(name, y):
-        err = float(np.max(np.abs(np.asarray(y) - ref)))
-        if err > 1e-5:
-            raise AssertionError(f"{name}: max abs error {err}")
-
     def run(name, fn, result=None):
-        ts = _times(fn, rep, warmup=1)
-        results[name] = ts
-        if result is not None:
-            check(name, result())
+        ts = results[name] = timed_and_checked(name, fn, rep, out, ref, result)
         print(f"  {name:<34} median {statistics.median(ts):8.4f} s  min {min(ts):8.4f} s")
 
     print("timings:")
@@ -221,9 +232,9 @@ def main():
         import numexpr as ne
 
         ne.set_num_threads(2)
+        local = numexpr_locals(xs)  # float32 constants: computed in float32, as the others
         run("numexpr 2 threads",
-            lambda: ne.evaluate("tanh(1.7*x + 0.3)**2 - 0.5*x", local_dict={"x": xs}, out=out),
-            lambda: out)
+            lambda: ne.evaluate(NUMEXPR_CHAIN, local_dict=local, out=out), lambda: out)
     except ImportError:
         notes["numexpr"] = "not installed: skipped"
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -52,6 +52,9 @@ class Method:
     # Its worker counts share one process-wide pool (joblib's loky backend resizes a single
     # reusable executor), so they cannot interleave: timed one count at a time.
     exclusive: bool = False
+    # Worker counts at which it runs in the bench's own process, not in worker processes:
+    # labelled in the table and left out of "vs best peer" there.
+    in_process: tuple[int, ...] = ()
 
 
 @dataclass
@@ -97,6 +100,17 @@ def _chain_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray | None = None) -
 
 def _chain(x):
     return _chain_into(x, np.empty_like(x))
+
+
+# The chain for numexpr, its constants passed in x's dtype: written as Python floats they
+# would make numexpr compute in float64 (and cast to out), not in float32 as the others do.
+NUMEXPR_CHAIN = "tanh(a*x + b)**2 - h*x"
+
+
+def numexpr_locals(x: np.ndarray) -> dict[str, Any]:
+    """``NUMEXPR_CHAIN``'s ``local_dict`` for input ``x``."""
+    t = x.dtype.type
+    return {"x": x, "a": t(1.7), "b": t(0.3), "h": t(0.5)}
 
 
 def _noop(*args):
@@ -311,6 +325,13 @@ def _peer_methods(*peers: tuple[str, Callable[[int], Callable[[], Any]]]) -> lis
     return methods
 
 
+# joblib runs Parallel(n_jobs=1) in the calling process: its backends fall back to
+# SequentialBackend at one job, and Parallel.__call__ takes its sequential path whenever it has
+# one; no setting of joblib 1.x makes it use one worker process. At 1 worker its rows are the
+# bench's own process, not a process peer: marked in-process, left out of "vs best peer".
+JOBLIB_IN_PROCESS = (1,)
+
+
 def _release_all(arrays: Iterable[Any]) -> None:
     for a in arrays:
         a.release()
@@ -398,7 +419,8 @@ def map_workload(quick: bool, pools) -> Workload:
             chunk = -(-n // (4 * w))
             return lambda: np.concatenate(par(delayed(_chain)(xs[lo:lo + chunk])
                                               for lo in range(0, n, chunk)), out=out)
-        methods.append(Method("joblib, memmapped input", joblib_blocks, exclusive=True))
+        methods.append(Method("joblib, memmapped input", joblib_blocks, exclusive=True,
+                              in_process=JOBLIB_IN_PROCESS))
     except ImportError:
         methods.append(Method("joblib, memmapped input", None, skipped="not installed"))
     try:
@@ -407,10 +429,11 @@ def map_workload(quick: bool, pools) -> Workload:
         def numexpr(w):
             if w > ne.MAX_THREADS:  # it would run MAX_THREADS and print an error
                 raise ValueError(f"numexpr runs at most {ne.MAX_THREADS} threads")
+            local = numexpr_locals(xs)
 
             def run():
                 ne.set_num_threads(w)
-                ne.evaluate("tanh(1.7*x + 0.3)**2 - 0.5*x", local_dict={"x": xs}, out=out)
+                ne.evaluate(NUMEXPR_CHAIN, local_dict=local, out=out)
             return run
         methods.append(Method("numexpr", numexpr))
     except ImportError:
@@ -542,7 +565,8 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
             par.__enter__()
             held.append(par)
             return lambda: par(delayed(_cost)(i) for i in range(n))
-        methods.append(Method("joblib auto batching", joblib_auto, exclusive=True))
+        methods.append(Method("joblib auto batching", joblib_auto, exclusive=True,
+                              in_process=JOBLIB_IN_PROCESS))
     except ImportError:
         methods.append(Method("joblib auto batching", None, skipped="not installed"))
     methods += _peer_methods(("mpire map default chunks", mpire_map),
@@ -637,7 +661,8 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
             return lambda: np.concatenate(
                 par(delayed(_one_thread_call)(fn, *(a[lo:hi] for a in inputs), *consts)
                     for lo, hi in bounds(w)), out=out)
-        methods.append(Method("joblib, memmapped blocks", joblib_blocks, exclusive=True))
+        methods.append(Method("joblib, memmapped blocks", joblib_blocks, exclusive=True,
+                              in_process=JOBLIB_IN_PROCESS))
     except ImportError:
         methods.append(Method("joblib, memmapped blocks", None, skipped="not installed"))
     return methods + _peer_methods(("mpire, inherited blocks", mpire_blocks),
@@ -650,12 +675,21 @@ def _attention_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return attention_reference(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
-def _mandelbrot_rows(rows: np.ndarray, width: int, height: int, max_iter: int,
-                     *view: float) -> np.ndarray:
-    from .nn._mandelbrot import escape_rows
+def _mandelbrot_rows(rows: np.ndarray, width: int, height: int, max_iter: int, x0: float,
+                     x1: float, y0: float, y1: float, compiled: bool = True) -> np.ndarray:
+    """Escape times of ``rows``: numba's kernel, or (``compiled`` false: numba missing) the
+    plain-Python one that ``nn.mandelbrot`` then runs. Chosen by the parent, not by each
+    worker, so that every peer runs the kernel parrun's row runs."""
+    from .nn import _mandelbrot as M
 
-    return escape_rows(rows, np.empty((len(rows), width), np.int32), width, height, max_iter,
-                       *view)
+    kernel = M.escape_rows if compiled else M.escape_rows_py
+    assert kernel is not None, "numba is not installed"
+    return kernel(rows, np.empty((len(rows), width), np.int32), width, height, max_iter,
+                  x0, x1, y0, y1)
+
+
+# The Mandelbrot workload's (size, iterations), quick and full.
+MANDELBROT_SIZES = {True: (400, 128), False: (2000, 256)}
 
 
 def nn_workload(name: str, quick: bool, pools) -> Workload:
@@ -709,8 +743,11 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         wl.cleanup += [lambda: _close_all(held), *(a.release for a in (qs, ks, vs, out))]
         return wl
     if name == "mandelbrot":
-        size, it = (400, 128) if quick else (2000, 256)
+        from .nn import _mandelbrot as M
+
+        size, it = MANDELBROT_SIZES[quick]
         img = parrun.empty((size, size), np.int32)
+        ref = np.empty((size, size), np.int32)
 
         def with_parrun(w):
             return lambda: nn.mandelbrot(size, size, it, pool=pools[w], out=img)
@@ -718,21 +755,21 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         try:
             import numba
 
-            from .nn import _mandelbrot as M
-            ref = np.empty((size, size), np.int32)
-
             def prange(w):
                 def run():
                     numba.set_num_threads(min(w, numba.config.NUMBA_NUM_THREADS))
                     M.escape_prange(ref, size, size, it, *M.VIEW)
                 return run
             methods.append(Method("numba parallel=True", prange))
-            methods += split_peers(_mandelbrot_rows, (np.arange(size),),
-                                   (size, size, it, *M.VIEW), ref, held)
         except ImportError:
             methods.append(Method("numba parallel=True", None, skipped="numba not installed"))
+        # Without numba, nn.mandelbrot runs the plain-Python kernel: so do the hand splits.
+        compiled = M.HAVE_NUMBA
+        methods += split_peers(_mandelbrot_rows, (np.arange(size),),
+                               (size, size, it, *M.VIEW, compiled), ref, held)
+        kernel = "" if compiled else "; plain-Python kernel (numba not installed)"
         wl = Workload("mandelbrot", "Mpixel/s", size * size / 1e6, methods,
-                      note=f"{size}x{size}, {it} iterations")
+                      note=f"{size}x{size}, {it} iterations{kernel}")
         wl.cleanup += [lambda: _close_all(held), img.release]
         return wl
     if name == "minilm":
@@ -899,6 +936,8 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
             rows[m.name] = {"skipped": m.skipped or "unavailable"}
             continue
         rows[m.name] = {"times_s": {}, "scales": m.scales, "ceiling": m.ceiling}
+        if m.in_process:
+            rows[m.name]["in_process"] = sorted(m.in_process)
         if m.exclusive:
             continue
         try:
@@ -1011,11 +1050,15 @@ def _summary(wl: dict) -> list[dict]:
             rows.append({"method": name, "skipped": m["skipped"]})
             continue
         one = statistics.median(m["times_s"].get("1", [float("nan")]))
+        # Files written before "in_process" was kept: joblib's 1-worker runs were in-process.
+        in_process = m.get("in_process", JOBLIB_IN_PROCESS if _peer_package(name) == "joblib"
+                           else ())
         for w, ts in m["times_s"].items():
             med = statistics.median(ts)
             wk = int(w)
             base = serial if serial is not None else one
             rows.append({"method": name, "ceiling": m.get("ceiling", False),
+                         "in_process": m["scales"] and wk in in_process,
                          "workers": wk if m["scales"] else None,
                          "median_s": med, "min_s": min(ts), "max_s": max(ts),
                          "throughput": wl["work"] / med if wl["work"] else float("nan"),
@@ -1033,7 +1076,7 @@ def format_table(name: str, wl: dict) -> str:
            f"{'speed-up':>8} {'effic.':>6} {'vs best peer':>12}"]
     parrun_rows = [r for r in rows if r["method"].startswith("parrun") and "median_s" in r]
     peers = [r for r in rows if not r["method"].startswith("parrun") and "median_s" in r
-             and r["workers"] is not None and not r.get("ceiling")]
+             and r["workers"] is not None and not r.get("ceiling") and not r.get("in_process")]
     for r in rows:
         if "skipped" in r:
             out.append(f"{r['method']:<40} skipped: {r['skipped']}")
@@ -1049,10 +1092,17 @@ def format_table(name: str, wl: dict) -> str:
             "-" if math.isnan(r["speedup_vs_1"]) else f"{r['speedup_vs_1']:7.2f}x")
         ef = "" if r["efficiency"] is None else (
             "-" if math.isnan(r["efficiency"]) else f"{r['efficiency']:6.2f}")
-        out.append(f"{r['method']:<40} {w:>3} {r['median_s']:9.4f} "
+        label = r["method"] + (" (in-process)" if r.get("in_process") else "")
+        out.append(f"{label:<40} {w:>3} {r['median_s']:9.4f} "
                    f"{r['min_s']:8.4f}-{r['max_s']:<8.4f} {r['throughput']:12.2f} "
                    f"{su:>8} {ef:>6} {best:>12}")
     return "\n".join(out)
+
+
+def _measured(results: dict) -> list[str]:
+    """The workloads with at least one timed method: what ``plot`` draws."""
+    return [name for name, wl in results["workloads"].items()
+            if any("times_s" in m for m in wl.get("methods", {}).values())]
 
 
 def plot(results: dict, path: str) -> None:
@@ -1063,7 +1113,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    names = [n for n, wl in results["workloads"].items() if "error" not in wl]
+    names = _measured(results)
     if not names:
         raise ValueError("no workload was measured: nothing to plot")
     fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
@@ -1190,14 +1240,40 @@ def _on_signals() -> None:
     threading.Thread(target=watch, args=(r,), daemon=True, name="bench-signals").start()
 
 
-def _parse_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
+def _split_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
     items = [t.strip() for t in text.split(",")]
     if not text.strip() or "" in items:
         ap.error(f"{flag} needs a comma-separated list without empty entries, got {text!r}")
+    return items
+
+
+def _no_duplicates(ap: argparse.ArgumentParser, flag: str, items: list) -> None:
     dup = sorted({t for t in items if items.count(t) > 1})
     if dup:
-        ap.error(f"{flag} lists {', '.join(dup)} more than once")
+        ap.error(f"{flag} lists {', '.join(map(str, dup))} more than once")
+
+
+def _parse_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
+    items = _split_list(ap, flag, text)
+    _no_duplicates(ap, flag, items)
     return items
+
+
+def _parse_workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--workers``: distinct counts of plain decimal digits (not int()'s "+1", "1_0" or
+    non-ASCII digits), compared as numbers ("1,01" is 1 twice)."""
+    items = _split_list(ap, "--workers", text)
+    if not all(t.isascii() and t.isdigit() for t in items):
+        ap.error(f"--workers needs whole numbers (decimal digits), got {text!r}")
+    workers = [int(t) for t in items]
+    _no_duplicates(ap, "--workers", workers)
+    if min(workers) < 1:
+        ap.error(f"--workers needs counts of at least 1, got {text!r}")
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if max(workers) > most:
+        ap.error(f"--workers {max(workers)}: more than {MAX_WORKERS_PER_CPU} a logical "
+                 f"CPU ({most} here) measures only oversubscription")
+    return workers
 
 
 def _writable(ap: argparse.ArgumentParser, flag: str, path: str) -> None:
@@ -1231,11 +1307,71 @@ def _load_results(ap: argparse.ArgumentParser, path: str) -> dict:
             results = json.load(f)
     except (OSError, ValueError) as e:
         ap.error(f"--from-json {path}: {e}")
+    problem = _results_problem(results)
+    if problem:
+        ap.error(f"--from-json {path}: {problem}")
+    return results
+
+
+def _number(x: Any) -> TypeGuard[float]:
+    """A finite JSON number (not true or false, which Python counts as ints)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _seconds(t: Any) -> bool:
+    return _number(t) and t > 0
+
+
+def _results_problem(results: Any) -> str | None:
+    """What in a loaded ``--json`` file the tables or the plot could not read, or None. Each
+    workload is an ``error`` or has a unit, work, note and methods; each method is
+    ``skipped`` or has ``scales`` and ``times_s`` (worker count: a non-empty list of positive
+    seconds; a serial method's at 1)."""
     if not isinstance(results, dict) or not isinstance(results.get("workloads"), dict) \
             or results.get("format", JSON_FORMAT) != JSON_FORMAT:
-        ap.error(f"--from-json {path}: not a `python -m parrun bench --json` file of format "
-                 f"{JSON_FORMAT}")
-    return results
+        return f"not a `python -m parrun bench --json` file of format {JSON_FORMAT}"
+    for name, wl in results["workloads"].items():
+        where = f"workload {name!r}"
+        if not isinstance(wl, dict):
+            return f"{where} is not an object"
+        if "error" in wl:
+            if not isinstance(wl["error"], str):
+                return f"{where}: its error is not a string"
+            continue
+        for key, kind in (("unit", str), ("note", str), ("methods", dict)):
+            if not isinstance(wl.get(key), kind):
+                return f"{where}: neither an error nor a {key} ({kind.__name__})"
+        work = wl.get("work")
+        if not (_number(work) and work >= 0):
+            return f"{where}: its work is not a number >= 0"
+        for method, m in wl["methods"].items():
+            where = f"workload {name!r}, method {method!r}"
+            if not isinstance(m, dict):
+                return f"{where} is not an object"
+            if "times_s" not in m:
+                if not isinstance(m.get("skipped"), str):
+                    return f"{where}: neither times_s nor skipped"
+                continue
+            times = m["times_s"]
+            if not isinstance(m.get("scales"), bool):
+                return f"{where}: scales is not true or false"
+            if not isinstance(times, dict) or not times:
+                return f"{where}: times_s is not an object of worker counts"
+            for w, ts in times.items():
+                if not (w.isascii() and w.isdigit() and int(w) >= 1):
+                    return f"{where}: {w!r} is not a worker count"
+                if not isinstance(ts, list) or not ts or not all(map(_seconds, ts)):
+                    return f"{where}: times at {w} workers are not a non-empty list of " \
+                           "positive seconds"
+            if not m["scales"] and "1" not in times:
+                return f"{where}: a serial method without its 1-worker times"
+            if not isinstance(m.get("ceiling", False), bool):
+                return f"{where}: ceiling is not true or false"
+            in_process = m.get("in_process", [])
+            if not isinstance(in_process, list) or not all(
+                    isinstance(w, int) and not isinstance(w, bool) for w in in_process):
+                return f"{where}: in_process is not a list of worker counts"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1265,6 +1401,8 @@ def main(argv: list[str] | None = None) -> int:
         _plot_format(ap, args.plot)
     if args.from_json:
         results = _load_results(ap, args.from_json)
+        if args.plot and not _measured(results):
+            ap.error(f"--plot: no workload in {args.from_json} was measured: nothing to plot")
         for name, wl in results["workloads"].items():
             print(format_table(name, wl))
         if args.plot:
@@ -1278,6 +1416,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--warmup must be >= 0, got {warmup}")
     if args.irregular_items is not None and args.irregular_items < 1:
         ap.error(f"--irregular-items must be >= 1, got {args.irregular_items}")
+    try:  # a bad PARRUN_NUM_WORKERS: one line now, not a traceback from machine_info()
+        default = parrun.default_workers()
+    except ValueError as e:
+        ap.error(str(e))
     suites = _parse_list(ap, "--suite", args.suite)
     unknown = [t for t in suites if t not in SUITES]
     if unknown:
@@ -1294,18 +1436,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "parrun", "bench",
                                    *(argv if argv is not None else sys.argv[2:])], env)
     if args.workers is not None:
-        try:
-            workers = [int(w) for w in _parse_list(ap, "--workers", args.workers)]
-        except ValueError:
-            ap.error(f"--workers needs whole numbers, got {args.workers!r}")
-        if min(workers) < 1:
-            ap.error(f"--workers needs counts of at least 1, got {args.workers!r}")
-        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-        if max(workers) > most:
-            ap.error(f"--workers {max(workers)}: more than {MAX_WORKERS_PER_CPU} a logical "
-                     f"CPU ({most} here) measures only oversubscription")
+        workers = _parse_workers(ap, args.workers)
     else:
-        cores, workers, w = parrun.default_workers(), [], 1
+        cores, workers, w = default, [], 1
         while w < cores:
             workers.append(w)
             w *= 2
@@ -1323,8 +1456,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # SIGTERM
         _leave_if_ray_killed(e.code if isinstance(e.code, int) else 1)
         raise
-    if args.plot:
+    if args.plot and _measured(results):
         plot(results, args.plot)
+    elif args.plot:  # every workload failed or was skipped: the lines below say why
+        print(f"bench: no workload was measured: {args.plot} not written", file=sys.stderr)
     bad = failures(results)
     for line in bad:
         print(line, file=sys.stderr)

@@ -588,3 +588,169 @@ def test_info_describes_this_machine_and_the_defaults():
     r = _info({"PARRUN_NUM_WORKERS": "abc"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "PARRUN_NUM_WORKERS must be a positive integer, got 'abc'" in r.stderr
+
+
+OK_WORKLOAD = {"unit": "items/s", "work": 1, "note": "", "methods": {
+    "serial": {"times_s": {"1": [1.0]}, "scales": False},
+    "peer": {"skipped": "not installed"}}}
+
+
+@pytest.mark.parametrize("workloads,says", [
+    ({"map": {}}, "workload 'map': neither an error nor a unit"),
+    ({"map": 5}, "workload 'map' is not an object"),
+    ({"map": {**OK_WORKLOAD, "work": "1"}}, "its work is not a number"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {"times_s": {"1": []}, "scales": True}}}},
+     "method 'a': times at 1 workers are not a non-empty list of positive seconds"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {"times_s": {"1": [1.0]}}}}},
+     "method 'a': scales is not true or false"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {"times_s": {"x": [1.0]}, "scales": True}}}},
+     "'x' is not a worker count"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {"times_s": {"1": [0]}, "scales": True}}}},
+     "positive seconds"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {"times_s": {"2": [1.0]}, "scales": False}}}},
+     "a serial method without its 1-worker times"),
+    ({"map": {**OK_WORKLOAD, "methods": {"a": {}}}}, "neither times_s nor skipped"),
+    ({"ok": OK_WORKLOAD, "map": {"error": 3}}, "workload 'map': its error is not a string"),
+])
+def test_from_json_of_another_shape_is_a_one_line_error(tmp_path, capsys, workloads, says):
+    """A JSON file that is not what ``--json`` writes (another tool's, a hand-made one) is
+    argparse's one-line error (exit 2), not a traceback from the table code."""
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"workloads": workloads}))
+    with pytest.raises(SystemExit) as e:
+        parrun.bench.main(["--from-json", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err.splitlines()[-1], err
+    path.write_text(json.dumps({"workloads": {"ok": OK_WORKLOAD, "gone": {"error": "x"}}}))
+    assert parrun.bench.main(["--from-json", str(path)]) == 0  # what --json writes reads
+
+
+def _no_run(monkeypatch) -> None:
+    """main() in this process: no re-exec, no signal handlers of its own."""
+    for v in parrun.bench._OPENBLAS_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(parrun.bench, "_on_signals", lambda: None)
+
+
+def test_a_plot_of_nothing_measured_says_so(tmp_path, capsys, monkeypatch):
+    """Every workload failed: ``--from-json ... --plot`` is a one-line error, and a run says
+    it wrote no plot (its failures listed, exit 1), not ``plot()``'s traceback."""
+    pytest.importorskip("matplotlib")
+    path, png = tmp_path / "failed.json", tmp_path / "p.png"
+    path.write_text(json.dumps({"workloads": {"map": {"error": "failed: RuntimeError: x"}}}))
+    with pytest.raises(SystemExit) as e:
+        parrun.bench.main(["--from-json", str(path), "--plot", str(png)])
+    assert e.value.code == 2 and "nothing to plot" in capsys.readouterr().err
+
+    def no_room(*args):
+        raise MemoryError("/dev/shm is full")
+    _no_run(monkeypatch)
+    monkeypatch.setattr(parrun.bench, "map_workload", no_room)
+    code = parrun.bench.main(["--quick", "--suite", "map", "--workers", "1", "--no-progress",
+                              "--plot", str(png)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"no workload was measured: {png} not written" in err, err
+    assert "map: failed: MemoryError: /dev/shm is full" in err and not png.exists()
+
+
+@pytest.mark.parametrize("workers,says", [
+    ("1,01", "--workers lists 1 more than once"),
+    ("10,1_0", "whole numbers (decimal digits)"),
+    ("1,+1", "whole numbers (decimal digits)"),
+    ("1,\u0662", "whole numbers (decimal digits)"),  # an Arabic-Indic 2: int() takes it
+])
+def test_worker_counts_are_compared_as_numbers(monkeypatch, capsys, workers, says):
+    _no_run(monkeypatch)
+
+    def ran(*args, **kwargs):
+        raise AssertionError(f"--workers {workers!r} was taken")
+    monkeypatch.setattr(parrun.bench, "run", ran)
+    with pytest.raises(SystemExit) as e:
+        parrun.bench.main(["--quick", "--suite", "tasks", "--workers", workers])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("args", [["--workers", "1"], []])
+def test_a_bad_parrun_num_workers_is_a_one_line_error(args):
+    """As ``python -m parrun info`` reports it, whether or not --workers is given."""
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite", "tasks",
+                        "--no-progress", *args], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PARRUN_NUM_WORKERS": "abc"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].endswith(
+        "PARRUN_NUM_WORKERS must be a positive integer, got 'abc'"), r.stderr
+
+
+def test_joblib_at_one_worker_is_in_process_and_not_a_peer():
+    """joblib runs ``n_jobs=1`` in the calling process: its 1-worker rows are the bench's own
+    process, marked so, and never parrun's "best peer"."""
+    joblib = pytest.importorskip("joblib")
+    with joblib.Parallel(n_jobs=1) as par:  # why: no worker process at one job
+        assert set(par(joblib.delayed(os.getpid)() for _ in range(4))) == {os.getpid()}
+    held: list = []
+    peers = parrun.bench.split_peers(np.negative, (np.ones(4),), (), np.ones(4), held)
+    (jl,) = [m for m in peers if m.name.startswith("joblib")]
+    assert jl.in_process == (1,) == parrun.bench.JOBLIB_IN_PROCESS
+    wl = parrun.bench.Workload("toy", "items/s", 1, [
+        parrun.bench.Method("parrun x", lambda w: (lambda: None)),
+        parrun.bench.Method("joblib y", lambda w: (lambda: None), in_process=(1,))])
+    rows = parrun.bench._measure(wl, [1], repeat=1, warmup=0)
+    assert rows["joblib y"]["in_process"] == [1] and "in_process" not in rows["parrun x"]
+    methods = {"parrun x": {"times_s": {"1": [1.0], "2": [0.5]}, "scales": True},
+               "joblib y": {"times_s": {"1": [0.25], "2": [0.4]}, "scales": True,
+                            "in_process": [1]},
+               "threads": {"times_s": {"1": [2.0], "2": [1.0]}, "scales": True}}
+    for m in (methods, {**methods, "joblib y": {k: v for k, v in methods["joblib y"].items()
+                                                if k != "in_process"}}):  # an older file
+        table = parrun.bench.format_table("toy", {"unit": "items/s", "work": 1, "note": "",
+                                                  "methods": m}).splitlines()
+        parrun_1, parrun_2 = (line for line in table if line.startswith("parrun x"))
+        assert parrun_1.endswith("2.00x"), table  # threads' 2.0 s, not joblib's 0.25 s
+        assert parrun_2.endswith("0.80x"), table  # at 2 workers joblib is a process peer
+        assert any(line.startswith("joblib y (in-process)   ") for line in table), table
+        assert sum("(in-process)" in line for line in table) == 1
+
+
+@pytest.mark.timeout(120)
+def test_mandelbrot_without_numba_runs_every_peer_on_the_python_kernel(monkeypatch):
+    """Without numba, ``nn.mandelbrot`` runs the plain-Python kernel: the hand-split peers run
+    it too (they were dropped from the table), and the numba row says it is skipped."""
+    from parrun.nn import _mandelbrot as M
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" raises ImportError
+    monkeypatch.setattr(M, "HAVE_NUMBA", False)
+    monkeypatch.setattr(M, "escape_rows", None)
+    monkeypatch.setattr(M, "escape_prange", None)
+    monkeypatch.setattr(parrun.bench, "MANDELBROT_SIZES", {True: (24, 16)})
+    rows = parrun.bench._mandelbrot_rows(np.arange(20), 24, 20, 16, *M.VIEW, False)
+    np.testing.assert_array_equal(rows, M.mandelbrot_numpy(24, 20, 16))
+    try:
+        results = parrun.bench.run(["mandelbrot"], [1, 2], 1, True, progress=False, warmup=0)
+    finally:
+        _stop_joblib()
+    wl = results["workloads"]["mandelbrot"]
+    assert "plain-Python kernel" in wl["note"]
+    methods = wl["methods"]
+    assert methods["numba parallel=True"] == {"skipped": "numba not installed"}
+    for peer in ("ThreadPoolExecutor, 4 blocks a thread", "multiprocessing.Pool, pickled blocks",
+                 "joblib, memmapped blocks", "mpire, inherited blocks",
+                 "ray, object store blocks", "parrun nn.mandelbrot"):
+        m = methods[peer]
+        if peer.startswith("ray"):
+            assert m["skipped"].startswith("left out of --quick" if _installed("ray")
+                                           else "not installed"), m
+        elif "times_s" not in m:
+            assert m == {"skipped": "not installed"} and not _installed(peer.split(",")[0])
+        else:
+            assert set(m["times_s"]) == {"1", "2"}, (peer, m)
+
+
+def test_numexpr_peer_computes_in_float32():
+    """numexpr takes Python float constants as float64 and computes the chain in float64; the
+    other methods compute it in float32."""
+    ne = pytest.importorskip("numexpr")
+    x = np.random.default_rng(0).standard_normal(1000, dtype=np.float32)
+    y = ne.evaluate(parrun.bench.NUMEXPR_CHAIN, local_dict=parrun.bench.numexpr_locals(x))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, parrun.bench._chain(x), rtol=1e-5, atol=1e-6)

@@ -3,12 +3,14 @@ they import the bench's internals, and a rename there would otherwise break them
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import shm_segments, take_down_if_hung
 
@@ -90,3 +92,42 @@ def test_bench_nn_names_an_unknown_workload():
     test_bench.py.)"""
     r = _run("bench_nn.py", "--only", "mlp,inference", code=2)
     assert "--only: unknown inference; choose from mlp, attention, minilm, mandelbrot" in r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_bench_irregular_leaves_joblib_out_at_one_worker(tmp_path):
+    """joblib runs ``n_jobs=1`` in the calling process: at one worker it is not a process
+    peer, so it is left out (it came out "fastest", beside processes)."""
+    out = tmp_path / "i.json"
+    r = _run("bench_irregular.py", "--workers", "1", "--items", "40", "--trials", "1",
+             "--repeat", "1", "--json", str(out))
+    (trial,) = json.loads(out.read_text())["trials"]
+    assert "parrun.map (work stealing)" in trial and "joblib auto batching" not in trial
+    if importlib.util.find_spec("joblib") is not None:
+        assert "joblib left out at 1 worker" in r.stdout
+
+
+def _bench_map(monkeypatch):
+    """benchmarks/bench_map.py as a module (without the variables that make it re-exec)."""
+    for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    spec = importlib.util.spec_from_file_location("bench_map", ROOT / "benchmarks" /
+                                                  "bench_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_map_fails_a_method_that_writes_nothing(monkeypatch):
+    """The methods share ``out``: one that wrote nothing passed the check on the numbers the
+    method before it left there."""
+    bm = _bench_map(monkeypatch)
+    x = np.random.default_rng(0).standard_normal(3 * bm.TILE, dtype=np.float32)
+    ref = np.empty_like(x)
+    bm.serial_tiled(x, ref)
+    out = ref.copy()  # as the method before left it
+    with pytest.raises(AssertionError, match="nothing: max abs error nan"):
+        bm.timed_and_checked("nothing", lambda: None, 1, out, ref, lambda: out)
+    ts = bm.timed_and_checked("tiles", lambda: bm.serial_tiled(x, out), 2, out, ref,
+                              lambda: out)
+    assert len(ts) == 2
