@@ -1237,7 +1237,32 @@ def _on_signals() -> None:
     os.set_blocking(w, False)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     os.register_at_fork(after_in_child=lambda: _forget_wakeup_fd(w))
+    os.register_at_fork(before=_note_fork, after_in_child=_die_with_forker)
     threading.Thread(target=watch, args=(r,), daemon=True, name="bench-signals").start()
+
+
+# Who forks: (pid, whether from the main thread), read by the child.
+_forker = [0, False]
+
+
+def _note_fork() -> None:
+    _forker[:] = [os.getpid(), threading.current_thread() is threading.main_thread()]
+
+
+def _die_with_forker() -> None:
+    """In a forked peer worker (multiprocessing.Pool, ProcessPoolExecutor, mpire): SIGKILL
+    when the process that forked it dies. A bench ended outright (SIGKILL, or Ray's handler
+    ending it) once left such workers alive for ever, and with them the resource tracker's
+    pipe, so the tracker never unlinked the bench's segments. Only for a fork from the main
+    thread: Linux sends the signal when the forking thread ends."""
+    pid, from_main = _forker
+    if not from_main:
+        return
+    from ._worker import _die_with_parent
+
+    _die_with_parent()
+    if os.getppid() != pid:  # it died before we asked
+        os._exit(1)
 
 
 def _split_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:

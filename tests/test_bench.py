@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import take_down_if_hung, wait_until
+from conftest import TIMEOUT, shm_segments, take_down_if_hung, wait_until
 
 import parrun.bench
 
@@ -201,6 +201,45 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
     assert not alive, [(c.pid, c.cmdline()[:2]) for c in alive]
     assert wait_until(lambda: not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*")),
                       timeout=10)  # (the resource tracker's, if Ray ended the process)
+
+
+@pytest.mark.timeout(120)
+def test_a_bench_killed_outright_leaves_no_peer_worker_and_no_segment(tmp_path):
+    """SIGKILL (or Ray's signal handler) ends the bench at once: its peers' forked workers
+    die with it. They once lived on, holding the resource tracker's pipe, so the tracker
+    never unlinked the bench's segments."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "parrun", "bench", "--workers", "1,2", "--suite", "irregular",
+           "--no-progress", "--warmup", "0", "--repeat", "50", "--irregular-items", "300",
+           "--skip", "ray,loky", "--json", str(tmp_path / "cut.json")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+    def forked() -> list:  # peers' workers: forks of the bench, with its command line
+        me = psutil.Process(p.pid)
+        return [c for c in me.children() if c.cmdline() == me.cmdline()]
+    peers = []
+    try:
+        t0 = time.monotonic()
+        while not forked():
+            assert p.poll() is None and time.monotonic() - t0 < 90, "no peer ever forked"
+            time.sleep(0.05)
+        time.sleep(3.0)  # every peer has started (those forked later lived on)
+        peers = forked()
+        assert shm_segments(p.pid)  # parrun's pools are up too
+        p.kill()
+        p.wait(TIMEOUT)
+        _, alive = psutil.wait_procs(peers, timeout=10)
+        assert not alive, [c.pid for c in alive]
+        assert wait_until(lambda: not shm_segments(p.pid), timeout=10), shm_segments(p.pid)
+    finally:
+        take_down_if_hung(p)
+        for c in peers:  # on failure: not left for the next tests
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 @pytest.mark.timeout(120)
