@@ -99,18 +99,41 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _anchors(fn: Any) -> tuple[tuple, tuple[Any, ...]]:
+def _anchors(fn: Any, objs: list[Any]) -> tuple[tuple, tuple[Any, ...]]:
     """(a cache key, the objects it names): what ``fn`` is. A bound method is made anew at
     each attribute access (``obj.method``, ``arr.sum``), so it is keyed by its function and
-    object, which live on; anything else by itself."""
+    object, which live on, if what it captures (``objs``) is all seen when it changes
+    (``_seen``); else by itself, a miss at every call, as before such keys: ``arr.sum``
+    after ``arr[:] = 1`` on a big plain array must not reuse the old pickle. Anything else
+    by itself."""
     if isinstance(fn, types.MethodType):
-        if _weak(fn.__func__) and _weak(fn.__self__):
+        if (_weak(fn.__func__) and _weak(fn.__self__)
+                and all(map(_seen, objs[1:]))):  # (objs[0] is the object itself)
             return ("method", id(fn.__func__), id(fn.__self__)), (fn.__func__, fn.__self__)
     elif isinstance(fn, (types.BuiltinMethodType, types.MethodWrapperType)):
         owner = getattr(fn, "__self__", None)
-        if owner is not None and not isinstance(owner, types.ModuleType) and _weak(owner):
+        if (owner is not None and not isinstance(owner, types.ModuleType) and _weak(owner)
+                and all(map(_seen, objs))):
             return (type(fn), fn.__name__, id(owner)), (owner,)
     return (id(fn),), (fn,)
+
+
+# What the function cache compares in full: by value, or immutable, or code and classes.
+_LEAVES = (types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.ModuleType,
+           type, np.ufunc, np.generic, np.dtype)
+
+
+def _seen(v: Any) -> bool:
+    """Whether a change to ``v`` is seen by the token comparison (``_same``): a value, a
+    small plain array (its bytes), a shared array (workers read it live), a function or
+    class. Not an object's or a container's contents, nor a big plain array's."""
+    if type(v) in _ATOMS or isinstance(v, _LEAVES):
+        return True
+    if isinstance(v, np.ndarray):
+        if type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject:
+            return True
+        return _shm.is_shared(v)
+    return False
 
 
 def _weak(obj: Any) -> bool:
@@ -167,7 +190,7 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
     objs = _captured(fn)
-    fid, anchors = _anchors(fn)
+    fid, anchors = _anchors(fn, objs)
     hit = _pickled.get(fid)  # a dict read is atomic: no lock on the hot path
     if (hit is not None and all(r() is a for r, a in zip(hit.refs, anchors))
             and len(hit.tokens) == len(objs) and all(map(_same, hit.tokens, objs))):

@@ -127,6 +127,7 @@ class TaskService:
         # thread reads (a 200 KB function to busy workers returning 200 KB results once
         # hung the pool). What does not fit goes out as the pipe drains (POLLOUT).
         self.outbox: dict[int, deque[memoryview]] = {}
+        self._close_lock = threading.Lock()
         self._poke_r, self._poke_w = os.pipe()
         self._poked = False
         os.set_blocking(self._poke_w, False)
@@ -218,9 +219,12 @@ class TaskService:
         self._poke()
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
-        if not self.thread.is_alive() and self.arena_seg is not None:  # once
+        with self._close_lock:  # once (close and terminate may run at once)
+            if self.thread.is_alive() or self.arena_seg is None:
+                return
             os.close(self._poke_r)
             os.close(self._poke_w)
+            self._poke_w = -1  # a late _poke must not write into a reused descriptor
             self.arena_mv.release()
             _shm.release_segment(self.arena_seg.name)
             self.arena_seg = None
@@ -260,16 +264,16 @@ class TaskService:
                 except WorkerCrashed:  # a replacement failed to start: tried again below
                     pass
                 pool._cb.start_job([])  # every range empty, abort cleared
-                with self.cv:
-                    self.serving = True
                 try:
                     # Workers whose replacement failed (in the last round too): again. Those
-                    # still dead are down for this round; the others serve.
+                    # still dead are down for this round; the others serve. All before
+                    # ``serving``: from then on submit() dispatches, on non-blocking pipes
+                    # (a dispatch meanwhile once blocked on a busy worker's pipe).
                     self.down = pool._replace_dead(tolerate=True)
-                    self.idle = set(range(pool.workers)) - self.down
-                    if self.down:
-                        with self.cv:
-                            self._fail_if_all_down(pool)
+                    self._blocking(pool, False)
+                    with self.cv:
+                        self.idle = set(range(pool.workers)) - self.down
+                        self.serving = True
                     self._serve()
                     self._flush_all()
                 except BaseException as e:  # a bug here must not hang the futures
@@ -311,6 +315,13 @@ class TaskService:
         poller_gen = -1
         while True:
             with self.cv:
+                if len(self.down) == pool.workers:
+                    # No worker to run anything: fail what this round holds; what is
+                    # submitted from now on waits for the next round, which starts workers
+                    # again (a resubmit here once waited for ever).
+                    self.serving = False
+                    self._fail_if_all_down(pool)
+                    return
                 self._dispatch()
                 if (not self.inflight and not self.redo and not self.pending
                         and len(self.idle) + len(self.down) == pool.workers):
@@ -393,19 +404,26 @@ class TaskService:
         first = self.next_tid
         if batch:
             pool._queue_forgets()
+            dropped: set[bytes] = set()
             for w in pool._workers:
+                dropped.update(w.forget_fns)
                 msg = pool._forgets(w)
                 if msg is not None:
                     self._send(w, msg)
+            if dropped:
+                # A function that left the pool's LRU (or names a released segment) while
+                # tasks of it wait in the ranges: sent again after the Forget, or a worker
+                # would wait for it for ever (read_functions).
+                for t in self.inflight.values():
+                    if t.key in dropped:
+                        self._send_function(t)
+                        dropped.discard(t.key)
         for t in batch:
             tid = self.next_tid
             self.next_tid += 1
             self._write(tid, t)
             self.inflight[tid] = t
-            for w in pool._workers:
-                if w.slot not in self.down and t.key not in w.fn_keys and self._send(
-                        w, pickle.dumps(P.Function(t.key, t.fn_data), protocol=5)):
-                    w.fn_keys.add(t.key)
+            self._send_function(t)
         ranges = list(self.redo)
         self.redo.clear()
         if self.next_tid > first:
@@ -562,6 +580,15 @@ class TaskService:
             new.fn_keys.add(key)
         self.idle.add(slot)
 
+    def _send_function(self, t: _Task) -> None:
+        """Send task ``t``'s function to the workers that do not hold it."""
+        data = None
+        for w in self.pool._workers:
+            if w.slot not in self.down and t.key not in w.fn_keys:
+                data = data or pickle.dumps(P.Function(t.key, t.fn_data), protocol=5)
+                if self._send(w, data):
+                    w.fn_keys.add(t.key)
+
     # -- command pipes while serving (see ``outbox``) ------------------------------------
     def _send(self, w: Any, data: bytes) -> bool:
         """Send ``data`` to worker ``w`` as ``Connection.send_bytes`` would, without waiting:
@@ -635,8 +662,10 @@ class TaskService:
                             f"{describe_exit(w.process.exitcode)}); the next call tries "
                             "again", pid=w.pid, exitcode=w.process.exitcode)
         self.redo.clear()
-        self.fail_all(err)
+        # The queue first: a done-callback that submits again (fail_all runs callbacks)
+        # queues for the next round.
         queued, self.pending = list(self.pending), deque()
+        self.fail_all(err)
         for t in queued:
             self._release(t)
             if t.future.set_running_or_notify_cancel():

@@ -754,6 +754,14 @@ class _Scaler:
         return t * self.k
 
 
+class _Configured:
+    def __init__(self):
+        self.cfg = {"k": 2.0}
+
+    def apply(self, t):
+        return t * self.cfg["k"]
+
+
 def test_a_bound_method_is_pickled_once_while_its_object_is_unchanged(pool, monkeypatch):
     """``obj.method`` and ``arr.sum`` are new objects at each access: their pickle is kept
     by function and object (each call took ~0.5 ms to pickle again), and still renewed
@@ -781,6 +789,16 @@ def test_a_bound_method_is_pickled_once_while_its_object_is_unchanged(pool, monk
     np.testing.assert_array_equal(pool.map(t.scale, x), x * 5)
     np.testing.assert_array_equal(pool.map(s.scale, x), x * 3)
     assert len(calls) == 5
+    # What the comparison cannot see (a big plain array's contents, a dict's items) is
+    # pickled again at every call, as every bound method once was: never stale.
+    big = np.zeros(100_000)
+    assert pool.submit(big.sum).result(timeout=TIMEOUT) == 0.0
+    big[:] = 1.0
+    assert pool.submit(big.sum).result(timeout=TIMEOUT) == 100_000.0
+    c = _Configured()
+    assert pool.submit(c.apply, 1.0).result(timeout=TIMEOUT) == 2.0
+    c.cfg["k"] = 10.0
+    assert pool.submit(c.apply, 1.0).result(timeout=TIMEOUT) == 10.0
 
 
 def test_a_function_is_sent_again_when_what_it_captures_changes():
@@ -1015,6 +1033,116 @@ def test_costs_learned_on_cheap_calls_do_not_leave_a_slow_call_on_one_worker():
         finally:
             for a in (small, wide, cheap, dear):
                 a.release()
+
+
+def _sleep_a(d):
+    time.sleep(d)
+    return "a"
+
+
+def _sleep_c(d):
+    time.sleep(d)
+    return "c"
+
+
+def test_tasks_waiting_while_their_function_leaves_the_cache_still_run(monkeypatch):
+    """Tasks queued in a worker's range while newer functions push theirs out of the pool's
+    function cache (or a segment it names is released): the worker is told to forget it,
+    then gets it again. It once waited for it for ever (and the futures, and close())."""
+    monkeypatch.setattr(parrun._pool, "FN_CACHE_SIZE", 8)
+    with parrun.Pool(3) as p:
+        busy = [p.submit(_sleep_a, 0.5), p.submit(time.sleep, 1.5), p.submit(time.sleep, 1.5)]
+        time.sleep(0.25)
+        # Behind the first task, in its worker's range; that worker has not read their
+        # functions yet when the dispatch below (room after the first task) forgets them.
+        queued = [p.submit(_sleep_a, 0.2), p.submit(_sleep_c, 0.01), p.submit(abs, -3)]
+        time.sleep(0.1)
+        later = [p.submit(functools.partial(operator.add, i), 1) for i in range(60)]
+        assert not cf.wait(busy + queued + later, timeout=TIMEOUT).not_done
+        assert [f.result() for f in queued] == ["a", "c", 3]
+        assert [f.result() for f in later] == [i + 1 for i in range(60)]
+
+
+def _exit_if_flag(path):
+    if os.path.exists(path):
+        os._exit(3)
+
+
+def _flag_and_exit(path):
+    open(path, "w").close()
+    os._exit(1)
+
+
+def test_a_task_submitted_while_every_worker_is_down_runs_later(tmp_path):
+    """Every worker down (its replacement died as it started): the round's tasks fail, and a
+    task submitted then (here a done-callback's retry) waits for the next round, which
+    starts workers again. It once waited for ever, and so did later submits."""
+    flag = str(tmp_path / "flag")
+    with parrun.Pool(1, initializer=_exit_if_flag, initargs=(flag,)) as p:
+        retries = []
+
+        def retry(f):
+            if isinstance(f.exception(), parrun.WorkerCrashed) and len(retries) < 2:
+                g = p.submit(int, 7)
+                retries.append(g)
+                g.add_done_callback(retry)
+
+        f = p.submit(_flag_and_exit, flag)
+        f.add_done_callback(retry)
+        assert isinstance(f.exception(timeout=TIMEOUT), parrun.WorkerCrashed)
+        assert wait_until(lambda: len(retries) == 2 and retries[-1].done()) or True
+        os.unlink(flag)  # replacements start again
+        for g in retries:
+            e = g.exception(timeout=TIMEOUT)
+            assert e is None or isinstance(e, parrun.WorkerCrashed)
+        assert p.submit(int, 5).result(timeout=TIMEOUT) == 5
+
+
+def _big_result():
+    time.sleep(0.3)
+    return b"x" * 300_000
+
+
+def test_tasks_submitted_while_a_round_replaces_a_worker_do_not_hang():
+    """A round that starts by replacing a dead worker (slowly: its initializer sleeps) while
+    other threads submit: a busy worker returning a big result, and a big function sent to
+    it. The first dispatch once wrote to a blocking pipe there: a deadlock."""
+    blob = np.random.default_rng(0).random(40_000)  # 320 KB, pickled with the function
+    with parrun.Pool(2, initializer=time.sleep, initargs=(0.5,)) as p:
+        assert p.submit(int).result(timeout=TIMEOUT) == 0
+        os.kill(p.pids[1], signal.SIGKILL)
+        time.sleep(0.3)
+        z = p.submit(int)
+        time.sleep(0.1)
+        a = p.submit(_big_result)
+        time.sleep(0.1)
+        b = p.submit(lambda: float(blob[3]))
+        assert not cf.wait([z, a, b], timeout=TIMEOUT).not_done
+        assert (z.result(), len(a.result()), b.result()) == (0, 300_000, float(blob[3]))
+
+
+def test_close_in_a_callback_then_terminate_closes_once():
+    """close() in a done-callback (in a background thread) racing terminate(): both once
+    closed the task service's pipe descriptors (EBADF, or another file's descriptor)."""
+    errors = []
+    hook = threading.excepthook
+    threading.excepthook = lambda a: errors.append(a.exc_value)
+    try:
+        for _ in range(4):
+            p = parrun.Pool(2)
+            slow = p.submit(time.sleep, 0.3)
+            q = p.submit(int)
+            q.add_done_callback(lambda _f, p=p: p.close())
+            q.result(timeout=TIMEOUT)
+            time.sleep(0.05)
+            p.terminate()
+            assert slow.exception(timeout=TIMEOUT) is None or isinstance(
+                slow.exception(), parrun.BrokenPool)
+            assert wait_until(lambda p=p: not p._tasks.thread.is_alive())
+            time.sleep(0.2)
+    finally:
+        threading.excepthook = hook
+    assert not errors
 
 
 def _deleted_parrun_mappings(pid):
