@@ -560,6 +560,11 @@ class Pool:
         Called from any thread (``submit``): it touches only the LRU. What workers hold is
         changed only where jobs and tasks are sent (see ``_queue_forgets``)."""
         key, data, takes_out, names = pickle_function(fn, what)
+        self._note_function(key, names)
+        return key, data, takes_out
+
+    def _note_function(self, key: bytes, names: frozenset[str] = frozenset()) -> None:
+        """Put ``key`` at the fresh end of the LRU of functions the workers hold."""
         with self._fn_lock:
             lru = self._fn_lru
             if key in lru:
@@ -568,7 +573,6 @@ class Pool:
                 lru[key] = names
                 while len(lru) > FN_CACHE_SIZE:
                     self._evicted.append(lru.popitem(last=False)[0])
-        return key, data, takes_out
 
     def _queue_forgets(self) -> None:
         """Note, for each worker, what it must drop before its next message: functions that

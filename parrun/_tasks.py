@@ -417,6 +417,7 @@ class TaskService:
                 for t in self.inflight.values():
                     if t.key in dropped:
                         self._send_function(t)
+                        pool._note_function(t.key)  # and forgotten again when evicted
                         dropped.discard(t.key)
         for t in batch:
             tid = self.next_tid
