@@ -712,7 +712,7 @@ class Pool:
                 used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
             rerun_safe = True
-            cost_key = (fn_key, sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs))
+            cost_key = (fn_key, _row_bytes(arrs))
             with self._lock:
                 self._check_open()
                 if reduce is None:
@@ -752,8 +752,7 @@ class Pool:
 
     def default_grain(self, n: int, arrays: list[np.ndarray]) -> int:
         """The largest piece by default: about ``TILE_BYTES`` of input rows."""
-        row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
-        return max(1, min(n, TILE_BYTES // max(1, row_bytes)))
+        return max(1, min(n, TILE_BYTES // max(1, _row_bytes(arrays))))
 
     def _engaged(self, items: int, grain: int, ns_per_item: float,
                  adaptive: bool) -> tuple[int, int]:
@@ -848,8 +847,8 @@ class Pool:
                         f"(pid {pid}, {describe_exit(code)}): fn probably ends its process (a "
                         "crash in compiled code, os._exit). Replacement workers have started.",
                         pid=pid, exitcode=code)
-                # Re-run what dead workers left (rerun_safe: pieces are idempotent), one range per
-                # slot and phase; the others steal from it as usual.
+                # Re-run what dead workers left (rerun_safe: the pieces are idempotent), one
+                # range per slot and phase; the others steal from it as usual.
                 phase, lost = lost[:self.workers], lost[self.workers:]
                 recovered += len(phase)
         finally:  # the stats of this call, also when it fails
@@ -1107,6 +1106,11 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
     if acc is P.NOTHING:
         raise ValueError("map_reduce of empty arrays with no initial value")
     return acc
+
+
+def _row_bytes(arrays: list[np.ndarray]) -> int:
+    """Bytes of one row (along axis 0) of all the inputs together."""
+    return sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
 
 
 @contextlib.contextmanager
