@@ -71,7 +71,7 @@ def _token(v: Any) -> tuple:
         ref = weakref.ref(v)
     except TypeError:  # a tuple, list, dict, NumPy scalar: held (an id could be reused)
         return (3, v)
-    if type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject:
+    if _by_bytes(v):
         return (2, ref, v.tobytes(), v.shape, v.dtype)
     return (1, ref)
 
@@ -130,10 +130,13 @@ def _seen(v: Any) -> bool:
     if type(v) in _ATOMS or isinstance(v, _LEAVES):
         return True
     if isinstance(v, np.ndarray):
-        if type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject:
-            return True
-        return _shm.is_shared(v)
+        return _by_bytes(v) or _shm.is_shared(v)
     return False
+
+
+def _by_bytes(v: Any) -> bool:
+    """Whether ``v`` is a small plain array, compared by its bytes."""
+    return type(v) is np.ndarray and v.nbytes <= COMPARE_BYTES and not v.dtype.hasobject
 
 
 def _weak(obj: Any) -> bool:

@@ -664,8 +664,7 @@ class Pool:
 
     def _run(self, fn, arrays, *, out, grain, reduce, initial=P.NOTHING):
         self._check_open()
-        tasks = self._tasks
-        if tasks is not None and threading.current_thread() is tasks.thread:
+        if self._in_collector():
             # The collector runs callbacks while it serves tasks on these same workers.
             raise RuntimeError("map and map_reduce cannot run in a callback of this pool's "
                                "futures (add_done_callback); call them from another thread")

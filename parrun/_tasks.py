@@ -275,7 +275,6 @@ class TaskService:
                         self.idle = set(range(pool.workers)) - self.down
                         self.serving = True
                     self._serve()
-                    self._flush_all()
                 except BaseException as e:  # a bug here must not hang the futures
                     with self.cv:
                         self.serving = False
@@ -297,7 +296,6 @@ class TaskService:
     def _make_poller(self):
         """A poll object over every worker's status pipe and sentinel, and the poke pipe;
         command pipes are watched for room while they have frames waiting (``_send``)."""
-        self._blocking(self.pool, False)
         self._watched_out: set[int] = set()
         poller = select.poll()
         live = [w for w in self.pool._workers if w.slot not in self.down]
@@ -327,11 +325,10 @@ class TaskService:
                         and len(self.idle) + len(self.down) == pool.workers):
                     self.serving = False  # from now on submit() queues for the next round
                     return
+                outs = {pool._workers[k].cmd.fileno(): k for k in self.outbox}
             if poller_gen != pool._generation:  # workers changed: watch the new ones
                 poller, conns, sentinels = self._make_poller()
                 poller_gen = pool._generation
-            with self.cv:
-                outs = {pool._workers[k].cmd.fileno(): k for k in self.outbox}
             for fd in outs.keys() - self._watched_out:
                 poller.register(fd, select.POLLOUT)
             for fd in self._watched_out - outs.keys():
@@ -341,10 +338,11 @@ class TaskService:
             # and gets it soonest when this thread sleeps.
             fds = self._fds
             events = poller.poll()
-            with self.cv:
-                for fd, _ in events:  # room in a command pipe (or its reader is gone)
-                    if fd in outs and poller_gen == pool._generation:
-                        self._flush(pool._workers[outs[fd]])
+            if outs:
+                with self.cv:
+                    for fd, _ in events:  # room in a command pipe (or its reader is gone)
+                        if fd in outs and poller_gen == pool._generation:
+                            self._flush(pool._workers[outs[fd]])
             ready = [fds[fd] for fd, _ in events if fd in fds]
             with self.cv:
                 for r in ready:
