@@ -7,16 +7,19 @@
 #     bash benchmarks/device_scaling.sh          # -> benchmarks/results/scaling_16core.*
 #     OUT=$OUT bash benchmarks/device_scaling.sh # on the device tool: files under $OUT return
 #
-# Sized to finish within the device's 10-minute command limit (the bench is cut at 500 s by
-# SIGTERM, which it turns into a clean exit, and killed 30 s later if that hangs). The signal
+# Sized to finish within the device's 10-minute command limit. First bench_cores.py measures
+# how far the machine itself scales, per kind of work (about 90 s, cut at 150 s). Then the
+# bench (284 s for these five suites there on 2026-11-27), cut at BENCH_LIMIT (380 s) by
+# SIGTERM, which it turns into a clean exit, and killed 30 s later if that hangs. The signal
 # goes to the bench alone (--foreground): sent to its whole process group it would also kill
 # the multiprocessing.Pool peers' workers, and the bench would spend 5 s per stuck peer
-# (CPython's Pool.terminate() waits for ever on a queue lock a killed worker held).
-# The JSON is rewritten after each workload, so a run cut short keeps what it measured, and
-# the plot is drawn from it at the end. Irregular runs last (the fresh-pool bench after it
-# measures it at 16 workers again), one warm-up per method and count: projected from a
-# 1,2-worker run here, the bench's timed runs alone take 250-400 s at 1..16 workers. Left out: MiniLM (its model package is not on that
-# machine) and tasks (no-op tasks do not scale with workers). WORKERS overrides the counts.
+# (CPython's Pool.terminate() waits for ever on a queue lock a killed worker held). The JSON
+# is rewritten after each workload, so a run cut short keeps what it measured, and the plot
+# is drawn from it at the end. Irregular runs last in the bench, one warm-up per method and
+# count; the fresh-pool irregular bench then fills the time left. Left out: MiniLM (its model
+# package is not on that machine) and tasks (no-op tasks do not scale with workers).
+# WORKERS overrides the counts, SUITES the suites, BENCH_LIMIT the bench's seconds;
+# IRREGULAR_TRIALS=0 leaves out the fresh-pool run.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
@@ -25,19 +28,27 @@ export PYTHONPATH=.
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 # The device promises python3; a bare `python` may be missing there, or another interpreter.
 py=${PYTHON:-$(command -v python3 || command -v python)}
-"$py" -m parrun info > "$out/scaling_16core_info.txt" 2>&1
+counts=${WORKERS:-1,2,4,8,16}
 start=$(date +%s)
-timeout --foreground -k 30 500 "$py" -m parrun bench --workers "${WORKERS:-1,2,4,8,16}" \
-    --suite map,mlp,attention,mandelbrot,irregular --repeat 3 --warmup 1 --irregular-items 1000 \
-    --no-progress --json "$out/scaling_16core.json" > "$out/scaling_16core.txt" 2>&1
+{ "$py" -m parrun info; echo; lscpu 2>&1; } > "$out/scaling_16core_info.txt" 2>&1
+# How far the machine itself scales (independent processes, nothing shared; pinned pairs):
+# the ceiling each workload's speed-up is read against. About 90 s.
+timeout --foreground -k 10 150 "$py" benchmarks/bench_cores.py --workers "$counts" --pairs \
+    --json "$out/cores_16core.json" > "$out/cores_16core.txt" 2>&1
+echo "# exit status $?, $(( $(date +%s) - start )) s" >> "$out/cores_16core.txt"
+timeout --foreground -k 30 "${BENCH_LIMIT:-380}" "$py" -m parrun bench --workers "$counts" \
+    --suite "${SUITES:-map,mlp,attention,mandelbrot,irregular}" --repeat 3 --warmup 1 \
+    --irregular-items 1000 --no-progress --json "$out/scaling_16core.json" \
+    > "$out/scaling_16core.txt" 2>&1
 echo "# bench exit status $?, $(( $(date +%s) - start )) s" >> "$out/scaling_16core.txt"
 "$py" -m parrun bench --from-json "$out/scaling_16core.json" \
     --plot "$out/scaling_16core.png" > /dev/null 2>&1 || echo "# no plot" >> "$out/scaling_16core.txt"
 # With the time left, the irregular workload over fresh pools at 16 workers (the goal there:
 # efficiency >= 0.9), cut so that the whole script stays under 560 s.
 left=$(( 540 - ($(date +%s) - start) ))
-if [ "$left" -gt 60 ]; then
+trials=${IRREGULAR_TRIALS:-5}
+if [ "$left" -gt 60 ] && [ "$trials" -gt 0 ]; then
     timeout --foreground -k 10 "$left" "$py" benchmarks/bench_irregular.py --workers "${IRREGULAR_WORKERS:-16}" \
-        --trials 5 --items 1000 --json "$out/irregular_16core.json" > "$out/irregular_16core.txt" 2>&1
+        --trials "$trials" --items 1000 --json "$out/irregular_16core.json" > "$out/irregular_16core.txt" 2>&1
     echo "# exit status $?" >> "$out/irregular_16core.txt"
 fi

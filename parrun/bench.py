@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import math
+import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -593,6 +594,16 @@ def _split_block(blocks: tuple) -> np.ndarray:
     return fn(*blocks, *consts)
 
 
+# (fn, inputs, consts, out) of the compute ceiling being measured, inherited by forked workers
+_SHARES: list = []
+
+
+def _compute_share(bounds: tuple[int, int]) -> None:
+    fn, inputs, consts, out = _SHARES
+    lo, hi = bounds
+    out[lo:hi] = fn(*(a[lo:hi] for a in inputs), *consts)
+
+
 def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
     from threadpoolctl import threadpool_limits
 
@@ -601,13 +612,18 @@ def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
 
 
 def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], consts: tuple,
-                out: np.ndarray, held: list) -> list[Method]:
+                out: np.ndarray, held: list, ceiling: bool = False) -> list[Method]:
     """The ways a user splits a workload by hand: ``fn(*blocks, *consts)`` returns the block of
     ``out`` that blocks of ``inputs`` (cut along the first axis, ``BLOCKS_PER_WORKER`` a worker)
     give. Each thread or process runs one BLAS thread, as parrun's workers do. Threads write
     their blocks into ``out``; ``multiprocessing.Pool`` (fork) is sent pickled input blocks and
     returns pickled results, with ``consts`` (the model's weights) inherited once at fork;
-    joblib gets everything as arguments (it memmaps the large ones)."""
+    joblib gets everything as arguments (it memmaps the large ones).
+
+    ``ceiling``: also the compute ceiling, for work whose rows cost alike: w forked processes
+    with one BLAS thread, each computing one equal contiguous share from the inherited inputs
+    into memory shared at the fork (its run's ``out``); nothing pickled, sent or scheduled.
+    At 1 worker it is the whole batch in one call, at w what w cores of this machine give."""
     n = len(inputs[0])
 
     def bounds(w: int) -> list[tuple[int, int]]:
@@ -648,9 +664,27 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         return lambda: np.concatenate(ray.get([task.remote(fn, *refs, lo, hi)
                                                for lo, hi in bounds(w)]), out=out)
 
+    def shares(w):
+        if not shared:  # anonymous MAP_SHARED: written by the processes forked after it
+            buf = mmap.mmap(-1, max(1, out.nbytes))
+            shared.append(np.frombuffer(buf, out.dtype, out.size).reshape(out.shape))
+        _SHARES[:] = [fn, inputs, consts, shared[0]]
+        p = mp.get_context("fork").Pool(w, initializer=_one_blas_thread)
+        held.append(p)
+        parts = [(n * k // w, n * (k + 1) // w) for k in range(w)]
+
+        def run():
+            p.map(_compute_share, parts, chunksize=1)
+        run.out = shared[0]  # type: ignore[attr-defined]
+        return run
+
     refs: list = []  # Ray's copies of inputs and consts, put once for every count
+    shared: list[np.ndarray] = []  # the compute ceiling's output
     methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool)]
+    if ceiling:
+        methods.append(Method("forked shares, nothing sent (ceiling)", shares,
+                              ceiling=True))
     try:
         from joblib import Parallel, delayed
 
@@ -716,7 +750,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
         methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),
-                               np.empty((b, d), np.float32), held)
+                               np.empty((b, d), np.float32), held, ceiling=True)
         methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
         wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
                       note=f"{b}x{d} -> {h} -> {d} float32")
@@ -736,7 +770,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         B, H, S, D = shape
         heads = tuple(a.reshape(B * H, S, D) for a in (q, k, v))
         methods += split_peers(_attention_heads, heads, (),
-                               np.empty((B * H, S, D), np.float32), held)
+                               np.empty((B * H, S, D), np.float32), held, ceiling=True)
         methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
                       note="x".join(map(str, shape)) + " float32")
