@@ -612,7 +612,8 @@ def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
 
 
 def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], consts: tuple,
-                out: np.ndarray, held: list, ceiling: bool = False) -> list[Method]:
+                out: np.ndarray, held: list,
+                ceiling: Callable[..., np.ndarray] | None = None) -> list[Method]:
     """The ways a user splits a workload by hand: ``fn(*blocks, *consts)`` returns the block of
     ``out`` that blocks of ``inputs`` (cut along the first axis, ``BLOCKS_PER_WORKER`` a worker)
     give. Each thread or process runs one BLAS thread, as parrun's workers do. Threads write
@@ -620,10 +621,11 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     returns pickled results, with ``consts`` (the model's weights) inherited once at fork;
     joblib gets everything as arguments (it memmaps the large ones).
 
-    ``ceiling``: also the compute ceiling, for work whose rows cost alike: w forked processes
-    with one BLAS thread, each computing one equal contiguous share from the inherited inputs
-    into memory shared at the fork (its run's ``out``); nothing pickled, sent or scheduled.
-    At 1 worker it is the whole batch in one call, at w what w cores of this machine give."""
+    ``ceiling``: parrun's own kernel, called as ``fn`` is, for the compute ceiling of work
+    whose rows cost alike: w forked processes with one BLAS thread, each running it on one
+    equal contiguous share of the inherited inputs into memory shared at the fork (its run's
+    ``out``); nothing pickled, sent or scheduled. At 1 worker it is the whole batch in one
+    call, at w what w cores of this machine give that kernel."""
     n = len(inputs[0])
 
     def bounds(w: int) -> list[tuple[int, int]]:
@@ -668,7 +670,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         if not shared:  # anonymous MAP_SHARED: written by the processes forked after it
             buf = mmap.mmap(-1, max(1, out.nbytes))
             shared.append(np.frombuffer(buf, out.dtype, out.size).reshape(out.shape))
-        _SHARES[:] = [fn, inputs, consts, shared[0]]
+        _SHARES[:] = [ceiling, inputs, consts, shared[0]]
         p = mp.get_context("fork").Pool(w, initializer=_one_blas_thread)
         held.append(p)
         parts = [(n * k // w, n * (k + 1) // w) for k in range(w)]
@@ -682,7 +684,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     shared: list[np.ndarray] = []  # the compute ceiling's output
     methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool)]
-    if ceiling:
+    if ceiling is not None:
         methods.append(Method("forked shares, nothing sent (ceiling)", shares,
                               ceiling=True))
     try:
@@ -722,6 +724,19 @@ def _mandelbrot_rows(rows: np.ndarray, width: int, height: int, max_iter: int, x
                   x0, x1, y0, y1)
 
 
+def _attention_tiles(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Heads (n, S, D) through parrun's attention kernel, in ``nn.attention``'s tiles:
+    ``BLOCK_Q`` queries of one head at a time."""
+    from .nn._attention import BLOCK_Q, attend
+
+    out = np.empty((*q.shape[:2], v.shape[2]), q.dtype)
+    scale = 1.0 / np.sqrt(q.shape[2])
+    for h in range(len(q)):
+        for q0 in range(0, q.shape[1], BLOCK_Q):
+            out[h, q0:q0 + BLOCK_Q] = attend(q[h, q0:q0 + BLOCK_Q], k[h], v[h], scale)
+    return out
+
+
 # The Mandelbrot workload's (size, iterations), quick and full.
 MANDELBROT_SIZES = {True: (400, 128), False: (2000, 256)}
 
@@ -750,7 +765,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
         methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),
-                               np.empty((b, d), np.float32), held, ceiling=True)
+                               np.empty((b, d), np.float32), held, ceiling=nn.mlp_reference)
         methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
         wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
                       note=f"{b}x{d} -> {h} -> {d} float32")
@@ -770,7 +785,8 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         B, H, S, D = shape
         heads = tuple(a.reshape(B * H, S, D) for a in (q, k, v))
         methods += split_peers(_attention_heads, heads, (),
-                               np.empty((B * H, S, D), np.float32), held, ceiling=True)
+                               np.empty((B * H, S, D), np.float32), held,
+                               ceiling=_attention_tiles)
         methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
                       note="x".join(map(str, shape)) + " float32")

@@ -95,17 +95,18 @@ def test_split_peers_compute_what_the_reference_computes():
     weights = (rng.standard_normal((16, 32), dtype=np.float32), np.zeros(32, np.float32),
                rng.standard_normal((32, 16), dtype=np.float32), np.ones(16, np.float32))
     q, k, v = (rng.standard_normal((6, 40, 8), dtype=np.float32) for _ in range(3))
-    cases = [(nn.mlp_reference, (x,), weights, nn.mlp_reference(x, *weights)),
-             (parrun.bench._attention_heads, (q, k, v), (),
+    # (fn, inputs, consts, the kernel the compute ceiling runs, reference)
+    cases = [(nn.mlp_reference, (x,), weights, nn.mlp_reference, nn.mlp_reference(x, *weights)),
+             (parrun.bench._attention_heads, (q, k, v), (), parrun.bench._attention_tiles,
               nn.attention_reference(q[None], k[None], v[None])[0]),
              (parrun.bench._mandelbrot_rows, (np.arange(30),), (50, 30, 64, *M.VIEW),
-              M.mandelbrot_numpy(50, 30, 64))]
+              parrun.bench._mandelbrot_rows, M.mandelbrot_numpy(50, 30, 64))]
     held: list = []
     ran = set()
     try:
-        for fn, inputs, consts, ref in cases:
+        for fn, inputs, consts, kernel, ref in cases:
             out = np.zeros_like(ref)
-            for m in parrun.bench.split_peers(fn, inputs, consts, out, held, ceiling=True):
+            for m in parrun.bench.split_peers(fn, inputs, consts, out, held, ceiling=kernel):
                 if m.make is None:  # joblib, mpire or Ray not installed
                     assert m.skipped == "not installed", m
                     continue
