@@ -19,8 +19,8 @@ written in all).
 
 ``--pairs`` pins one process to the first CPU and another to each other CPU in turn, both
 running the sgemm and python jobs, and prints how much the pair slows the first process
-down against it alone: a CPU that shares a core with the first (a hyperthread sibling) shows
-as a slowdown far above the rest.
+down against it alone just before: a CPU that shares a core with the first (a hyperthread
+sibling) shows as a slowdown far above the rest.
 """
 
 from __future__ import annotations
@@ -157,7 +157,12 @@ def main() -> int:
     ap.add_argument("--pairs", action="store_true", help="pin pairs of processes to CPUs")
     ap.add_argument("--json", help="write every time here")
     a = ap.parse_args()
-    counts = [int(w) for w in a.workers.split(",")]
+    try:
+        counts = [int(w) for w in a.workers.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        ap.error(f"--workers: positive integers separated by commas, got {a.workers!r}")
     kernels = a.kernels.split(",")
     if unknown := [k for k in kernels if k not in KERNELS]:
         ap.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
@@ -196,11 +201,12 @@ def main() -> int:
         print(f"\npairs: slowdown of a process pinned to CPU {first} while another runs on "
               "CPU j (1.00 = none)")
         for kernel in [k for k in ("sgemm", "python") if k in kernels]:
-            alone = slowest(together(kernel, 1, a.repeat, [first]))
-            slow = {}
+            slow, alone = {}, {}
             for j in cpus[1:]:
+                # Alone just before each pair: a shared machine's speed drifts over a run.
+                alone[j] = slowest(together(kernel, 1, a.repeat, [first]))
                 times = together(kernel, 2, a.repeat, [first, j])
-                slow[j] = statistics.median(times[0]) / alone
+                slow[j] = statistics.median(times[0]) / alone[j]
             result["pairs"][kernel] = {"cpu": first, "alone_s": alone, "slowdown": slow}
             print(f"{kernel:>10}: " + " ".join(f"{j}:{s:.2f}" for j, s in slow.items()),
                   flush=True)

@@ -47,8 +47,9 @@ class Method:
     make: Callable[[int], Callable[[], Any]] | None
     scales: bool = True
     skipped: str | None = None
-    # A ceiling to read parrun against (a plain copy, an oracle split), not a peer: left out
-    # of "vs best peer".
+    # A reference to read parrun against, not a peer (a plain copy, an oracle split, equal
+    # static shares: what the machine or a perfect static split gives): left out of "vs best
+    # peer". Work stealing can beat the static ones where cores run at unequal speeds.
     ceiling: bool = False
     # Its worker counts share one process-wide pool (joblib's loky backend resizes a single
     # reusable executor), so they cannot interleave: timed one count at a time.
@@ -233,12 +234,25 @@ def _ray() -> Any:
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main \
             else {}
         before = {p.pid for p in psutil.Process().children()}
-        ray.init(num_cpus=_RAY["cpus"] or os.cpu_count(), resources={"bench_slot": RAY_SLOTS},
-                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 _system_config={"worker_niceness": 0})
-        _RAY["daemons"] = [p for p in psutil.Process().children() if p.pid not in before]
-        for sig, handler in saved.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        cut = None
+        try:
+            ray.init(num_cpus=_RAY["cpus"] or os.cpu_count(), resources={"bench_slot": RAY_SLOTS},
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                     _system_config={"worker_niceness": 0})
+        except SystemExit as e:
+            # While ray.init runs, Ray's own SIGTERM handlers are in place: sys.exit(15), and
+            # exit code 1 once it has connected. A SIGTERM then (a run cut by `timeout` as Ray
+            # starts) went out with exit code 15 or 1: it goes the bench's way instead.
+            if not saved or e.code not in (signal.SIGTERM, 1):
+                raise
+            cut = e
+        finally:  # even for a cut start: ray_stop then kills what it had started
+            _RAY["daemons"] = [p for p in psutil.Process().children() if p.pid not in before]
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if cut is not None:
+            signal.raise_signal(signal.SIGTERM)  # its handler raises here
+            raise cut
     return ray
 
 
@@ -251,7 +265,7 @@ def ray_stop() -> None:
     ray = sys.modules.get("ray")
     _RAY["fns"].clear()
     ray_config(None)
-    if ray is None or not ray.is_initialized():
+    if ray is None or not (ray.is_initialized() or _RAY["daemons"]):
         return
     import psutil
 
@@ -261,7 +275,7 @@ def ray_stop() -> None:
         except psutil.Error:
             return False
     daemons, _RAY["daemons"] = _RAY["daemons"], []
-    if all(alive(p) for p in daemons):
+    if ray.is_initialized() and all(alive(p) for p in daemons):
         ray.shutdown()
         return
     import atexit
@@ -594,7 +608,7 @@ def _split_block(blocks: tuple) -> np.ndarray:
     return fn(*blocks, *consts)
 
 
-# (fn, inputs, consts, out) of the compute ceiling being measured, inherited by forked workers
+# (kernel, inputs, consts, out) of the equal static shares measured, inherited by forked workers
 _SHARES: list = []
 
 
@@ -613,7 +627,7 @@ def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
 
 def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], consts: tuple,
                 out: np.ndarray, held: list,
-                ceiling: Callable[..., np.ndarray] | None = None) -> list[Method]:
+                equal_shares: Callable[..., np.ndarray] | None = None) -> list[Method]:
     """The ways a user splits a workload by hand: ``fn(*blocks, *consts)`` returns the block of
     ``out`` that blocks of ``inputs`` (cut along the first axis, ``BLOCKS_PER_WORKER`` a worker)
     give. Each thread or process runs one BLAS thread, as parrun's workers do. Threads write
@@ -621,11 +635,11 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     returns pickled results, with ``consts`` (the model's weights) inherited once at fork;
     joblib gets everything as arguments (it memmaps the large ones).
 
-    ``ceiling``: parrun's own kernel, called as ``fn`` is, for the compute ceiling of work
-    whose rows cost alike: w forked processes with one BLAS thread, each running it on one
-    equal contiguous share of the inherited inputs into memory shared at the fork (its run's
+    ``equal_shares``: parrun's own kernel, called as ``fn`` is, for a reference line where
+    rows cost alike: w forked processes with one BLAS thread, each running it on one equal
+    contiguous share of the inherited inputs into memory shared at the fork (its run's
     ``out``); nothing pickled, sent or scheduled. At 1 worker it is the whole batch in one
-    call, at w what w cores of this machine give that kernel."""
+    call; at w, the best a static split of that kernel can do if every core runs alike."""
     n = len(inputs[0])
 
     def bounds(w: int) -> list[tuple[int, int]]:
@@ -670,7 +684,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         if not shared:  # anonymous MAP_SHARED: written by the processes forked after it
             buf = mmap.mmap(-1, max(1, out.nbytes))
             shared.append(np.frombuffer(buf, out.dtype, out.size).reshape(out.shape))
-        _SHARES[:] = [ceiling, inputs, consts, shared[0]]
+        _SHARES[:] = [equal_shares, inputs, consts, shared[0]]
         p = mp.get_context("fork").Pool(w, initializer=_one_blas_thread)
         held.append(p)
         parts = [(n * k // w, n * (k + 1) // w) for k in range(w)]
@@ -681,11 +695,11 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         return run
 
     refs: list = []  # Ray's copies of inputs and consts, put once for every count
-    shared: list[np.ndarray] = []  # the compute ceiling's output
+    shared: list[np.ndarray] = []  # the equal static shares' output
     methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool)]
-    if ceiling is not None:
-        methods.append(Method("forked shares, nothing sent (ceiling)", shares,
+    if equal_shares is not None:
+        methods.append(Method("equal static shares, nothing sent", shares,
                               ceiling=True))
     try:
         from joblib import Parallel, delayed
@@ -765,7 +779,8 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
         methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),
-                               np.empty((b, d), np.float32), held, ceiling=nn.mlp_reference)
+                               np.empty((b, d), np.float32), held,
+                               equal_shares=nn.mlp_reference)
         methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
         wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
                       note=f"{b}x{d} -> {h} -> {d} float32")
@@ -786,7 +801,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         heads = tuple(a.reshape(B * H, S, D) for a in (q, k, v))
         methods += split_peers(_attention_heads, heads, (),
                                np.empty((B * H, S, D), np.float32), held,
-                               ceiling=_attention_tiles)
+                               equal_shares=_attention_tiles)
         methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
                       note="x".join(map(str, shape)) + " float32")

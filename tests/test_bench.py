@@ -85,7 +85,7 @@ def _installed(pkg: str) -> bool:
 @pytest.mark.timeout(90)
 def test_split_peers_compute_what_the_reference_computes():
     """The nn workloads' hand-split peers (threads, multiprocessing.Pool, joblib, mpire, Ray)
-    and the compute ceiling: each fills its output with the serial reference's numbers, so the
+    and the equal static shares: each fills its output with the serial reference's numbers, so the
     bench compares like with like."""
     from parrun import nn
     from parrun.nn import _mandelbrot as M
@@ -95,7 +95,7 @@ def test_split_peers_compute_what_the_reference_computes():
     weights = (rng.standard_normal((16, 32), dtype=np.float32), np.zeros(32, np.float32),
                rng.standard_normal((32, 16), dtype=np.float32), np.ones(16, np.float32))
     q, k, v = (rng.standard_normal((6, 40, 8), dtype=np.float32) for _ in range(3))
-    # (fn, inputs, consts, the kernel the compute ceiling runs, reference)
+    # (fn, inputs, consts, the kernel the equal static shares run, reference)
     cases = [(nn.mlp_reference, (x,), weights, nn.mlp_reference, nn.mlp_reference(x, *weights)),
              (parrun.bench._attention_heads, (q, k, v), (), parrun.bench._attention_tiles,
               nn.attention_reference(q[None], k[None], v[None])[0]),
@@ -106,14 +106,14 @@ def test_split_peers_compute_what_the_reference_computes():
     try:
         for fn, inputs, consts, kernel, ref in cases:
             out = np.zeros_like(ref)
-            for m in parrun.bench.split_peers(fn, inputs, consts, out, held, ceiling=kernel):
+            for m in parrun.bench.split_peers(fn, inputs, consts, out, held, equal_shares=kernel):
                 if m.make is None:  # joblib, mpire or Ray not installed
                     assert m.skipped == "not installed", m
                     continue
                 out[:] = 0
                 run = m.make(3)
                 run()
-                # The compute ceiling writes into memory it shares with its processes.
+                # Equal static shares write into memory shared with their processes.
                 got = run.out if m.ceiling else out
                 np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=m.name)
                 ran.add(m.name.split(",")[0])
@@ -123,7 +123,7 @@ def test_split_peers_compute_what_the_reference_computes():
         if any(type(p).__name__ == "Parallel" for p in held):  # joblib's process-wide workers
             _stop_joblib()
     assert {"ThreadPoolExecutor", "multiprocessing.Pool",
-            "forked shares"} <= ran
+            "equal static shares"} <= ran
     assert ("mpire" in ran) == _installed("mpire") and ("ray" in ran) == _installed("ray")
 
 
@@ -157,6 +157,51 @@ def test_ray_peers_run_beside_parrun_and_leave_nothing_behind():
             "/ray/" in a or a.startswith("ray::") for a in argv[:2])
     left = [p for p in psutil.Process().children(recursive=True) if ray_process(p)]
     assert not left, [(p.pid, p.ppid(), p.cmdline()) for p in left]
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_while_ray_starts_goes_the_bench_s_way(monkeypatch):
+    """``ray.init`` puts in its own SIGTERM handler (``sys.exit(15)``) as it begins, and the
+    bench's handlers went back only once it returned: a SIGTERM in between ended the bench
+    with exit code 15 instead of through its own handler (seen under load in
+    ``test_a_signal_ends_a_run_with_ray_cleanly``). Now that signal reaches the bench's
+    handler, and ``ray_stop`` kills the daemons the cut start had begun."""
+    import types
+
+    import psutil
+
+    daemons: list[subprocess.Popen] = []
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray does
+        daemons.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises here
+        raise AssertionError("no SIGTERM")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        init=init, is_initialized=lambda: False, shutdown=lambda: None))
+
+    class Cut(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Cut
+
+    mine = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Cut):
+            parrun.bench._ray()
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert [p.pid for p in parrun.bench._RAY["daemons"]] == [daemons[0].pid]
+        parrun.bench.ray_stop()  # kills it, and reaps it (so Popen.wait would say 0)
+        assert not psutil.pid_exists(daemons[0].pid)
+    finally:
+        signal.signal(signal.SIGTERM, mine)
+        parrun.bench._RAY.update(daemons=[], killed=False)
+        for d in daemons:
+            d.kill()
+            d.wait()
 
 
 @pytest.mark.timeout(120)

@@ -87,6 +87,37 @@ def test_bench_dask(tmp_path):
     assert "dask/local" in r.stdout
 
 
+@pytest.mark.timeout(180)
+def test_bench_cores(tmp_path):
+    """Independent processes per kernel: every process's time for every round, and (with
+    ``--pairs``) the pinned pairs' slowdowns, for the CPUs this process may run on."""
+    out = tmp_path / "c.json"
+    r = _run("bench_cores.py", "--workers", "1,2", "--kernels", "python,copy", "--repeat", "2",
+             "--pairs", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert set(data["kernels"]) == {"python", "copy"}
+    for rows in data["kernels"].values():
+        assert set(rows) == {"1", "2"}
+        for w, times in rows.items():  # a list of rounds for each of the w processes
+            assert len(times) == int(w) and all(len(t) == 2 for t in times)
+            assert all(t > 0 for proc in times for t in proc)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        pairs = data["pairs"]["python"]
+        assert pairs["cpu"] == cpus[0] and set(pairs["slowdown"]) == {str(c) for c in cpus[1:]}
+        assert all(s > 0 for s in pairs["slowdown"].values())
+        assert "pairs: slowdown" in r.stdout
+    assert "speed-up" in r.stdout and "GB/s" in r.stdout
+
+
+def test_bench_cores_names_a_bad_argument():
+    r = _run("bench_cores.py", "--kernels", "python,fft", code=2)
+    assert "--kernels: unknown fft; choose from python, sgemm, mandelbrot, copy" in r.stderr
+    for bad in ("0,2", "two"):
+        r = _run("bench_cores.py", "--workers", bad, code=2)
+        assert f"--workers: positive integers separated by commas, got '{bad}'" in r.stderr
+
+
 def test_bench_nn_names_an_unknown_workload():
     """(Its workloads take a minute even once each: the suite's nn workloads are tested in
     test_bench.py.)"""
