@@ -775,7 +775,15 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                 model.pool = pools[w]  # set per run: the runs of all counts interleave
                 model.predict(xs, out=out)
             return run
+        def hidden_slices(w):
+            # The batch in blocks of rows times 4 slices of the hidden layer: 1024-row
+            # pieces at every count here, where rows alone give 256-row ones at 16 workers.
+            def run():
+                model.pool = pools[w]
+                model.predict(xs, out=out, hidden_slices=4)
+            return run
         methods = [Method("parrun nn.mlp", with_parrun),
+                   Method("parrun nn.mlp, hidden in 4 slices", hidden_slices),
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
         methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),

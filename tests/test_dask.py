@@ -217,6 +217,11 @@ def test_mlp_matches_local_pool(dpool, pool):
         assert len(dpool._cache) <= kept + 1  # the weights went once (their payload is new)
         got = list(model.predict_many([x[:100], x[100:600], x[600:]]))
         np.testing.assert_allclose(np.concatenate(got), ref, rtol=1e-4, atol=1e-4)
+        # the hidden layer in slices: partial outputs written by the workers, then summed
+        np.testing.assert_allclose(model.predict(x, hidden_slices=2), ref, rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(nn.mlp(x, *w, pool=dpool, hidden_slices=3), ref,
+                                   rtol=1e-4, atol=1e-4)
     finally:
         model.release()
 

@@ -51,6 +51,42 @@ def test_mlp_tiles_are_tall_yet_every_worker_gets_rows(rows, workers):
         assert grain == share and pieces <= workers
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("shape,slices,grain", [((333, 64, 200, 33), 3, None),
+                                                ((4096, 32, 64, 16), 4, None),
+                                                ((7, 8, 5, 4), 5, 2), ((1, 8, 16, 4), 2, None),
+                                                ((50, 8, 16, 4), 16, 1000)])
+def test_mlp_with_the_hidden_layer_in_slices_matches_reference(pool, dtype, activation, shape,
+                                                               slices, grain):
+    """Blocks of rows times slices of the hidden layer, each into its own partial output,
+    then summed: the reference's numbers, for slices that do not divide the hidden layer,
+    one column wide, or a block taller than the batch."""
+    rng = np.random.default_rng(2)
+    args = _mlp_args(rng, *shape, dtype)
+    out = np.full((shape[0], shape[3]), np.nan, dtype)  # a plain array: written through
+    y = nn.mlp(*args, activation=activation, pool=pool, out=out, hidden_slices=slices,
+               grain=grain)
+    assert y is out
+    np.testing.assert_allclose(y, nn.mlp_reference(*args, activation), rtol=RTOL[dtype],
+                               atol=RTOL[dtype])
+
+
+def test_mlp_hidden_slices_take_an_empty_batch_and_reject_bad_values(pool):
+    args = _mlp_args(np.random.default_rng(3), 64, 16, 32, 8, np.float32)
+    empty = nn.mlp(args[0][:0], *args[1:], pool=pool, hidden_slices=2)
+    assert empty.shape == (0, 8)
+    empty.release()
+    for bad in (0, 33, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"hidden_slices must be an integer from 1 to "
+                                             r"d_hidden \(32\), got"):
+            nn.mlp(*args, pool=pool, hidden_slices=bad)
+    with pytest.raises(ValueError, match="grain must be greater than 0, got 0"):
+        nn.mlp(*args, pool=pool, hidden_slices=2, grain=0)
+    with pytest.raises(TypeError, match="grain must be an int, got float"):
+        nn.mlp(*args, pool=pool, hidden_slices=2, grain=1.5)
+
+
 def test_erf_is_accurate():
     import math
 
@@ -144,6 +180,32 @@ def test_mlp_model_predict_and_stream(pool):
         y = model.predict(batches[3])
         np.testing.assert_allclose(y, outs[3], rtol=1e-5, atol=1e-6)
         y.release()
+        y = model.predict(batches[3], hidden_slices=3)
+        np.testing.assert_allclose(y, outs[3], rtol=1e-5, atol=1e-6)
+        y.release()
+    finally:
+        model.release()
+
+
+@pytest.mark.timeout(120)
+def test_mlp_model_hidden_slices_from_many_threads(pool):
+    """The model keeps one scratch for the hidden slices' partial outputs: threads predicting
+    at once must not write into each other's (a thread that finds it taken makes its own)."""
+    import concurrent.futures as cf
+
+    rng = np.random.default_rng(5)
+    _, w1, b1, w2, b2 = _mlp_args(rng, 1, 32, 64, 16, np.float32)
+    model = nn.MLPModel(w1, b1, w2, b2, pool=pool)
+    xs = [rng.standard_normal((200, 32)).astype(np.float32) for _ in range(4)]
+    refs = [nn.mlp_reference(x, w1, b1, w2, b2) for x in xs]
+    try:
+        def predict(i):
+            y = model.predict(xs[i % 4], hidden_slices=4)
+            ok = np.allclose(y, refs[i % 4], rtol=1e-4, atol=1e-4)
+            y.release()
+            return ok
+        with cf.ThreadPoolExecutor(4) as ex:
+            assert all(ex.map(predict, range(40)))
     finally:
         model.release()
 
