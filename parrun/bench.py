@@ -775,6 +775,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                 model.pool = pools[w]  # set per run: the runs of all counts interleave
                 model.predict(xs, out=out)
             return run
+
         def hidden_slices(w):
             # The batch in blocks of rows times 4 slices of the hidden layer: 1024-row
             # pieces at every count here, where rows alone give 256-row ones at 16 workers.
