@@ -118,6 +118,21 @@ def test_bench_cores_names_a_bad_argument():
         assert f"--workers: positive integers separated by commas, got '{bad}'" in r.stderr
 
 
+@pytest.mark.timeout(180)
+def test_bench_mlp_slices(tmp_path):
+    out = tmp_path / "s.json"
+    r = _run("bench_mlp_slices.py", "--cases", "64:2,100:3", "--size", "32,96", "--repeat",
+             "2", "--json", str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert [(c["rows"], c["slices"]) for c in cases] == [(64, 2), (100, 3)]
+    for c in cases:
+        assert set(c["times_s"]) == {"1", str(c["slices"])}
+        assert all(len(ts) == 2 and min(ts) > 0 for ts in c["times_s"].values())
+    assert "100 rows, hidden_slices=3" in r.stdout
+    r = _run("bench_mlp_slices.py", "--cases", "64:0", code=2)
+    assert "--cases: rows:slices pairs of positive integers, got '64:0'" in r.stderr
+
+
 def test_bench_nn_names_an_unknown_workload():
     """(Its workloads take a minute even once each: the suite's nn workloads are tested in
     test_bench.py.)"""
