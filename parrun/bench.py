@@ -520,7 +520,8 @@ def tasks_workload(quick: bool, pools) -> Workload:
 def lpt_shares(n: int, w: int) -> list[list[int]]:
     """The irregular workload's oracle split: costs known in advance, the dearest item first
     to the least loaded share (LPT), so each process gets an equal share of the work and
-    nothing is scheduled while it runs. What w processes can reach on this machine."""
+    nothing is scheduled while it runs: the best a split fixed in advance can do where every
+    core runs alike. Where some run slower (a shared machine), work stealing can beat it."""
     shares: list[list[int]] = [[] for _ in range(w)]
     load = [0] * w
     for i in reversed(range(n)):
@@ -570,7 +571,7 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
                Method("static cyclic split", lambda w: mp_pool(w, "cyclic")),
                Method("multiprocessing.Pool.map default chunks", lambda w: mp_pool(w, "chunks")),
                Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap")),
-               Method("oracle split (costs known; the ceiling)",
+               Method("oracle split (costs known in advance)",
                       lambda w: mp_pool(w, "oracle"), ceiling=True)]
     try:
         from joblib import Parallel, delayed
