@@ -3,13 +3,13 @@
     python benchmarks/bench_cores.py [--workers 1,2,4,8,16] [--kernels python,sgemm,mandelbrot,copy]
                                      [--repeat 5] [--pairs] [--json PATH]
 
-Nothing is shared, sent or scheduled. For each count w, w processes are forked, each with one
-BLAS thread; they run the job once to warm up, then ``--repeat`` times, all starting each round
-together at a barrier. On a machine that scaled perfectly each process would take as long as
-one alone: aggregate speed-up = w x t(1) / t(w), where t(w) is the median over rounds of the
-slowest process's time. That is the most any pool can get from w workers on this machine for
-that kind of work: it includes clocks that drop as more cores are busy, hyperthreads sold as
-cores, and shared caches and memory bandwidth.
+Nothing is shared, sent or scheduled. For each count w (1 always, first), w processes are
+forked, each with one BLAS thread; they run the job once to warm up, then ``--repeat``
+times, all starting each round together at a barrier. On a machine that scaled perfectly
+each process would take as long as one alone: aggregate speed-up = w x t(1) / t(w), where
+t(w) is the median over rounds of the slowest process's time. That is the most any pool can
+get from w workers on this machine for that kind of work: it includes clocks that drop as
+more cores are busy, hyperthreads sold as cores, and shared caches and memory bandwidth.
 
 Kernels: ``python`` (the irregular workload's pure-Python items 0..499), ``sgemm`` (one
 256-row tile of the MLP workload, 1024 -> 4096 -> 1024 float32, the piece parrun's workers run
@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,25 +95,31 @@ UNIT = {"sgemm": "GFLOP/s", "copy": "GB/s"}
 
 
 def _child(kernel: str, repeat: int, cpu: int | None, barrier: Any, conn: Any) -> None:
+    """Send the job's times, or what went wrong (the barrier broken: the others stop
+    waiting at once)."""
     from threadpoolctl import threadpool_limits
 
     from parrun._worker import _die_with_parent
 
-    _die_with_parent()
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    threadpool_limits(1)
-    job = KERNELS[kernel]()  # each process builds its own inputs: nothing shared
-    job()
-    times = []
     try:
+        _die_with_parent()
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        threadpool_limits(1)
+        job = KERNELS[kernel]()  # each process builds its own inputs: nothing shared
+        job()
+        times = []
         for _ in range(repeat):
             barrier.wait(BARRIER_TIMEOUT)
             t0 = time.perf_counter()
             job()
             times.append(time.perf_counter() - t0)
-    finally:
         conn.send(times)
+    except BaseException as e:
+        barrier.abort()
+        conn.send(e if isinstance(e, threading.BrokenBarrierError) else
+                  RuntimeError(f"{type(e).__name__}: {e}"))
+    finally:
         conn.close()
 
 
@@ -132,16 +139,19 @@ def together(kernel: str, w: int, repeat: int,
             s.close()
             procs.append(p)
             conns.append(r)
-        times = [c.recv() for c in conns]
+        got = [c.recv() for c in conns]
     finally:
         for p in procs:
             p.join(BARRIER_TIMEOUT)
             if p.is_alive():
                 p.kill()
                 p.join()
-    if any(len(t) != repeat for t in times):
-        raise RuntimeError(f"{kernel} x {w}: a process did not finish its rounds")
-    return times
+    errors = [g for g in got if isinstance(g, BaseException)]
+    if errors:  # the one that broke the barrier, not the others it stopped
+        first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)),
+                     errors[0])
+        raise RuntimeError(f"{kernel} x {w} processes: {first}")
+    return got
 
 
 def slowest(times: list[list[float]]) -> float:
@@ -163,6 +173,9 @@ def main() -> int:
         counts = []
     if not counts or min(counts) < 1:
         ap.error(f"--workers: positive integers separated by commas, got {a.workers!r}")
+    if a.repeat < 1:
+        ap.error(f"--repeat: a positive integer, got {a.repeat}")
+    counts = sorted(set(counts) | {1})  # 1 process, first: what the speed-ups are against
     kernels = a.kernels.split(",")
     if unknown := [k for k in kernels if k not in KERNELS]:
         ap.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
@@ -196,6 +209,8 @@ def main() -> int:
                 line += f" {w * WORK[kernel] / t:9.1f}"
             print(line, flush=True)
         save()
+    if a.pairs and not {"sgemm", "python"} & set(kernels):
+        print("\npairs: skipped, they run the sgemm and python kernels (see --kernels)")
     if a.pairs and len(cpus) > 1:
         first = cpus[0]
         print(f"\npairs: slowdown of a process pinned to CPU {first} while another runs on "

@@ -4,11 +4,11 @@
                                           [--size 1024,4096] [--json PATH]
 
 ``MLPModel.predict(batch, hidden_slices=s)`` against ``hidden_slices=1`` on one pool, runs
-interleaved (one of each in turn, after a warm-up of each), every result checked against
-``mlp_reference``. A case ``rows:s`` is a batch of that many rows and s slices. The default
-cases on 2 workers: 512 rows leave 256 a worker, the tile height 16 workers get from the
-suite's 4096-row batch; 4096 rows are the suite's batch. ``--size d,h`` is d_in = d_out and
-d_hidden (default 1024,4096, the suite's MLP).
+interleaved (one of each in turn, which first alternating, after a warm-up of each), every
+result checked against ``mlp_reference``. A case ``rows:s`` is a batch of that many rows and
+s slices. The default cases on 2 workers: 512 rows leave 256 a worker, the tile height 16
+workers get from the suite's 4096-row batch; 4096 rows are the suite's batch. ``--size d,h``
+is d_in = d_out and d_hidden (default 1024,4096, the suite's MLP).
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ def main() -> int:
     ap.add_argument("--json", help="write every time here")
     a = ap.parse_args()
     cases = _cases(ap, a.cases)
-    d, h = (int(v) for v in a.size.split(","))
+    try:
+        d, h = (int(v) for v in a.size.split(","))
+    except ValueError:
+        d = h = 0
+    if min(d, h) < 1:
+        ap.error(f"--size: d,h, two positive integers, got {a.size!r}")
+    if bad := [f"{r}:{s}" for r, s in cases if not 2 <= s <= h]:
+        ap.error(f"--cases: slices from 2 to d_hidden ({h}), got {', '.join(bad)}")
     if a.workers < 1 or a.repeat < 1:
         ap.error("--workers and --repeat must be positive")
     rng = np.random.default_rng(0)
@@ -73,8 +80,8 @@ def main() -> int:
                     times: dict[int, list[float]] = {1: [], slices: []}
                     for s in times:  # warm-up: the kept scratch and w1.T are made here
                         model.predict(x, out=out, hidden_slices=s)
-                    for _ in range(a.repeat):
-                        for s, ts in times.items():
+                    for k in range(a.repeat):  # which goes first alternates
+                        for s, ts in sorted(times.items(), reverse=k % 2 == 1):
                             t0 = time.perf_counter()
                             model.predict(x, out=out, hidden_slices=s)
                             ts.append(time.perf_counter() - t0)
@@ -89,11 +96,11 @@ def main() -> int:
                           f"({min(ts) * 1e3:.1f})  {flop / med:7.1f} GFLOP/s", flush=True)
                 result["cases"].append({"rows": rows, "slices": slices,
                                         "times_s": {str(s): ts for s, ts in times.items()}})
+                if a.json:  # after every case: a run cut short keeps what it measured
+                    with open(a.json, "w") as f:
+                        json.dump(result, f, indent=1)
         finally:
             model.release()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

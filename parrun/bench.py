@@ -246,8 +246,12 @@ def _ray() -> Any:
             if not saved or e.code not in (signal.SIGTERM, 1):
                 raise
             cut = e
-        finally:  # even for a cut start: ray_stop then kills what it had started
-            _RAY["daemons"] = [p for p in psutil.Process().children() if p.pid not in before]
+        finally:
+            started = [p for p in psutil.Process().children() if p.pid not in before]
+            if cut is None and not ray.is_initialized():
+                _kill_trees(started)  # a failed start: nothing would use or stop them
+                started = []
+            _RAY["daemons"] = started  # a cut start's too: ray_stop kills them
             for sig, handler in saved.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if cut is not None:
@@ -281,19 +285,26 @@ def ray_stop() -> None:
     import atexit
 
     atexit.unregister(ray.shutdown)
-    procs = []
-    for p in daemons:
+    _kill_trees(daemons)
+    _RAY["killed"] = True
+
+
+def _kill_trees(procs: list) -> None:
+    """SIGKILL ``procs`` (psutil processes) and their children, and wait for them."""
+    import psutil
+
+    every = []
+    for p in procs:
         try:
-            procs += [p, *p.children(recursive=True)]
+            every += [p, *p.children(recursive=True)]
         except psutil.Error:
             pass
-    for p in procs:
+    for p in every:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(procs, timeout=PEER_CLOSE_TIMEOUT)
-    _RAY["killed"] = True
+    psutil.wait_procs(every, timeout=PEER_CLOSE_TIMEOUT)
 
 
 SKIPPABLE = ("joblib", "loky", "numexpr", "numba", "torch", "sentence-transformers", "mpire",
@@ -636,8 +647,9 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     returns pickled results, with ``consts`` (the model's weights) inherited once at fork;
     joblib gets everything as arguments (it memmaps the large ones).
 
-    ``equal_shares``: parrun's own kernel, called as ``fn`` is, for a reference line where
-    rows cost alike: w forked processes with one BLAS thread, each running it on one equal
+    ``equal_shares``: the kernel parrun's pieces run, called as ``fn`` is (the MLP's: the
+    same BLAS calls as its tiles; attention's: its query-block tiles), for a reference line
+    where rows cost alike: w forked processes with one BLAS thread, each running it on one equal
     contiguous share of the inherited inputs into memory shared at the fork (its run's
     ``out``); nothing pickled, sent or scheduled. At 1 worker it is the whole batch in one
     call; at w, the best a static split of that kernel can do if every core runs alike."""

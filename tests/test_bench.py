@@ -85,8 +85,8 @@ def _installed(pkg: str) -> bool:
 @pytest.mark.timeout(90)
 def test_split_peers_compute_what_the_reference_computes():
     """The nn workloads' hand-split peers (threads, multiprocessing.Pool, joblib, mpire, Ray)
-    and the equal static shares: each fills its output with the serial reference's numbers, so the
-    bench compares like with like."""
+    and the equal static shares: each fills its output with the serial reference's numbers,
+    so the bench compares like with like."""
     from parrun import nn
     from parrun.nn import _mandelbrot as M
 
@@ -198,6 +198,36 @@ def test_a_sigterm_while_ray_starts_goes_the_bench_s_way(monkeypatch):
         assert not psutil.pid_exists(daemons[0].pid)
     finally:
         signal.signal(signal.SIGTERM, mine)
+        parrun.bench._RAY.update(daemons=[], killed=False)
+        for d in daemons:
+            d.kill()
+            d.wait()
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_ray_start_leaves_no_daemons(monkeypatch):
+    """``ray.init`` that fails after starting daemons: they are killed then (Ray is not up,
+    so nothing would stop them). The bench calls it again for every worker count, and only
+    the last start's daemons were kept for ``ray_stop``: the earlier ones ran on."""
+    import types
+
+    import psutil
+
+    daemons: list[subprocess.Popen] = []
+
+    def init(**kwargs):
+        daemons.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        raise RuntimeError("the raylet did not start")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        init=init, is_initialized=lambda: False, shutdown=lambda: None))
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="the raylet did not start"):
+                parrun.bench._ray()
+            assert parrun.bench._RAY["daemons"] == []
+        assert not any(psutil.pid_exists(d.pid) for d in daemons)
+    finally:
         parrun.bench._RAY.update(daemons=[], killed=False)
         for d in daemons:
             d.kill()

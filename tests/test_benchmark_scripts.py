@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,20 @@ def test_bench_cores_names_a_bad_argument():
     for bad in ("0,2", "two"):
         r = _run("bench_cores.py", "--workers", bad, code=2)
         assert f"--workers: positive integers separated by commas, got '{bad}'" in r.stderr
+    r = _run("bench_cores.py", "--repeat", "0", code=2)
+    assert "--repeat: a positive integer, got 0" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bench_cores_measures_one_process_first(tmp_path):
+    """Speed-ups are over 1 process: it is measured even where --workers leaves it out (they
+    were over the first count given: 2 processes read as perfect scaling)."""
+    out = tmp_path / "c.json"
+    r = _run("bench_cores.py", "--workers", "2", "--kernels", "copy", "--repeat", "1",
+             "--json", str(out))
+    assert set(json.loads(out.read_text())["kernels"]["copy"]) == {"1", "2"}
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [ln[0] for ln in lines][-2:] == ["1", "2"] and lines[-2][3] == "1.00x"
 
 
 @pytest.mark.timeout(180)
@@ -131,6 +146,11 @@ def test_bench_mlp_slices(tmp_path):
     assert "100 rows, hidden_slices=3" in r.stdout
     r = _run("bench_mlp_slices.py", "--cases", "64:0", code=2)
     assert "--cases: rows:slices pairs of positive integers, got '64:0'" in r.stderr
+    r = _run("bench_mlp_slices.py", "--cases", "64:1,8:200", "--size", "32,96", code=2)
+    assert "--cases: slices from 2 to d_hidden (96), got 64:1, 8:200" in r.stderr
+    for bad in ("32", "32,x", "0,96"):
+        r = _run("bench_mlp_slices.py", "--size", bad, code=2)
+        assert f"--size: d,h, two positive integers, got '{bad}'" in r.stderr
 
 
 def test_bench_nn_names_an_unknown_workload():
@@ -153,15 +173,39 @@ def test_bench_irregular_leaves_joblib_out_at_one_worker(tmp_path):
         assert "joblib left out at 1 worker" in r.stdout
 
 
-def _bench_map(monkeypatch):
-    """benchmarks/bench_map.py as a module (without the variables that make it re-exec)."""
+def _script(monkeypatch, name: str):
+    """benchmarks/<name>.py as a module (without the variables that make it re-exec)."""
     for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         monkeypatch.delenv(v, raising=False)
-    spec = importlib.util.spec_from_file_location("bench_map", ROOT / "benchmarks" /
-                                                  "bench_map.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_map(monkeypatch):
+    return _script(monkeypatch, "bench_map")
+
+
+@pytest.mark.timeout(60)
+def test_bench_cores_says_at_once_what_a_process_hit(monkeypatch):
+    """A process that fails (here building its job's inputs) breaks the barrier: the others
+    stop waiting at once (they waited BARRIER_TIMEOUT, 120 s, then the parent read a bare
+    EOFError), and the error names the kernel and what went wrong."""
+    bc = _script(monkeypatch, "bench_cores")
+
+    def no_room():
+        if os.getpid() % 2:  # one process in two, about
+            raise MemoryError("no room for the job")
+        return lambda: None
+
+    monkeypatch.setitem(bc.KERNELS, "no_room", no_room)
+    monkeypatch.setattr(bc, "BARRIER_TIMEOUT", 50.0)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no_room x 4 processes: MemoryError: no room"):
+        for _ in range(5):  # until some process's pid is odd
+            bc.together("no_room", 4, 2)
+    assert time.monotonic() - t0 < 20
 
 
 def test_bench_map_fails_a_method_that_writes_nothing(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -77,14 +79,92 @@ def test_mlp_hidden_slices_take_an_empty_batch_and_reject_bad_values(pool):
     empty = nn.mlp(args[0][:0], *args[1:], pool=pool, hidden_slices=2)
     assert empty.shape == (0, 8)
     empty.release()
-    for bad in (0, 33, 2.0, True, None):
-        with pytest.raises(ValueError, match=r"hidden_slices must be an integer from 1 to "
-                                             r"d_hidden \(32\), got"):
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match=rf"hidden_slices must be from 1 to d_hidden "
+                                             rf"\(32\), got {bad}"):
+            nn.mlp(*args, pool=pool, hidden_slices=bad)
+    for bad, name in ((2.0, "float"), (True, "bool"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"hidden_slices must be an int, got {name}"):
             nn.mlp(*args, pool=pool, hidden_slices=bad)
     with pytest.raises(ValueError, match="grain must be greater than 0, got 0"):
         nn.mlp(*args, pool=pool, hidden_slices=2, grain=0)
     with pytest.raises(TypeError, match="grain must be an int, got float"):
         nn.mlp(*args, pool=pool, hidden_slices=2, grain=1.5)
+
+
+def test_mlp_hidden_slices_give_every_worker_as_many_pieces():
+    """With the hidden layer in slices, the default blocks are at most MAX_TILE_ROWS rows,
+    and where the rows divide among the workers and the blocks fit under that, blocks x
+    slices pieces are a multiple of the workers (2 workers and 3 slices: 6 pieces, not 3)."""
+    from parrun.nn._mlp import MAX_TILE_ROWS, slices_grain
+
+    for rows in (1, 96, 4096, 4800, 100_000):
+        for workers in (1, 2, 3, 8, 16):
+            for slices in (1, 2, 3, 4, 16):
+                grain = slices_grain(rows, workers, slices)
+                blocks = -(-rows // grain)
+                assert 1 <= grain <= MAX_TILE_ROWS
+                if rows % workers == 0 and grain < MAX_TILE_ROWS:
+                    assert blocks * slices % workers == 0, (rows, workers, slices, grain)
+
+
+@pytest.mark.timeout(120)
+def test_mlp_hidden_slices_recover_a_dead_worker(pool, tmp_path, monkeypatch):
+    """A worker that dies in a piece: its pieces run again (each partial is written from x
+    and the weights alone), as they do with rows alone; the numbers are the reference's."""
+    from parrun.nn import _mlp
+
+    flag = tmp_path / "die"
+
+    class DieOnce(_mlp._MLPSlices):
+        def __call__(self, pieces):
+            try:
+                os.remove(flag)  # the first worker to get here dies
+            except FileNotFoundError:
+                return super().__call__(pieces)
+            os._exit(3)
+
+    monkeypatch.setattr(_mlp, "_MLPSlices", DieOnce)
+    args = _mlp_args(np.random.default_rng(6), 64, 8, 12, 8, np.float64)
+    flag.touch()
+    y = nn.mlp(*args, pool=pool, hidden_slices=2, grain=8)
+    assert not flag.exists()  # a worker did die
+    np.testing.assert_allclose(y, nn.mlp_reference(*args), rtol=1e-12)
+    y.release()
+
+
+def test_mlp_releases_what_it_allocated_when_a_worker_raises(pool, monkeypatch):
+    from conftest import shm_segments
+
+    from parrun.nn import _mlp
+
+    class Boom(_mlp._MLPSlices):
+        def __call__(self, pieces):
+            raise RuntimeError("boom in a piece")
+
+    monkeypatch.setattr(_mlp, "_MLPSlices", Boom)
+    args = [parrun.asshared(a) for a in _mlp_args(np.random.default_rng(7), 16, 8, 12, 4,
+                                                  np.float32)]
+    try:
+        before = set(shm_segments(os.getpid()))
+        with pytest.raises(RuntimeError, match="boom in a piece") as e:
+            nn.mlp(*args, pool=pool, hidden_slices=2)
+        assert set(shm_segments(os.getpid())) == before, e  # the exception still alive
+    finally:
+        for a in args:
+            a.release()
+
+
+def test_a_released_mlp_model_says_so(pool):
+    _, w1, b1, w2, b2 = _mlp_args(np.random.default_rng(8), 1, 8, 12, 4, np.float32)
+    model = nn.MLPModel(w1, b1, w2, b2, pool=pool)
+    model.predict(np.ones((3, 8), np.float32), hidden_slices=2).release()
+    model.release()
+    for call in (lambda: model.predict(np.ones((3, 8), np.float32)),
+                 lambda: next(model.predict_many([np.ones((3, 8), np.float32)]))):
+        with pytest.raises(ValueError, match="this MLPModel was released"):
+            call()
+    model.release()  # again: nothing left to free
 
 
 def test_erf_is_accurate():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import operator
+import math
 import threading
 from typing import Any
 
@@ -32,6 +32,14 @@ def default_grain(rows: int, workers: int) -> int:
     if share >= 2 * TILE_ROWS:
         return min(MAX_TILE_ROWS, -(-share // 2))
     return max(1, share)
+
+
+def slices_grain(rows: int, workers: int, slices: int) -> int:
+    """Rows per block with the hidden layer in ``slices``: blocks x slices pieces, a multiple
+    of the workers (as many pieces each; one each where the slices divide the workers),
+    blocks of at most MAX_TILE_ROWS rows. Tall blocks are what the slices are for."""
+    blocks = workers // math.gcd(workers, slices)
+    return max(1, min(MAX_TILE_ROWS, -(-rows // blocks)))
 
 
 def _check_mlp(x, w1, b1, w2, b2, activation):
@@ -74,14 +82,14 @@ class _MLPSlices:
     than a worker's share of the rows (see ``mlp``).
     """
 
-    # each partial is computed from x and the weights alone: a piece may run again
-    __parrun_rerun_safe__ = True
+    # Run by pool.map, one flag a piece back: map's crash recovery runs a dead worker's pieces
+    # again, which is safe here (each partial is written from x and the weights alone).
 
     def __init__(self, x, w1, b1, w2, partial, activation, block, w1t=None):
         self.x, self.w1, self.b1, self.w2, self.partial = x, w1, b1, w2, partial
         self.activation, self.block, self.w1t = activation, block, w1t
 
-    def __call__(self, pieces: np.ndarray) -> int:
+    def __call__(self, pieces: np.ndarray) -> np.ndarray:
         slices = self.partial.shape[1]
         hidden = self.b1.shape[0]
         for p in pieces:
@@ -94,7 +102,7 @@ class _MLPSlices:
             h = self.x[r0:r1] @ w
             bias_act_(h, self.b1[c0:c1], self.activation)
             np.matmul(h, self.w2[c0:c1], out=self.partial[r0:r1, j])
-        return len(pieces)
+        return np.ones(len(pieces), np.int8)
 
 
 class _SumSlices:
@@ -155,8 +163,10 @@ def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.nd
             sums the partials. For a batch with few rows a worker (4096 rows on 16 workers is
             256 each, a tile that packs the whole weights for few rows), 4 slices give pieces
             of 1024 rows; the cost is the scratch and the second pass. ``MLPModel``
-            keeps the scratch between calls (a fresh one costs a page fault a 4 KiB page),
-            and w1 transposed, so that a slice is contiguous.
+            keeps the scratch between calls (a fresh one costs a page fault a 4 KiB page;
+            kept, it holds batch x slices x d_out numbers in shared memory until a batch of
+            another shape or ``release()``), and w1 transposed, so that a slice is
+            contiguous.
 
     Returns:
         out, (batch, d_out). Each piece of rows runs the whole chain on its tile, with one
@@ -169,10 +179,11 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
     """``mlp``; ``model`` (an ``MLPModel``) gives w1 transposed and a scratch kept between
     calls for the hidden slices."""
     _check_mlp(x, w1, b1, w2, b2, activation)
-    if isinstance(hidden_slices, bool) or not isinstance(hidden_slices, (int, np.integer)) \
-            or not 1 <= hidden_slices <= np.shape(w1)[1]:
-        raise ValueError(f"hidden_slices must be an integer from 1 to d_hidden "
-                         f"({np.shape(w1)[1]}), got {hidden_slices!r}")
+    if isinstance(hidden_slices, bool) or not isinstance(hidden_slices, (int, np.integer)):
+        raise TypeError(f"hidden_slices must be an int, got {type(hidden_slices).__name__}")
+    if not 1 <= hidden_slices <= np.shape(w1)[1]:
+        raise ValueError(f"hidden_slices must be from 1 to d_hidden ({np.shape(w1)[1]}), "
+                         f"got {hidden_slices}")
     pool = pool or parrun.default_pool()
     x = np.asarray(x)
     temps = []
@@ -183,6 +194,7 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
             w = parrun.asshared(w)
             temps.append(w)
         weights.append(w)
+    mine = out is None  # allocated here: released if the call fails
     try:
         if out is None:
             out = parrun.empty((x.shape[0], w2.shape[1]), x.dtype)
@@ -190,10 +202,7 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
             raise ValueError(f"out must be {(x.shape[0], w2.shape[1])} {x.dtype}, got "
                              f"{out.shape} {out.dtype}")
         if grain is None and hidden_slices > 1:
-            # One block of rows for each hidden_slices workers (one piece a worker), up to
-            # MAX_TILE_ROWS rows: the blocks are what the slices are for.
-            groups = -(-pool.workers // hidden_slices)
-            grain = max(1, min(MAX_TILE_ROWS, -(-x.shape[0] // groups)))
+            grain = slices_grain(x.shape[0], pool.workers, hidden_slices)
         elif grain is None:
             # BLAS needs tall tiles to pack each weight for enough rows (see TILE_ROWS).
             # Time-sized pieces would be a couple of rows here (a row costs ~0.1 ms) and run
@@ -220,11 +229,18 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
             temps.append(partial)
         blocks = -(-x.shape[0] // grain)
         pieces = parrun.asshared(np.arange(blocks * hidden_slices, dtype=np.int64))
-        temps.append(pieces)
+        done = parrun.zeros(len(pieces), np.int8)
+        temps += [pieces, done]
         fn = _MLPSlices(x, w1s, b1s, w2s, partial, activation, grain, w1t)
-        done = pool.map_reduce(fn, operator.add, pieces, grain=1, initial=0)
-        assert done == len(pieces), (done, len(pieces))
+        pool.map(fn, pieces, out=done, grain=1)
+        if not done.all():
+            raise RuntimeError(f"{len(done) - int(done.sum())} of {len(done)} MLP pieces "
+                               "did not run")
         return pool.map(_SumSlices(b2s), partial, out=out)
+    except BaseException:
+        if mine and out is not None:
+            out.release()
+        raise
     finally:
         if held is not None:
             held.release()
@@ -253,13 +269,19 @@ class MLPModel:
         self._partial: Any = None
         self._scratch_lock = threading.Lock()
         self._w1t_lock = threading.Lock()
+        self._released = False
 
     def predict(self, batch: np.ndarray, out: np.ndarray | None = None,
                 hidden_slices: int = 1) -> np.ndarray:
         """(batch, d_in) -> (batch, d_out), rows split across the workers (and the hidden
         layer in ``hidden_slices``, as ``mlp`` does)."""
+        self._check_open()
         return _mlp(batch, self.w1, self.b1, self.w2, self.b2, self.activation, out,
                     self.pool, None, hidden_slices, model=self)
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise ValueError("this MLPModel was released: its weights are gone")
 
     def _transposed_w1(self) -> Any:
         with self._w1t_lock:
@@ -270,6 +292,7 @@ class MLPModel:
     def _scratch(self, shape: tuple[int, int, int]) -> Any:
         """The partials for ``shape``, kept until a batch of another shape (the caller
         holds ``_scratch_lock``)."""
+        self._check_open()  # (release() may have come between predict's check and the lock)
         if self._partial is None or self._partial.shape != shape:
             if self._partial is not None:
                 self._partial.release()
@@ -284,6 +307,7 @@ class MLPModel:
         """
         from collections import deque
 
+        self._check_open()
         pool = self.pool or parrun.default_pool()
         depth = in_flight or 2 * pool.workers
         window: deque = deque()
@@ -297,11 +321,14 @@ class MLPModel:
             yield window.popleft().result()
 
     def release(self) -> None:
-        """Free the shared weights (and the hidden slices' scratch)."""
-        for a in (self.w1, self.b1, self.w2, self.b2, self._w1t, self._partial):
-            if a is not None:
-                a.release()
-        self._w1t = self._partial = None
+        """Free the shared weights (and the hidden slices' scratch), once a predict running
+        with the scratch is done; the model can no longer predict."""
+        with self._scratch_lock:
+            self._released = True
+            for a in (self.w1, self.b1, self.w2, self.b2, self._w1t, self._partial):
+                if a is not None:
+                    a.release()
+            self._w1t = self._partial = None
 
 
 def _predict_batch(tile: _MLPTile, batch: np.ndarray) -> np.ndarray:
