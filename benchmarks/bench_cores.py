@@ -38,12 +38,7 @@ from typing import Any
 
 import numpy as np
 
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-from parrun.bench import _cost, machine_info
+from parrun.bench import _cost, machine_info, rerun_without_openblas_vars
 from parrun.nn import _mandelbrot as M
 from parrun.nn._mlp import _MLPTile
 
@@ -160,6 +155,7 @@ def slowest(times: list[list[float]]) -> float:
 
 
 def main() -> int:
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="1,2,4,8,16")
     ap.add_argument("--kernels", default=",".join(KERNELS))

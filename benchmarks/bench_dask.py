@@ -20,18 +20,12 @@ import argparse
 import json
 import os
 import platform
-import sys
-
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import numpy as np
 
 import parrun
 from parrun import nn
-from parrun.bench import timeit
+from parrun.bench import rerun_without_openblas_vars, timeit
 
 
 def chain(x, out):
@@ -59,6 +53,7 @@ def noop():
 
 
 def main() -> None:
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2,
                     help="LocalCluster worker processes (1 thread each) and local workers")

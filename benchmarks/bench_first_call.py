@@ -19,21 +19,14 @@ claimed, so that all load it in that call. Printed, side by side in one run:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 import parrun
 from parrun import nn
-from parrun.bench import _cost
+from parrun.bench import _cost, rerun_without_openblas_vars
 from parrun.nn._mandelbrot import HAVE_NUMBA
 
 
@@ -54,6 +47,7 @@ def first_calls(workers: int, calls: int, call) -> list[str]:
 
 
 def main() -> None:
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--calls", type=int, default=4)

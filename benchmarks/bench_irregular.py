@@ -18,16 +18,10 @@ import argparse
 import importlib.util
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 
 import numpy as np
-
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 import parrun
 from parrun.bench import (
@@ -43,6 +37,7 @@ from parrun.bench import (
     _on_signals,
     lpt_shares,
     machine_info,
+    rerun_without_openblas_vars,
 )
 
 
@@ -90,6 +85,7 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
 
 
 def main() -> int:
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trials", type=int, default=5)

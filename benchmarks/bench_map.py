@@ -15,20 +15,20 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 import parrun
-from parrun.bench import NUMEXPR_CHAIN, _chain_into, _times, numexpr_locals
+from parrun.bench import (
+    NUMEXPR_CHAIN,
+    _chain_into,
+    _times,
+    numexpr_locals,
+    rerun_without_openblas_vars,
+)
 
 TILE = 65536  # elements per serial tile: 256 KiB of float32, L2-resident
 
@@ -128,6 +128,7 @@ def timed_and_checked(name: str, fn, repeat: int, out: np.ndarray, ref: np.ndarr
 
 
 def main():
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2**27, help="elements (default 2**27 = 512 MiB)")
     ap.add_argument("--repeat", type=int, default=5)

@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 import parrun
 from parrun import nn
-from parrun.bench import machine_info
+from parrun.bench import machine_info, rerun_without_openblas_vars
 
 
 def _cases(ap: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
@@ -43,6 +37,7 @@ def _cases(ap: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
 
 
 def main() -> int:
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cases", default="512:2,4096:4")

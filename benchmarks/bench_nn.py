@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
-
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 from threadpoolctl import threadpool_limits
 
 import parrun
 from parrun import nn
-from parrun.bench import timeit
+from parrun.bench import rerun_without_openblas_vars, timeit
 
 RESULTS: dict[str, dict] = {}
 
@@ -275,6 +267,7 @@ def bench_mandelbrot(rep, pools):
 
 
 def main():
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="mlp,attention,minilm,mandelbrot")

@@ -21,12 +21,8 @@ import time
 
 import numpy as np
 
-if any(v in os.environ for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 import parrun
+from parrun.bench import rerun_without_openblas_vars
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_map import PeakAnon
@@ -209,6 +205,7 @@ class JoblibPeer(Peer):
 
 
 def main():
+    rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--trips", type=int, default=2000)

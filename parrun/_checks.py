@@ -42,6 +42,15 @@ def _check_not_masked(a: Any, what: str) -> None:
                         "arrays")
 
 
+def check_grain(grain: Any) -> int:
+    """``grain``, rows per piece: a positive int."""
+    if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
+        raise TypeError(f"grain must be an int, got {type(grain).__name__}")
+    if grain < 1:
+        raise ValueError(f"grain must be greater than 0, got {grain}")
+    return int(grain)
+
+
 def check_fn(fn: Any, reduce: Any) -> None:
     """``map``'s function: callable, and (for map) returning one array."""
     if not callable(fn):

@@ -60,6 +60,7 @@ from ._checks import (
     check_arrays,
     check_first_result,
     check_fn,
+    check_grain,
     check_out,
     check_ufunc_out,
 )
@@ -672,11 +673,7 @@ class Pool:
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
         if grain is not None:
-            if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
-                raise TypeError(f"grain must be an int, got {type(grain).__name__}")
-            if grain < 1:
-                raise ValueError(f"grain must be greater than 0, got {grain}")
-            grain, adaptive = int(grain), False
+            grain, adaptive = check_grain(grain), False
         else:
             grain, adaptive = self.default_grain(n, arrs), True
         if out is not None:

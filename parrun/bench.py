@@ -752,15 +752,14 @@ def _mandelbrot_rows(rows: np.ndarray, width: int, height: int, max_iter: int, x
 
 
 def _attention_tiles(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Heads (n, S, D) through parrun's attention kernel, in ``nn.attention``'s tiles:
-    ``BLOCK_Q`` queries of one head at a time."""
-    from .nn._attention import BLOCK_Q, attend
+    """Heads (n, S, D) through ``nn.attention``'s own tiles (``BLOCK_Q`` queries of one head
+    at a time), run here in one process."""
+    from .nn._attention import BLOCK_K, BLOCK_Q, _AttentionTiles
 
     out = np.empty((*q.shape[:2], v.shape[2]), q.dtype)
-    scale = 1.0 / np.sqrt(q.shape[2])
-    for h in range(len(q)):
-        for q0 in range(0, q.shape[1], BLOCK_Q):
-            out[h, q0:q0 + BLOCK_Q] = attend(q[h, q0:q0 + BLOCK_Q], k[h], v[h], scale)
+    tiles = _AttentionTiles(q[None], k[None], v[None], out[None], None, False,
+                            1.0 / np.sqrt(q.shape[2]), BLOCK_Q, BLOCK_K)
+    tiles(np.arange(len(q) * -(-q.shape[1] // BLOCK_Q)))
     return out
 
 
@@ -1352,6 +1351,16 @@ def _die_with_forker() -> None:
         os._exit(1)
 
 
+def rerun_without_openblas_vars(argv: list[str] | None = None) -> None:
+    """If ``OPENBLAS_CORETYPE`` or ``OPENBLAS_L2_SIZE`` is set (they slow some NumPy
+    kernels), run the program again without them: ``argv``, by default this script's own
+    command line. For benchmark runs only; OpenBLAS reads them as it loads, so the new
+    process is the one measured."""
+    if any(v in os.environ for v in _OPENBLAS_VARS):
+        env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
+        os.execve(sys.executable, argv or [sys.executable, *sys.argv], env)
+
+
 def _split_list(ap: argparse.ArgumentParser, flag: str, text: str) -> list[str]:
     items = [t.strip() for t in text.split(",")]
     if not text.strip() or "" in items:
@@ -1542,11 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--skip: unknown peer {', '.join(unknown)}; choose from {', '.join(SKIPPABLE)}")
     if args.json:
         _writable(ap, "--json", args.json)
-    if any(v in os.environ for v in _OPENBLAS_VARS):
-        # These slow some NumPy kernels: unset them for the benchmark run only.
-        env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
-        os.execve(sys.executable, [sys.executable, "-m", "parrun", "bench",
-                                   *(argv if argv is not None else sys.argv[2:])], env)
+    rerun_without_openblas_vars([sys.executable, "-m", "parrun", "bench",
+                                 *(argv if argv is not None else sys.argv[2:])])
     if args.workers is not None:
         workers = _parse_workers(ap, args.workers)
     else:

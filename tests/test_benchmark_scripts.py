@@ -174,7 +174,7 @@ def test_bench_irregular_leaves_joblib_out_at_one_worker(tmp_path):
 
 
 def _script(monkeypatch, name: str):
-    """benchmarks/<name>.py as a module (without the variables that make it re-exec)."""
+    """benchmarks/<name>.py as a module (without the variables that make its main re-exec)."""
     for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         monkeypatch.delenv(v, raising=False)
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")

@@ -10,6 +10,7 @@ import numpy as np
 
 import parrun
 
+from .._checks import check_grain
 from ._ops import ACTIVATIONS, bias_act_
 
 # Rows per tile of the MLP. A tile is two BLAS calls, and each call packs the whole weight
@@ -209,10 +210,7 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
             # at a tenth of the speed.
             grain = default_grain(x.shape[0], pool.workers)
         elif hidden_slices > 1:  # (pool.map checks it where rows alone are split)
-            if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
-                raise TypeError(f"grain must be an int, got {type(grain).__name__}")
-            if grain < 1:
-                raise ValueError(f"grain must be greater than 0, got {grain}")
+            grain = check_grain(grain)
         w1s, b1s, w2s, b2s = weights
         if hidden_slices == 1:
             return pool.map(_MLPTile(w1s, b1s, w2s, b2s, activation), x, out=out, grain=grain)
