@@ -41,9 +41,10 @@ from parrun.bench import (
 )
 
 
-def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
-    """Fresh pools for every method: the median seconds of each over interleaved rounds, and
-    what parrun's last map says of its workers."""
+def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str, float, float]:
+    """Fresh pools for every method: the median seconds of each over interleaved rounds, what
+    parrun's last map says of its workers, the seconds its workers spent in the items (summed
+    over workers) and that map's wall time."""
     items = list(range(n))
     cyc, lpt = [items[k::w] for k in range(w)], lpt_shares(n, w)
     pool = parrun.Pool(w)
@@ -78,7 +79,8 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str]:
         busy = ", ".join(f"{x.busy_s / st.wall_s:.0%}" for x in st.workers)
         return ({k: statistics.median(next(iter(r["times_s"].values())))
                  for k, r in rows.items()},
-                f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time")
+                f"parrun's last map: {st.steals} steals, workers busy {busy} of its wall time",
+                sum(st.busy_s), st.wall_s)
     finally:
         pool.close()
         _close_all(peers)
@@ -102,21 +104,26 @@ def main() -> int:
               "worker process")
     idx = parrun.asshared(np.arange(n, dtype=np.int64))
     trials: list[dict[str, float]] = []
+    work: list[tuple[float, float]] = []  # parrun's last map a trial: (time in items, wall)
     info = machine_info()
     try:
         for t in range(a.trials):
-            med, stats = trial(n, w, a.repeat, idx)
+            med, stats, busy, wall = trial(n, w, a.repeat, idx)
             trials.append(med)
+            work.append((busy, wall))
             serial = med["serial Python"]
             fastest = min((v, k) for k, v in med.items() if k != "serial Python")[1]
             print(f"trial {t}: serial {serial:.3f} s; " + ", ".join(
                 f"{k.split(' (')[0]} {v:.3f} s ({serial / (w * v):.2f})"
                 for k, v in med.items() if k != "serial Python")
-                + f"; fastest: {fastest.split(' (')[0]}; {stats}", flush=True)
+                + f"; fastest: {fastest.split(' (')[0]}; {stats}; their time in the items "
+                f"{busy:.3f} s in all, {busy / serial:.2f}x the serial run's", flush=True)
             if a.json:  # after every trial: a run cut short keeps what it measured
                 with open(a.json, "w") as f:
                     json.dump({"machine": info, "workers": w, "items": n,
-                               "repeat": a.repeat, "trials": trials}, f, indent=1)
+                               "repeat": a.repeat, "trials": trials,
+                               "parrun_last_map": [{"items_s": b, "wall_s": t}
+                                                   for b, t in work]}, f, indent=1)
     finally:
         idx.release()
     print(f"\n{'method':<42} {'median s':>9} {'efficiency: median':>19} {'min-max':>11}")
@@ -128,6 +135,16 @@ def main() -> int:
             continue
         print(f"{name:<42} {secs:9.3f} {statistics.median(effs):19.2f} "
               f"{min(effs):5.2f}-{max(effs):.2f}")
+    # Efficiency of parrun's last map a trial = (serial / time in the items) x (time in the
+    # items / (w x wall)): the first factor is how fast the same items ran in w busy workers
+    # against alone (the machine: clocks, shared caches), the second how much of the wall the
+    # workers spent in them (the scheduler).
+    alone = statistics.median(tr["serial Python"] / b for (b, _), tr in zip(work, trials))
+    sched = statistics.median(b / (w * t) for b, t in work)
+    eff = statistics.median(tr["serial Python"] / (w * t) for (_, t), tr in zip(work, trials))
+    print(f"\nparrun's last map a trial, efficiency {eff:.2f} (medians over trials) = "
+          f"{alone:.2f} (the serial run's time / its workers' time in the same items) x "
+          f"{sched:.2f} (their time in the items / ({w} x the map's wall time))")
     return 0
 
 
