@@ -73,8 +73,10 @@ from ._scheduler import ControlBlock, control_size, initial_ranges
 # larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
 TILE_BYTES = 256 * 1024
 # Rows of the first piece, run alone in one worker to learn the output's shape, dtype and the
-# cost per row when map allocates ``out``. More delays the parallel part (it runs alone);
-# fewer gives a noisier first cost estimate (pieces then grow over the first few).
+# cost per row when map allocates ``out``; fewer where the grain is smaller. More delays the
+# parallel part (it runs alone: a first piece of a grain of n / workers rows, as it once was,
+# made such a map take twice as long); fewer gives a noisier first cost estimate (pieces
+# then grow over the first few).
 PROBE_ROWS = 8
 # A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
 # ~30-60 us, so smaller shares make a job slower, not faster.
@@ -485,8 +487,11 @@ class Pool:
                 tasks.closing = True
                 tasks.cv.notify()
         for w in self._workers:
-            if w.process.is_alive():
-                w.process.kill()
+            try:
+                if w.process.is_alive():
+                    w.process.kill()
+            except ValueError:  # closed: a close() in another thread has already stopped it
+                pass
         if tasks is not None:
             tasks.close(timeout=STOP_TIMEOUT)
             tasks.fail_all(BrokenPool("the pool was terminated"))
@@ -628,7 +633,8 @@ class Pool:
             arrays: arrays of the same length along axis 0. Shared arrays are used in place;
                 others are copied into shared memory once for this call.
             out: where results go; shape ``(n, ...)``. If None, one is allocated (a shared
-                array) from what ``fn`` returns on the first piece, run alone in one worker.
+                array) from what ``fn`` returns on a first piece of at most ``PROBE_ROWS``
+                (8) rows, run alone in one worker.
                 An input that overlaps ``out`` other than row for row is copied first.
             grain: items per piece. Default: pieces adapt to the measured cost of ``fn``, to
                 about 0.3 ms of work each and at most ``TILE_BYTES`` (256 KiB) of input.
@@ -713,7 +719,7 @@ class Pool:
                 self._check_open()
                 if reduce is None:
                     if target is None:
-                        start = min(n, grain if not adaptive else PROBE_ROWS)
+                        start = min(n, grain, PROBE_ROWS)
                         res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
                         if adaptive and cost_key not in self._cost:
                             self._cost[cost_key] = probe_ns / start

@@ -37,6 +37,19 @@ def test_map_matches_numpy(pool, dtype):
     y.release()
 
 
+def test_map_with_a_grain_runs_only_a_small_first_piece_alone(pool):
+    # With no out, map runs a first piece alone to learn the output; a grain of n / workers
+    # must not make that piece a worker's whole share (the map would take twice as long).
+    x = parrun.asshared(np.arange(400.0))
+    y = pool.map(np.sqrt, x, grain=200)
+    np.testing.assert_allclose(y, np.sqrt(np.arange(400.0)))
+    st = pool.last_stats
+    assert st.probe_items == 8, st
+    assert sum(w.items for w in st.workers) == 392
+    y.release()
+    x.release()
+
+
 def test_map_chain_several_inputs_and_rows(pool):
     rng = np.random.default_rng(2)
     a = parrun.asshared(rng.standard_normal((5000, 7)).astype(np.float32))
@@ -1119,6 +1132,23 @@ def test_tasks_submitted_while_a_round_replaces_a_worker_do_not_hang():
         b = p.submit(lambda: float(blob[3]))
         assert not cf.wait([z, a, b], timeout=TIMEOUT).not_done
         assert (z.result(), len(a.result()), b.result()) == (0, 300_000, float(blob[3]))
+
+
+@pytest.mark.parametrize("tasks", [False, True])
+def test_terminate_after_close_and_twice_is_a_no_op(tasks):
+    # terminate() on a closed pool once asked its closed process objects whether they were
+    # alive (ValueError: process object is closed).
+    p = parrun.Pool(2)
+    if tasks:
+        assert p.submit(int).result(timeout=TIMEOUT) == 0
+    pids = p.pids
+    p.close()
+    p.terminate()
+    p.terminate()
+    p.close()
+    assert p.closed
+    assert wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
+                                      != psutil.STATUS_ZOMBIE for pid in pids))
 
 
 def test_close_in_a_callback_then_terminate_closes_once():
