@@ -10,6 +10,7 @@ same work-stealing scheduler as ``Pool.map``; ``executor.pool`` gives the pool i
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import threading
 import time
@@ -139,8 +140,11 @@ class Executor(_Executor):
         if chunksize == 1:
             fs = [self.submit(fn, *args) for args in items]
         else:
-            fs = [self.submit(_run_chunk, fn, list(chunk))
-                  for chunk in _batched(items, chunksize)]
+            # fn goes with the function, not with each chunk's arguments: pickled once for
+            # this call and sent to each worker once (what it captures, a plain array say,
+            # was copied into every chunk).
+            run = functools.partial(_run_chunk, fn)
+            fs = [self.submit(run, list(chunk)) for chunk in _batched(items, chunksize)]
 
         def result_iterator(executor: Executor = self) -> Iterator[Any]:
             # (``executor``: not collected, its pool closed, while results are read.)

@@ -68,6 +68,7 @@ from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._functions import pickle_function
 from ._process import default_start_method, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
+from ._worker import TARGET_PIECE_NS
 
 # Bytes of input per piece. Smaller pieces pay the ~5 us of per-piece bookkeeping too often;
 # larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
@@ -78,6 +79,10 @@ TILE_BYTES = 256 * 1024
 # made such a map take twice as long); fewer gives a noisier first cost estimate (pieces
 # then grow over the first few).
 PROBE_ROWS = 8
+# Effort np.shares_memory may spend telling whether two views of one segment overlap before
+# map assumes they do (and copies the input).
+SHARES_MEMORY_WORK = 10_000
+_TooHardError = getattr(np, "exceptions", np).TooHardError  # (np.exceptions: NumPy 1.25+)
 # A worker is woken only for at least this much work (known cost): a wake-up and a reply cost
 # ~30-60 us, so smaller shares make a job slower, not faster.
 MIN_SHARE_S = 100e-6
@@ -720,6 +725,11 @@ class Pool:
                 if reduce is None:
                     if target is None:
                         start = min(n, grain, PROBE_ROWS)
+                        if adaptive and self._cost.get(cost_key, 0.0) > 0:
+                            # Rows of a known cost: the first piece, run alone, takes no
+                            # more than a piece's target (8 rows of 20 ms doubled a map).
+                            start = min(start, max(1, int(TARGET_PIECE_NS
+                                                          / self._cost[cost_key])))
                         res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
                         if adaptive and cost_key not in self._cost:
                             self._cost[cost_key] = probe_ns / start
@@ -1137,7 +1147,7 @@ def _rerun_safe(fn: Any, takes_out: bool, ins: list[np.ndarray], out: np.ndarray
     also an input (the piece may have half updated it: ``out=x``), nor if ``fn`` takes
     ``out`` and may read it (``out += a``), unless fn is a ufunc (it reads ``out`` only
     where ``where=`` is false, and leaves it so) or says so (``__parrun_rerun_safe__``)."""
-    if any(np.may_share_memory(a, out) for a in ins):
+    if any(_shares_memory(a, out) for a in ins):
         return False
     return (not takes_out or isinstance(fn, np.ufunc)
             or bool(getattr(fn, "__parrun_rerun_safe__", False)))
@@ -1146,12 +1156,24 @@ def _rerun_safe(fn: Any, takes_out: bool, ins: list[np.ndarray], out: np.ndarray
 def _overlaps_across_rows(a: np.ndarray, out: np.ndarray) -> bool:
     """True if writing some row of ``out`` can change a different row of ``a``: they share
     memory, and not element for element (``out`` is not ``a`` itself, or the same layout)."""
-    if not np.may_share_memory(a, out):
+    if not _shares_memory(a, out):
         return False
     same = (a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
             and a.shape == out.shape and a.strides == out.strides
             and a.itemsize == out.itemsize)
     return not same
+
+
+def _shares_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` have an element in common: exactly where NumPy can tell with
+    bounded work (two columns of one array share bounds, not elements), else True."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        # (NumPy's stubs allow only -1 and 0; the function takes any bound on its work)
+        return bool(np.shares_memory(a, b, max_work=SHARES_MEMORY_WORK))  # type: ignore[arg-type]
+    except _TooHardError:
+        return True
 
 
 def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:

@@ -109,6 +109,11 @@ class ControlBlock:
         return w[base + ITEMS], w[base + PIECES], w[base + STEALS], w[base + BUSY_NS]
 
     # -- worker side ---------------------------------------------------------------------
+    def left(self, me: int) -> int:
+        """Items left in worker ``me``'s own range (read without the lock: a hint)."""
+        base = HEADER + SLOT * me
+        return max(0, self.words[base + HI] - self.words[base + LO])
+
     def take(self, me: int, grain: int, solo: bool = False) -> tuple[int, int] | None:
         """Take the next piece for worker ``me``: from its own range, else by stealing.
 

@@ -261,6 +261,8 @@ class _Worker:
         fn: Callable[..., Any] | None = None
         combine: Callable[[Any, Any], Any] | None = None
         size = grain
+        grow = Growth()
+        last = (0, 0)  # rows and nanoseconds of our last piece
         while True:
             if adaptive:
                 # Pieces of about TARGET_PIECE_NS of work, up to grain rows; the first piece of
@@ -272,6 +274,7 @@ class _Worker:
                 if items:
                     est = busy / items
                     size = max(1, min(grain, int(TARGET_PIECE_NS / est))) if est > 0 else 1
+                    size = grow.size(size, *last, cb.left(me))
                 else:
                     size = max(1, min(grain, int(TARGET_PIECE_NS / est)) // 8) if est > 0 else 1
             piece = cb.take(me, size, solo)
@@ -312,10 +315,67 @@ class _Worker:
             dt = now_ns() - t0
             busy += dt
             items += hi - lo
+            last = (hi - lo, dt)
             cb.done_piece(me, lo, hi, dt)
             if os.getppid() != ppid:  # orphaned: nobody will read what we make
                 os._exit(1)
         return P.Done(job.job_id, me, error, acc)
+
+
+class Growth:
+    """Pieces larger than the cost a row says, for a function that also costs a fixed time
+    a call.
+
+    Sizing by ``TARGET_PIECE_NS / (ns a row)`` assumes a row costs the same in any piece. A
+    function with a fixed cost a call (``a @ W`` reads all of W whatever the rows; a lookup
+    table built per call) makes a row look as dear as the whole target, and its pieces
+    stayed a row long: ``lambda a: a @ W`` over 8000 rows and a 1000x1000 W took 615 ms so
+    on 2 workers, against 132 ms in pieces of 1000 rows. So after a piece that took half the
+    target or more without the cost a row growing it, the next is twice as long, and so on
+    until GROW_TRIES doublings in a row fail to cut the cost a row to GROW_GAIN of the best
+    so far (BLAS runs 1 row as a matrix-vector product, 2x faster a row than 2 or 4 rows,
+    and slower than 8), or a piece would pass GROW_MAX_NS (past it, only while each doubling
+    cuts the cost a row to GROW_FIXED or less: a fixed cost longer than that; one doubling
+    tells). From then on pieces are at least the smallest
+    size whose cost a row came within 1 / GROW_GAIN of the best. A job's first piece is not
+    counted (a first call pays for imports and cold caches). Rows that cost the same in any
+    piece stop it within GROW_TRIES doublings, back at the size the cost a row gives.
+    """
+
+    __slots__ = ("best", "done", "fails", "first", "floor", "seen")
+
+    def __init__(self) -> None:
+        self.done = False  # growing stopped: pieces are at least ``floor`` rows
+        self.first = True  # the next piece seen is the job's first
+        self.fails = 0  # doublings in a row that did not pay
+        self.best = 0.0  # the least ns a row seen while growing
+        self.seen: list[tuple[int, float]] = []  # (rows, ns a row) of the pieces grown
+        self.floor = 0
+
+    def size(self, size: int, rows: int, ns: int, left: int) -> int:
+        """The next piece's rows, given ``size`` (by the cost a row), our last piece (``rows``
+        rows in ``ns`` nanoseconds) and the rows ``left`` in our range: doubling waits while
+        fewer than GROW_LEFT doubled pieces are left (near its end, a long piece would be
+        the one the others wait for)."""
+        first, self.first = self.first, False
+        if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS \
+                or left < GROW_LEFT * 2 * rows:
+            # Growing by the cost a row, or pieces well inside the target: nothing to try.
+            return max(size, self.floor)
+        rate = ns / rows
+        self.seen.append((rows, rate))
+        before, self.best = self.best, min(self.best, rate) if self.best else rate
+        self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
+        if self.fails < GROW_TRIES and (
+                2 * ns <= GROW_MAX_NS
+                # Longer pieces only while a doubling halves the cost a row or nearly (a
+                # fixed cost a call longer than GROW_MAX_NS), after one doubling to see it.
+                or not before or rate <= GROW_FIXED * before):
+            return max(size, 2 * rows)
+        self.done = True
+        self.floor = min(r for r, rt in self.seen if GROW_GAIN * rt <= self.best)
+        self.seen = []
+        return max(size, self.floor)
 
 
 # Array views a worker keeps ready, by handle. Each holds its segment mapped until the parent
@@ -326,6 +386,15 @@ VIEW_CACHE_SIZE = 64
 # per-piece bookkeeping (~5 us) too often; larger leaves a longer tail when the last pieces
 # run unevenly.
 TARGET_PIECE_NS = 300_000
+# Growth (see ``Growth``): a doubled piece pays when a row costs less than this fraction of a
+# row of the piece before it (with a cost a call ``a`` and a row ``b``, while ``b`` x rows <
+# 4a: doubling stops with the fixed cost about a fifth of a piece); no piece grows past this
+# many ns (what a worker may still have to finish when the others are done).
+GROW_GAIN = 0.9
+GROW_TRIES = 3
+GROW_FIXED = 0.75
+GROW_LEFT = 4
+GROW_MAX_NS = 8 * TARGET_PIECE_NS
 
 _SLOT_HEAD = struct.Struct("<q16s")  # a task slot's length and function key (see TaskWake)
 

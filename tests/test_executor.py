@@ -53,6 +53,18 @@ def test_executor_is_a_concurrent_futures_executor(ex):
     assert list(ex.map(abs, [], chunksize=7)) == []
 
 
+def test_map_ships_fn_once_a_worker_not_once_a_chunk(ex):
+    # fn went with each chunk's arguments: unpickled (and what it captures copied) once a
+    # chunk, 40 times here.
+    counter = parrun.zeros(1, np.int64)
+    try:
+        fn = Counted(counter, add=1)
+        assert list(ex.map(fn, range(200), chunksize=5)) == list(range(1, 201))
+        assert 1 <= counter[0] <= ex.pool.workers, counter[0]
+    finally:
+        counter.release()
+
+
 def test_map_is_lazy_and_times_out(ex):
     it = ex.map(time.sleep, [0.01, 2.0], timeout=0.5, chunksize=1)
     assert next(it) is None

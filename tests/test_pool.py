@@ -50,6 +50,43 @@ def test_map_with_a_grain_runs_only_a_small_first_piece_alone(pool):
     x.release()
 
 
+def _sleep_a_row(x):
+    time.sleep(0.02 * len(x))
+    return x * 2
+
+
+def test_map_of_dear_rows_runs_one_row_alone_first(pool):
+    # With no out, the first piece runs alone: 8 rows of 20 ms doubled such a map. Once the
+    # cost of a row is known, that piece is sized to the target of a piece (one row here).
+    x = parrun.asshared(np.arange(16.0))
+    try:
+        for _ in range(2):
+            y = pool.map(_sleep_a_row, x)
+            np.testing.assert_array_equal(y, x * 2)
+            y.release()
+        assert pool.last_stats.probe_items == 1, pool.last_stats
+    finally:
+        x.release()
+
+
+def _writes_whether_it_shares(x, out):
+    # 1 where x is the column left of out in the same mapping (not a copy of it)
+    out[...] = x.ctypes.data - out.ctypes.data == -x.itemsize
+
+
+def test_map_between_columns_of_one_array_does_not_copy_the_input(pool):
+    # Two columns of one array share their bounds, not an element: the input was copied
+    # (np.may_share_memory) before every such map.
+    a = parrun.zeros((1000, 2))
+    try:
+        pool.map(_writes_whether_it_shares, a[:, 0], out=a[:, 1])
+        assert a[:, 1].all(), "the input column was copied"
+        pool.map(np.add, a[:, 1], a[:, 1], out=a[:, 0])
+        np.testing.assert_array_equal(a[:, 0], 2.0)
+    finally:
+        a.release()
+
+
 def test_map_chain_several_inputs_and_rows(pool):
     rng = np.random.default_rng(2)
     a = parrun.asshared(rng.standard_normal((5000, 7)).astype(np.float32))
@@ -251,6 +288,49 @@ def test_every_worker_loads_a_new_function_in_its_first_call(pool):
         pool.map(fn, np.zeros(64), out=out)
         assert out.sum() == 0, out
     finally:
+        out.release()
+
+
+def _spin_for(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _fixed_cost_a_call(x):
+    _spin_for(1e-3)  # as a lookup table built per call, or a @ W reading all of W
+    return x * 2
+
+
+def _cost_a_row(x):
+    _spin_for(0.5e-3 * len(x))
+    return x * 2
+
+
+def test_pieces_grow_for_a_function_with_a_cost_a_call(pool):
+    # Sized by the cost a row alone, a piece of one row took the whole target and pieces
+    # stayed one row long: 4000 calls of 1 ms, where a few dozen do.
+    x, out = parrun.asshared(np.arange(4000.0)), parrun.empty(4000)
+    try:
+        for _ in range(2):
+            pool.map(_fixed_cost_a_call, x, out=out)
+            np.testing.assert_array_equal(out, x * 2)
+            assert pool.last_stats.pieces <= 200, pool.last_stats
+    finally:
+        x.release()
+        out.release()
+
+
+def test_pieces_stay_small_for_rows_that_cost_the_same_in_any_piece(pool):
+    # ... and rows whose cost does not fall in longer pieces stay in pieces of a row or so,
+    # which the work stealing balances (no long piece left for the end).
+    x, out = parrun.asshared(np.arange(200.0)), parrun.empty(200)
+    try:
+        pool.map(_cost_a_row, x, out=out)
+        np.testing.assert_array_equal(out, x * 2)
+        assert pool.last_stats.pieces >= 120, pool.last_stats
+    finally:
+        x.release()
         out.release()
 
 
