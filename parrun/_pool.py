@@ -90,8 +90,12 @@ MIN_SHARE_S = 100e-6
 # still running after this long with items left, the rest are woken too (they start by
 # stealing). Sooner wastes wake-ups on trivial calls; later delays a costly first call.
 LATE_WAKE_S = 1e-3
-# Functions a pool keeps cached in its workers; the oldest are dropped beyond this.
+# Functions a pool keeps cached in its workers; the oldest are dropped beyond this many, or
+# beyond this many bytes of pickles (what they capture by value: a closure over a plain 16 MB
+# array holds its own copy in every worker; 20 such closures took workers from 47 to 370 MB).
+# The function just used is kept whatever its size.
 FN_CACHE_SIZE = 256
+FN_CACHE_BYTES = 256 * 2**20
 # Seconds to wait for a worker to start, to stop, or to leave an aborted job.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
@@ -291,8 +295,9 @@ class Pool:
         self._lock = threading.RLock()
         self._closed = False
         self._job_id = 0
-        # fn key -> the segments its pickle names, least recently used first
-        self._fn_lru: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+        # fn key -> (the segments its pickle names, its bytes), least recently used first
+        self._fn_lru: OrderedDict[bytes, tuple[frozenset[str], int]] = OrderedDict()
+        self._fn_bytes = 0  # the pickles' bytes in _fn_lru
         self._fn_lock = threading.Lock()
         self._evicted: list[bytes] = []  # keys that left the LRU, for _queue_forgets
         # (fn key, input bytes per row) -> nanoseconds per item measured on the last job:
@@ -571,19 +576,25 @@ class Pool:
         Called from any thread (``submit``): it touches only the LRU. What workers hold is
         changed only where jobs and tasks are sent (see ``_queue_forgets``)."""
         key, data, takes_out, names = pickle_function(fn, what)
-        self._note_function(key, names)
+        self._note_function(key, names, len(data))
         return key, data, takes_out
 
-    def _note_function(self, key: bytes, names: frozenset[str] = frozenset()) -> None:
-        """Put ``key`` at the fresh end of the LRU of functions the workers hold."""
+    def _note_function(self, key: bytes, names: frozenset[str] = frozenset(),
+                       nbytes: int = 0) -> None:
+        """Put ``key`` (a pickle of ``nbytes``) at the fresh end of the LRU of functions the
+        workers hold."""
         with self._fn_lock:
             lru = self._fn_lru
             if key in lru:
                 lru.move_to_end(key)
             else:
-                lru[key] = names
-                while len(lru) > FN_CACHE_SIZE:
-                    self._evicted.append(lru.popitem(last=False)[0])
+                lru[key] = (names, nbytes)
+                self._fn_bytes += nbytes
+                while len(lru) > 1 and (len(lru) > FN_CACHE_SIZE
+                                        or self._fn_bytes > FN_CACHE_BYTES):
+                    old, (_, size) = lru.popitem(last=False)
+                    self._fn_bytes -= size
+                    self._evicted.append(old)
 
     def _queue_forgets(self) -> None:
         """Note, for each worker, what it must drop before its next message: functions that
@@ -598,10 +609,10 @@ class Pool:
         gone = set(released)
         with self._fn_lock:
             evicted, self._evicted = self._evicted, []
-            stale = [k for k, names in self._fn_lru.items()
+            stale = [k for k, (names, _) in self._fn_lru.items()
                      if names and not names.isdisjoint(gone)]
             for k in stale:
-                del self._fn_lru[k]
+                self._fn_bytes -= self._fn_lru.pop(k)[1]
             drop = [k for k in evicted if k not in self._fn_lru] + stale
         for w in self._workers:
             w.forget_segments += released
@@ -736,8 +747,10 @@ class Pool:
                         target = allocated = _allocate_from_probe(res, start, n)
                     out_h = _shm.handle_of(target)
                     if out_h is None:
-                        # fn(..., out=) may read out or leave parts of it (ufunc where=)
-                        copy_back, target = target, (_shm.asshared(target) if takes_out else
+                        # fn(..., out=) may read out or leave parts of it (a partial of a
+                        # ufunc with where=); a bare ufunc, called with no where=, writes all.
+                        reads = takes_out and not isinstance(fn, np.ufunc)
+                        copy_back, target = target, (_shm.asshared(target) if reads else
                                                      _shm.empty(target.shape, target.dtype))
                         temps.append(target)
                         out_h = _shm.handle_of(target)

@@ -415,7 +415,8 @@ class TaskService:
                 for t in self.inflight.values():
                     if t.key in dropped:
                         self._send_function(t)
-                        pool._note_function(t.key)  # and forgotten again when evicted
+                        # and forgotten again when evicted
+                        pool._note_function(t.key, nbytes=len(t.fn_data))
                         dropped.discard(t.key)
         for t in batch:
             tid = self.next_tid

@@ -1061,12 +1061,25 @@ class DaskPool(parrun.Pool):
         try:
             for batch in ac.batches():
                 done = [f for f in batch if f.status == "finished"]
+                lost: list[Any] = []
                 if done:
-                    yield from client.gather(done, direct=self.direct)
+                    try:
+                        yield from client.gather(done, direct=self.direct)
+                    except (FutureCancelledError, cf.CancelledError):
+                        # A result lost with its worker between its status and this gather
+                        # (seen 1 run in 6 with the worker killed mid-map): the others one by
+                        # one, the lost ones sent again below.
+                        for f in done:
+                            try:
+                                got = client.gather(f, direct=self.direct)
+                            except (FutureCancelledError, cf.CancelledError):
+                                lost.append(f)
+                            else:
+                                yield got
                 for f in batch:
-                    if f.status == "finished":
+                    if f.status == "finished" and f not in lost:
                         continue
-                    if not _lost(f):
+                    if f not in lost and not _lost(f):
                         raise _remote_error(f)
                     k = lost_rounds[f.lo] = lost_rounds.get(f.lo, 0) + 1
                     if k > RESEND_ROUNDS:
