@@ -1,6 +1,6 @@
 """Default piece sizes against a hand-picked grain, for functions with a cost a call.
 
-    python benchmarks/bench_pieces.py [--workers 2] [--repeat 5] [--json PATH]
+    python benchmarks/bench_pieces.py [--workers 2] [--repeat 5] [--scale 1] [--json PATH]
 
 ``pool.map`` sizes pieces to ~0.3 ms of work from the cost a row. Functions that also pay a
 fixed cost a call made that measure say "one row a piece" (see ``parrun._worker.Growth``);
@@ -12,6 +12,8 @@ would pick by hand, runs interleaved, every result checked:
 - lookup table: a 1M-entry table built a call, indexed by 20,000 rows;
 - pure-Python rows: the irregular workload's items (cost proportional to the index), where
   pieces of one row are right.
+
+``--scale`` multiplies the rows of each case (a smoke test: 0.02).
 """
 
 from __future__ import annotations
@@ -44,21 +46,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=1.0, help="times the rows of each case")
     ap.add_argument("--json", help="write every time here")
     a = ap.parse_args()
-    if a.workers < 1 or a.repeat < 1:
-        ap.error("--workers and --repeat must be positive")
+    if a.workers < 1 or a.repeat < 1 or not a.scale > 0:
+        ap.error("--workers, --repeat and --scale must be positive")
+
+    def rows(n: int) -> int:
+        return max(16, round(n * a.scale))
+
     rng = np.random.default_rng(0)
     w = parrun.asshared(rng.standard_normal((1000, 1000)))
     _W[:] = [w]  # read by the workers through the function's globals (a shared handle)
     cases = [
-        ("a @ W, 8000 x 1000 float64", _matmul,
-         parrun.asshared(rng.standard_normal((8000, 1000))), lambda x: x @ w),
-        ("lookup table built a call, 20,000 rows", _lookup,
-         parrun.asshared(rng.integers(0, 1_000_000, 20_000)),
+        (f"a @ W, {rows(8000)} x 1000 float64", _matmul,
+         parrun.asshared(rng.standard_normal((rows(8000), 1000))), lambda x: x @ w),
+        (f"lookup table built a call, {rows(20_000)} rows", _lookup,
+         parrun.asshared(rng.integers(0, 1_000_000, rows(20_000))),
          lambda x: np.sqrt(x.astype(np.float64))),
-        ("pure-Python rows, cost proportional to the index, 1000 rows", _cost_array,
-         parrun.asshared(np.arange(1000, dtype=np.int64)), None),
+        (f"pure-Python rows, cost proportional to the index, {rows(1000)} rows", _cost_array,
+         parrun.asshared(np.arange(rows(1000), dtype=np.int64)), None),
     ]
     result: dict = {"machine": machine_info(), "workers": a.workers, "cases": []}
     print(f"{a.workers} workers; median (min) of {a.repeat} interleaved runs; pieces of the "

@@ -44,6 +44,9 @@ def test_bench_irregular(tmp_path):
                 "multiprocessing.Pool.map default chunks"} <= set(trial)
         assert all(t > 0 for t in trial.values())
     assert "efficiency: median" in r.stdout and "steals" in r.stdout
+    # parrun's efficiency split into the machine's part and the scheduler's
+    assert "parrun's last map a trial, efficiency" in r.stdout
+    assert [set(m) for m in data["parrun_last_map"]] == [{"items_s", "wall_s"}] * 2
 
 
 @pytest.mark.timeout(180)
@@ -151,6 +154,20 @@ def test_bench_mlp_slices(tmp_path):
     for bad in ("32", "32,x", "0,96"):
         r = _run("bench_mlp_slices.py", "--size", bad, code=2)
         assert f"--size: d,h, two positive integers, got '{bad}'" in r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_bench_pieces(tmp_path):
+    out = tmp_path / "p.json"
+    r = _run("bench_pieces.py", "--scale", "0.02", "--repeat", "1", "--json", str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["rows"] for c in cases] == [160, 400, 20]
+    for c in cases:
+        assert len(c["times_s"]) == 2 and all(min(ts) > 0 for ts in c["times_s"].values())
+        assert all(p >= 1 for p in c["pieces"].values())
+    assert "a @ W, 160 x 1000 float64" in r.stdout and "pieces" in r.stdout
+    r = _run("bench_pieces.py", "--scale", "0", code=2)
+    assert "--workers, --repeat and --scale must be positive" in r.stderr
 
 
 def test_bench_nn_names_an_unknown_workload():
