@@ -35,6 +35,14 @@ def shm_segments(pid: int | None = None) -> set[str]:
     return {n for n in names if n.startswith(prefix)}
 
 
+def cmdline(p: psutil.Process) -> list[str]:
+    """``p``'s command line, or [] if it is gone or a zombie by now (short-lived children)."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _is_helper(p: psutil.Process) -> bool:
     """multiprocessing's own long-lived helpers: the fork server and the resource tracker."""
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TIMEOUT, shm_segments, take_down_if_hung, wait_until
+from conftest import TIMEOUT, cmdline, shm_segments, take_down_if_hung, wait_until
 
 import parrun.bench
 
@@ -152,9 +152,8 @@ def test_ray_peers_run_beside_parrun_and_leave_nothing_behind():
     assert not ray.is_initialized()
 
     def ray_process(p: psutil.Process) -> bool:
-        argv = p.cmdline()  # Ray's daemons and scripts live in its package; workers: ray::
-        return p.status() != psutil.STATUS_ZOMBIE and any(
-            "/ray/" in a or a.startswith("ray::") for a in argv[:2])
+        argv = cmdline(p)  # Ray's daemons and scripts live in its package; workers: ray::
+        return any("/ray/" in a or a.startswith("ray::") for a in argv[:2])  # ([]: zombie)
     left = [p for p in psutil.Process().children(recursive=True) if ray_process(p)]
     assert not left, [(p.pid, p.ppid(), p.cmdline()) for p in left]
 
@@ -255,7 +254,7 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
                          start_new_session=True)
 
     def raylet() -> bool:
-        return any("raylet" in " ".join(c.cmdline())
+        return any("raylet" in " ".join(cmdline(c))
                    for c in psutil.Process(p.pid).children(recursive=True))
     try:
         t0 = time.monotonic()
@@ -298,7 +297,7 @@ def test_a_bench_killed_outright_leaves_no_peer_worker_and_no_segment(tmp_path):
 
     def forked() -> list:  # peers' workers: forks of the bench, with its command line
         me = psutil.Process(p.pid)
-        return [c for c in me.children() if c.cmdline() == me.cmdline()]
+        return [c for c in me.children() if cmdline(c) == me.cmdline()]
     peers = []
     try:
         t0 = time.monotonic()
