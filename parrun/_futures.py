@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -230,7 +231,8 @@ class Executor(_Executor):
         pool.close()
 
     def _wait_at_exit(self) -> None:
-        if self._pool is not None and self._pool._tasks is not None and not self._cancelled:
+        if self._pool is not None and self._pool._tasks is not None and not self._cancelled \
+                and self._pool._pid == os.getpid():
             wait_futures(self._pool._tasks.outstanding())
 
 

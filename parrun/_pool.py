@@ -293,6 +293,7 @@ class Pool:
         self._cpus = sorted(os.sched_getaffinity(0)) if (pin and hasattr(
             os, "sched_getaffinity")) else None
         self._lock = threading.RLock()
+        self._pid = os.getpid()  # a copy in a forked child must not stop our workers
         self._closed = False
         self._job_id = 0
         # fn key -> (the segments its pickle names, its bytes), least recently used first
@@ -445,11 +446,14 @@ class Pool:
 
         Submitted tasks that have not started are cancelled; those running finish first.
         Called in a done-callback of this pool's futures, it returns at once and a
-        background thread closes the pool.
+        background thread closes the pool. In a child made by ``os.fork()`` it only marks
+        the child's copy closed: the workers are the parent's.
         """
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():
+            return  # a copy in a child of os.fork(): the workers are the parent's
         if self._in_collector():
             threading.Thread(target=self._stop, name="parrun-close").start()
             return
@@ -484,6 +488,9 @@ class Pool:
     def terminate(self) -> None:
         """Stop now: kill the workers, fail tasks in flight with ``BrokenPool``, free the
         pool's segments (from a done-callback, in a background thread)."""
+        if self._pid != os.getpid():
+            self._closed = True
+            return  # a copy in a child of os.fork(): the workers are the parent's
         if self._in_collector():
             self._closed = True
             threading.Thread(target=self.terminate, name="parrun-terminate").start()
@@ -555,7 +562,7 @@ class Pool:
 
     def __del__(self) -> None:
         try:
-            if not self._closed and not sys.is_finalizing():
+            if not self._closed and not sys.is_finalizing() and self._pid == os.getpid():
                 self.close()
         except Exception:
             pass
@@ -723,6 +730,7 @@ class Pool:
                     # a copy, as NumPy's ufuncs do.
                     h, a = None, np.array(a)
                 if h is None:
+                    _shm.check_not_released(a)
                     a = _shm.asshared(a)
                     temps.append(a)
                     h = _shm.handle_of(a)
@@ -747,6 +755,7 @@ class Pool:
                         target = allocated = _allocate_from_probe(res, start, n)
                     out_h = _shm.handle_of(target)
                     if out_h is None:
+                        _shm.check_not_released(target)
                         # fn(..., out=) may read out or leave parts of it (a partial of a
                         # ufunc with where=); a bare ufunc, called with no where=, writes all.
                         reads = takes_out and not isinstance(fn, np.ufunc)
@@ -1200,6 +1209,8 @@ def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:
 
 def _close_all_pools() -> None:
     for pool in list(_live_pools):
+        if pool._pid != os.getpid():  # a child forked by os.fork() exiting: the parent's
+            continue
         try:
             # A daemon thread may be in the middle of a map, which may never end: wait for
             # it a little, then kill its workers (the map fails) rather than hang the exit.
@@ -1213,3 +1224,18 @@ def _close_all_pools() -> None:
 
 
 atexit.register(_close_all_pools)
+
+
+def _forget_workers_in_child() -> None:
+    """After os.fork(), in the child: our workers are not its children. multiprocessing's
+    exit hook terminates the daemon processes it counts as its own, so a child that exits
+    normally stopped the parent's workers (and failed to join them)."""
+    children = getattr(mp.process, "_children", None)
+    if children is None:  # pragma: no cover - another CPython layout
+        return
+    for pool in list(_live_pools):
+        for w in pool._workers:
+            children.discard(w.process)
+
+
+os.register_at_fork(after_in_child=_forget_workers_in_child)

@@ -57,6 +57,9 @@ _attached: dict[str, np.ndarray] = {}
 # or attached, so that any array can be traced back to the segment that holds it.
 _starts: list[int] = []
 _spans: list[tuple[int, str, int]] = []
+# name -> (start, end) of segments released (``.release()``) while still mapped here: an array
+# in one can no longer be sent to a worker (it went by value, its writes lost, unseen).
+_released: dict[str, tuple[int, int]] = {}
 
 # At exit, segments still alive are released by their weakref.finalize, whose atexit hook is
 # registered with the first finalizer made. Made now, before the pools' and executors' own
@@ -194,7 +197,7 @@ class _Segment:
             _owned[name] = self
             _index_add(self.start, size, name)
         # Unlink when the last view of the memory dies, or at interpreter exit.
-        weakref.finalize(raw, _release_name, name)
+        weakref.finalize(raw, _raw_gone, name)
         self.raw_first: np.ndarray | None = raw  # handed to the creator by take_raw()
 
     @classmethod
@@ -231,6 +234,13 @@ def _unlink(name: str) -> None:
         pass
 
 
+def _raw_gone(name: str) -> None:
+    """The last view of an owned segment died: unlink it, and forget it was released."""
+    _release_name(name)
+    with _lock:
+        _released.pop(name, None)
+
+
 def _release_name(name: str) -> None:
     """Unlink an owned segment (idempotent); the memory goes when its last mapping does."""
     with _lock:
@@ -238,6 +248,8 @@ def _release_name(name: str) -> None:
         if seg is None:
             return
         _index_remove(name)
+        if seg.raw_ref() is not None:  # released while views of it live: remember where
+            _released[name] = (seg.start, seg.start + seg.size)
         if seg.owner_pid != os.getpid():  # inherited through fork: not ours to unlink
             return
         for log in _subscribers:
@@ -388,6 +400,21 @@ def locate(arr: np.ndarray) -> tuple[str, int, int] | None:
     return name, size, ptr - start
 
 
+def check_not_released(arr: np.ndarray) -> None:
+    """ValueError if ``arr`` lies in a segment this process released while it still maps
+    it: sent to a worker, it would go as a copy (what the worker writes, lost)."""
+    if not _released:
+        return
+    _ptr, lo, hi = _bounds(arr)
+    with _lock:
+        spans = list(_released.items())
+    for name, (start, end) in spans:
+        if start <= lo and hi <= end:
+            raise ValueError(f"this array's shared segment {name!r} was released "
+                             "(.release()): it can no longer go to the workers; make a new "
+                             "shared array (parrun.asshared) or pass a copy (np.array(a))")
+
+
 def handle_of(arr: np.ndarray) -> tuple | None:
     """The handle (a plain tuple) of an array that lives in shared memory, else None."""
     loc = locate(arr)
@@ -440,6 +467,7 @@ class SharedArray(np.ndarray):
     def __reduce_ex__(self, protocol):
         handle = handle_of(self)
         if handle is None:
+            check_not_released(self)
             return np.asarray(self).__reduce_ex__(protocol)
         return from_handle, (handle,)
 
@@ -561,6 +589,8 @@ def _reduce_array(pickler: Any, obj: Any):
     handle = handle_of(obj)
     if handle is not None and pickler.may_share(handle[0]):
         return from_handle, (handle,)
+    if handle is None:
+        check_not_released(obj)
     if obj.nbytes < BIG_ARRAY_BYTES or obj.dtype.hasobject:
         # By value; a SharedArray would otherwise reduce itself to its handle.
         return None if handle is None else np.asarray(obj).__reduce_ex__(5)

@@ -72,6 +72,10 @@ class _Task:
     temps: list = field(default_factory=list)
     retries_left: int = 0
     overflow: Any = None  # the segment holding a payload too big for a slot
+    # The function and arguments themselves, until the task is done: a shared array made in
+    # the call (``submit(np.sum, parrun.asshared(x))``) is otherwise collected, and its
+    # segment unlinked, before a worker maps it.
+    held: Any = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class TaskService:
         # Weakly: the collector thread must not keep an unused pool (and its workers) alive;
         # it holds the pool only while it serves.
         self._pool = weakref.ref(pool)
+        self._keep: Any = None  # the pool, while tasks are pending or running (see submit)
         self.retries = retries
         # One lock for all task state; the collector and submitting threads both dispatch.
         # Reentrant: a future's done-callback may submit from inside the collector.
@@ -140,7 +145,8 @@ class TaskService:
 
     # -- called from user threads ---------------------------------------------------------
     def submit(self, fn: Any, args: tuple, kwargs: dict) -> Future:
-        key, data, _ = self.pool._register(fn)
+        pool = self.pool
+        key, data, _ = pool._register(fn)
         f: Future = Future()
         try:
             payload, temps = _shm.dumps_args((args, kwargs))
@@ -162,7 +168,7 @@ class TaskService:
                     tmp.release()
                 f.set_exception(e)
                 return f
-        task = _Task(f, key, data, payload, temps, self.retries, overflow)
+        task = _Task(f, key, data, payload, temps, self.retries, overflow, (fn, args, kwargs))
         with self.cv:
             if self.closing or self.broken is not None:
                 for t in temps:
@@ -177,6 +183,9 @@ class TaskService:
                 raise PoolClosedError("this parrun.Pool is closed; create a new Pool")
             self.pending.append(task)
             self.stats.submitted += 1
+            # Held until every task is done: a pool (or Executor) dropped right after submit
+            # would otherwise be collected, and close, cancelling them.
+            self._keep = pool
             if not self.serving:
                 self.cv.notify()
                 return f
@@ -291,7 +300,10 @@ class TaskService:
                 finally:
                     self._account_steals()
                     self._blocking(pool, True)
-            del pool  # not held while idle
+            with self.cv:
+                if not self.pending and not self.inflight and not self.redo:
+                    self._keep = None
+            del pool  # not held while idle (dropped, it is collected and closes here)
 
     def _make_poller(self):
         """A poll object over every worker's status pipe and sentinel, and the poke pipe;
@@ -672,6 +684,7 @@ class TaskService:
                 t.future.set_exception(err)
 
     def _release(self, t: _Task) -> None:
+        t.held = None
         for tmp in t.temps:
             tmp.release()
         t.temps = []

@@ -329,27 +329,27 @@ class Growth:
     Sizing by ``TARGET_PIECE_NS / (ns a row)`` assumes a row costs the same in any piece. A
     function with a fixed cost a call (``a @ W`` reads all of W whatever the rows; a lookup
     table built per call) makes a row look as dear as the whole target, and its pieces
-    stayed a row long: ``lambda a: a @ W`` over 8000 rows and a 1000x1000 W took 615 ms so
-    on 2 workers, against 132 ms in pieces of 1000 rows. So after a piece that took half the
-    target or more without the cost a row growing it, the next is twice as long, and so on
-    until GROW_TRIES doublings in a row fail to cut the cost a row to GROW_GAIN of the best
-    so far (BLAS runs 1 row as a matrix-vector product, 2x faster a row than 2 or 4 rows,
-    and slower than 8), or a piece would pass GROW_MAX_NS (past it, only while each doubling
-    cuts the cost a row to GROW_FIXED or less: a fixed cost longer than that; one doubling
-    tells). From then on pieces are at least the smallest
-    size whose cost a row came within 1 / GROW_GAIN of the best. A job's first piece is not
-    counted (a first call pays for imports and cold caches). Rows that cost the same in any
-    piece stop it within GROW_TRIES doublings, back at the size the cost a row gives.
+    stayed a row long (``benchmarks/bench_pieces.py``, 2 workers: ``a @ W`` over 8000 rows,
+    W 1000x1000, 3.96x the time of a hand-picked grain so; 1.09x now). So after
+    a piece that took half the target or more without the cost a row growing it, the next
+    is twice as long, and so on until GROW_TRIES doublings in a row fail to cut the cost a
+    row to GROW_GAIN of the best so far (one may fail: BLAS runs 1 row as a matrix-vector
+    product, 2x faster a row than 2 rows, and slower than 8), or a piece would pass
+    GROW_MAX_NS (past it, only while a doubling cuts the cost a row to GROW_FIXED: a fixed
+    cost longer than that). From then on pieces are at least the smallest size whose cost
+    a row came within 1 / GROW_GAIN of the best. A job's first piece is not counted (a
+    first call pays for imports and cold caches). Rows that cost the same in any piece stop
+    it within GROW_TRIES doublings, back at the size the cost a row gives.
     """
 
-    __slots__ = ("best", "done", "fails", "first", "floor", "seen")
+    __slots__ = ("best", "done", "fails", "first", "floor", "rates")
 
     def __init__(self) -> None:
         self.done = False  # growing stopped: pieces are at least ``floor`` rows
         self.first = True  # the next piece seen is the job's first
         self.fails = 0  # doublings in a row that did not pay
         self.best = 0.0  # the least ns a row seen while growing
-        self.seen: list[tuple[int, float]] = []  # (rows, ns a row) of the pieces grown
+        self.rates: dict[int, float] = {}  # rows -> the least ns a row of pieces that long
         self.floor = 0
 
     def size(self, size: int, rows: int, ns: int, left: int) -> int:
@@ -363,18 +363,25 @@ class Growth:
             # Growing by the cost a row, or pieces well inside the target: nothing to try.
             return max(size, self.floor)
         rate = ns / rows
-        self.seen.append((rows, rate))
+        again = rows in self.rates  # this size measured before
+        self.rates[rows] = min(self.rates[rows], rate) if again else rate
         before, self.best = self.best, min(self.best, rate) if self.best else rate
         self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
-        if self.fails < GROW_TRIES and (
-                2 * ns <= GROW_MAX_NS
-                # Longer pieces only while a doubling halves the cost a row or nearly (a
-                # fixed cost a call longer than GROW_MAX_NS), after one doubling to see it.
-                or not before or rate <= GROW_FIXED * before):
-            return max(size, 2 * rows)
+        if self.fails < GROW_TRIES:
+            if 2 * ns <= GROW_MAX_NS or not before:
+                return max(size, 2 * rows)
+            # Longer pieces only while a doubling cuts the cost a row to GROW_FIXED or less
+            # (a fixed cost a call longer than GROW_MAX_NS); the least rates of each size
+            # are compared, and a size is measured twice before it stops growth (one piece
+            # slowed by the machine once did, at 2 rows of a 1 ms fixed cost).
+            half = self.rates.get(rows // 2) if rows % 2 == 0 else None
+            if half is not None and self.rates[rows] <= GROW_FIXED * half:
+                return max(size, 2 * rows)
+            if not again:
+                return max(size, rows)
         self.done = True
-        self.floor = min(r for r, rt in self.seen if GROW_GAIN * rt <= self.best)
-        self.seen = []
+        self.floor = min(r for r, rt in self.rates.items() if GROW_GAIN * rt <= self.best)
+        self.rates = {}
         return max(size, self.floor)
 
 

@@ -53,6 +53,38 @@ def test_executor_is_a_concurrent_futures_executor(ex):
     assert list(ex.map(abs, [], chunksize=7)) == []
 
 
+def _sleep_then(i):
+    time.sleep(0.2)
+    return i
+
+
+@pytest.mark.parametrize("make", [parrun.Executor, parrun.Pool])
+def test_tasks_of_a_dropped_executor_still_run_then_it_closes(make):
+    # As with ProcessPoolExecutor: an executor nobody keeps runs what was submitted. It was
+    # collected at once, and its close cancelled the tasks.
+    def submit_and_forget():
+        ex = make(2)
+        pids = (ex.pool if isinstance(ex, parrun.Executor) else ex).pids
+        return [ex.submit(_sleep_then, i) for i in range(6)], pids
+
+    fs, pids = submit_and_forget()
+    gc.collect()
+    assert [f.result(timeout=TIMEOUT) for f in fs] == list(range(6))
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                      != psutil.STATUS_ZOMBIE for p in pids))
+
+
+def test_a_shared_array_made_in_the_call_lives_until_its_task_ran(ex):
+    # Nothing but the task referred to it: it was collected, and its segment unlinked, as
+    # submit returned, before a worker could map it.
+    x = np.arange(1000.0)
+    fs = [ex.submit(np.sum, parrun.asshared(x)) for _ in range(20)]
+    assert [f.result(timeout=TIMEOUT) for f in fs] == [x.sum()] * 20
+    chunks = [np.full(100, float(k)) for k in range(8)]
+    got = list(ex.map(np.sum, [parrun.asshared(c) for c in chunks], timeout=TIMEOUT))
+    assert got == [100.0 * k for k in range(8)]
+
+
 def test_map_ships_fn_once_a_worker_not_once_a_chunk(ex):
     # fn went with each chunk's arguments: unpickled (and what it captures copied) once a
     # chunk, 40 times here.

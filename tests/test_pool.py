@@ -1348,3 +1348,31 @@ def test_a_big_function_sent_to_busy_workers_returning_big_results_does_not_hang
     assert [f.result()[0] for f in fs[:50]] == list(range(50))
     assert [f.result() for f in fs[50:]] == list(table[:4])
     np.testing.assert_array_equal(pool.map(np.negative, np.arange(3.0)), [0, -1, -2])
+
+
+@pytest.mark.timeout(120)
+def test_a_child_of_os_fork_that_exits_leaves_the_parents_workers_alone():
+    # The child's exit hooks (multiprocessing's, parrun's) counted the parent's workers as
+    # the child's own: they were terminated, and the parent's next map started new ones.
+    import subprocess
+    import sys
+
+    code = ("import os, sys, numpy as np, parrun\n"
+            "with parrun.Pool(2) as pool, parrun.Executor(2) as ex:\n"
+            "    assert ex.submit(abs, -1).result() == 1\n"
+            "    pids = pool.pids + ex.pool.pids\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        sys.exit(0)  # a normal exit: atexit hooks run\n"
+            "    _, status = os.waitpid(pid, 0)\n"
+            "    print('child', os.waitstatus_to_exitcode(status))\n"
+            "    y = pool.map(np.sqrt, np.arange(4.0))\n"
+            "    print('same workers', pool.pids + ex.pool.pids == pids,\n"
+            "          pool.last_stats.recovered, ex.submit(abs, -2).result())\n"
+            "    y.release()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["child", "0", "same", "workers", "True", "0", "2"], \
+        (r.stdout, r.stderr[-2000:])
+    assert "can only join a child process" not in r.stderr

@@ -183,6 +183,35 @@ def test_unpickling_a_released_array_fails_clearly():
         parrun._shm.from_handle(handle)
 
 
+def _fill(a, v):
+    a[:] = v
+    return float(a.sum())
+
+
+def test_a_released_array_is_refused_not_sent_as_a_copy(pool):
+    # Still mapped here after release(), it went to the workers by value: what a task wrote
+    # into it was lost, with no error.
+    a = parrun.zeros(1000)
+    v = a[10:20]
+    name = a.segment
+    a.release()
+    with pytest.raises(TypeError, match="was released"):
+        pool.submit(_fill, a, 2.0).result(timeout=TIMEOUT)
+    for arr in (a, v):
+        with pytest.raises(ValueError, match="was released"):
+            pool.map(np.sqrt, arr)
+        with pytest.raises(ValueError, match="was released"):
+            pool.map(np.sqrt, np.ones(len(arr)), out=arr)
+        with pytest.raises(ValueError, match="was released"):
+            pickle.dumps(arr)
+    a[:] = 1.0  # still an array here
+    b = np.array(a)  # a copy goes as usual
+    assert pool.submit(_fill, b, 2.0).result(timeout=TIMEOUT) == 2000.0
+    del a, v, arr
+    gc.collect()
+    assert name not in parrun._shm._released  # forgotten with its last view
+
+
 PARENT = textwrap.dedent("""
     import sys, time
     import numpy as np
