@@ -31,6 +31,7 @@ import mmap
 import operator
 import os
 import pickle
+import re
 import secrets
 import sys
 import threading
@@ -101,8 +102,11 @@ def name_prefix(pid: int, tag: str = "") -> str:
     return f"{PREFIX}{pid}_{tag}"
 
 
+_TOKEN_HEX = 24  # hex digits of a name's random part (96 bits)
+
+
 def _new_name() -> str:
-    return f"{name_prefix(os.getpid(), _name_tag)}{secrets.token_hex(12)}"
+    return f"{name_prefix(os.getpid(), _name_tag)}{secrets.token_hex(_TOKEN_HEX // 2)}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -270,6 +274,20 @@ def unlink_orphans(prefix: str) -> int:
         return 0
     with _lock:
         names = [n for n in names if n not in _owned and n not in _attached]
+    for name in names:
+        _unlink(name)
+    return len(names)
+
+
+def unlink_unadopted(payload: bytes, prefix: str) -> int:
+    """Unlink the segments named in a worker's result ``payload`` that were made for this
+    process to adopt (names beginning with the worker's ``prefix``) and are not held here:
+    a result that was never unpickled (a duplicate, or one that failed to unpickle) would
+    leave them until the pool closes. Return how many."""
+    pattern = re.escape(prefix.encode()) + rb"[0-9a-f]{%d}" % _TOKEN_HEX
+    names = {m.decode() for m in re.findall(pattern, payload)}
+    with _lock:
+        names = {n for n in names if n not in _owned and n not in _attached}
     for name in names:
         _unlink(name)
     return len(names)

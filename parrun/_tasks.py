@@ -510,9 +510,11 @@ class TaskService:
         per_task = msg.busy_ns / max(1, len(msg.results))
         st.busy_s_per_worker[msg.slot] += msg.busy_ns / 1e9
         timed = set()
+        w = self.pool._workers[msg.slot]
         for tid, ok, payload in msg.results:
             t = self.inflight.pop(tid, None)
             if t is None:  # a duplicate after a crash: the first result stands
+                _shm.unlink_unadopted(payload, _shm.name_prefix(w.pid, w.tag))
                 continue
             if t.key not in timed:
                 timed.add(t.key)
@@ -525,6 +527,7 @@ class TaskService:
             try:
                 value = pickle.loads(payload)
             except Exception as e:
+                _shm.unlink_unadopted(payload, _shm.name_prefix(w.pid, w.tag))
                 ok, value = False, TypeError(f"the task's result could not be unpickled: "
                                              f"{type(e).__name__}: {e}")
             if ok:

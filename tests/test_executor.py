@@ -85,6 +85,24 @@ def test_a_shared_array_made_in_the_call_lives_until_its_task_ran(ex):
     assert got == [100.0 * k for k in range(8)]
 
 
+class _FailsToUnpickle:
+    def __reduce__(self):  # pickles in the worker; unpickling raises in the parent
+        return (int, ("not a number",))
+
+
+def _result_that_fails_to_unpickle(i):
+    return _FailsToUnpickle(), np.full(300_000, float(i))  # 2.4 MB: in its own segment
+
+
+def test_a_result_that_fails_to_unpickle_leaves_no_segment(ex):
+    # Its big array's segment, made by the worker for the parent to adopt, stayed in
+    # /dev/shm until the pool closed.
+    for i in range(5):
+        with pytest.raises(TypeError, match="could not be unpickled"):
+            ex.submit(_result_that_fails_to_unpickle, i).result(timeout=TIMEOUT)
+    assert not any(shm_segments(pid) for pid in ex.pool.pids)
+
+
 def test_map_ships_fn_once_a_worker_not_once_a_chunk(ex):
     # fn went with each chunk's arguments: unpickled (and what it captures copied) once a
     # chunk, 40 times here.
