@@ -131,6 +131,7 @@ class TaskResults:
     busy_ns: int
     idle: bool = False  # nothing was left to take or steal: the worker is going idle
     seq: int = 0  # the TaskWake this serving round answers
+    partial: bool = False  # tasks done so far in a piece still running (see _Reporter)
 
 
 @dataclass(frozen=True)

@@ -506,7 +506,7 @@ class TaskService:
 
     def _deliver(self, msg: P.TaskResults) -> None:
         st = self.stats
-        st.pieces += 1
+        st.pieces += not msg.partial
         per_task = msg.busy_ns / max(1, len(msg.results))
         st.busy_s_per_worker[msg.slot] += msg.busy_ns / 1e9
         timed = set()

@@ -12,6 +12,7 @@ import pickle
 import signal
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -114,6 +115,7 @@ class _Worker:
         # another function, while the other workers idled.)
         self.task_ns: dict[bytes, float] = {}
         self.ppid = os.getppid()
+        self.reporter: _Reporter | None = None  # made at the first serving round
 
     def array(self, handle: tuple) -> np.ndarray:
         """The array a handle names, as a plain ``np.ndarray`` view of the shared memory (a
@@ -188,6 +190,9 @@ class _Worker:
         cb, me = self.cb, self.slot
         ppid = self.ppid
         idle_said = False
+        if self.reporter is None:
+            self.reporter = _Reporter(status)
+        reporter = self.reporter
 
         def key_of(tid: int) -> bytes:  # the function of task tid, from its arena slot
             return _SLOT_HEAD.unpack_from(arena, (tid % wake.cap) * wake.slot_bytes)[1]
@@ -203,9 +208,10 @@ class _Worker:
                 break
             lo, hi = piece
             t0 = now_ns()
-            results = []
             for tid in range(lo, hi):
-                results.append(self.run_task(arena, wake, tid))
+                t1 = now_ns()
+                result = self.run_task(arena, wake, tid)
+                reporter.add(result, now_ns() - t1, me, wake.seq)
                 if tid + 1 < hi and now_ns() - t0 > 2 * TARGET_PIECE_NS:
                     # Slower than estimated: report what is done and hand the rest back
                     # to our range, where a thief can get it.
@@ -219,8 +225,7 @@ class _Worker:
             idle_said = not cb.has_work()
             # Report, then clear: a worker killed in between has its piece reported (the
             # parent ignores results it already has) rather than lost.
-            status.send_bytes(pickle.dumps(P.TaskResults(me, results, dt, idle_said,
-                                                         wake.seq), protocol=5))
+            reporter.flush(me, idle_said, wake.seq)
             cb.clear_current(me)
             per_task = dt / (hi - lo)
             est = self.task_ns.get(key, 0.0)
@@ -234,7 +239,8 @@ class _Worker:
                 # ranges must not be taken for tasks. Work added later comes with a wake-up.
                 break
         if not idle_said:
-            status.send_bytes(pickle.dumps(P.Idle(me, wake.seq)))
+            with reporter.lock:
+                status.send_bytes(pickle.dumps(P.Idle(me, wake.seq)))
 
     def forget(self, msg: P.Forget) -> None:
         if msg.segments:
@@ -322,6 +328,69 @@ class _Worker:
         return P.Done(job.job_id, me, error, acc)
 
 
+class _Reporter:
+    """Sends the results of a piece of tasks, and, from a thread of its own, those done so
+    far when the piece runs on: a quick task batched with a call that turns out slow was
+    reported only when that call ended (a task waiting for the caller to see another
+    task's result waited for ever; ``ProcessPoolExecutor`` reports each task as it ends).
+    The thread sends what waited REPORT_AFTER_NS (and, in Python code, the interpreter's
+    switch interval, 5 ms, to get the GIL); the worker's sends and its take turns under
+    ``lock``, so messages go in the order their results were taken."""
+
+    def __init__(self, status) -> None:
+        self.status = status
+        self.lock = threading.Lock()  # one writer of the status pipe at a time
+        self.cv = threading.Condition(threading.Lock())
+        self.results: list = []  # done, not sent
+        self.busy_ns = 0  # their time
+        self.since = 0  # when the first of them was done
+        self.me = self.seq = 0
+        threading.Thread(target=self._run, name="parrun-reporter", daemon=True).start()
+
+    def add(self, result: tuple, ns: int, me: int, seq: int) -> None:
+        with self.cv:
+            if not self.results:
+                self.since, self.me, self.seq = now_ns(), me, seq
+                self.cv.notify()
+            self.results.append(result)
+            self.busy_ns += ns
+
+    def _take(self) -> tuple[list, int]:
+        with self.cv:
+            taken, busy = self.results, self.busy_ns
+            self.results, self.busy_ns = [], 0
+            return taken, busy
+
+    def flush(self, me: int, idle: bool, seq: int) -> None:
+        """Send what is left of the piece (and that the worker goes idle, if it does)."""
+        with self.lock:
+            results, busy = self._take()
+            if results or idle:
+                self.status.send_bytes(pickle.dumps(
+                    P.TaskResults(me, results, busy, idle, seq), protocol=5))
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.results:
+                    self.cv.wait()
+                while self.results and now_ns() - self.since < REPORT_AFTER_NS:
+                    self.cv.wait((REPORT_AFTER_NS - (now_ns() - self.since)) / 1e9)
+                if not self.results:
+                    continue
+            with self.lock:
+                me, seq = self.me, self.seq
+                results, busy = self._take()
+                if not results:
+                    continue
+                try:
+                    self.status.send_bytes(pickle.dumps(
+                        P.TaskResults(me, results, busy, False, seq, partial=True),
+                        protocol=5))
+                except OSError:  # the parent is gone: the main thread sees it too
+                    return
+
+
 class Growth:
     """Pieces larger than the cost a row says, for a function that also costs a fixed time
     a call.
@@ -393,6 +462,9 @@ VIEW_CACHE_SIZE = 64
 # per-piece bookkeeping (~5 us) too often; larger leaves a longer tail when the last pieces
 # run unevenly.
 TARGET_PIECE_NS = 300_000
+# A task's result waits at most this long (plus the GIL's switch interval) for the rest of
+# its piece before it is sent on its own (see _Reporter).
+REPORT_AFTER_NS = 2 * TARGET_PIECE_NS
 # Growth (see ``Growth``): a doubled piece pays when a row costs less than this fraction of a
 # row of the piece before it (with a cost a call ``a`` and a row ``b``, while ``b`` x rows <
 # 4a: doubling stops with the fixed cost about a fifth of a piece); no piece grows past this

@@ -85,6 +85,34 @@ def test_a_shared_array_made_in_the_call_lives_until_its_task_ran(ex):
     assert got == [100.0 * k for k in range(8)]
 
 
+def _quick_or_waits_for_flag(x, flag=None):
+    if flag is None:
+        return x
+    t0 = time.monotonic()
+    while flag[0] == 0 and time.monotonic() - t0 < 10:
+        time.sleep(0.001)
+    return bool(flag[0])
+
+
+def test_a_quick_result_is_not_held_by_a_slow_task_of_its_piece(pool1):
+    # Results went back a piece at a time: a quick task batched with a slow call of the same
+    # function was reported when that call ended, and a call waiting for the caller to see
+    # the quick result waited for ever (ProcessPoolExecutor reports each task as it ends).
+    flag = parrun.zeros(1, np.int64)
+    try:
+        for _ in range(300):  # the function is quick: tasks of it are batched
+            pool1.submit(_quick_or_waits_for_flag, 1).result(timeout=TIMEOUT)
+        quick = pool1.submit(_quick_or_waits_for_flag, 2)
+        slow = pool1.submit(_quick_or_waits_for_flag, 3, flag)
+        assert quick.result(timeout=3) == 2
+        flag[0] = 1
+        assert slow.result(timeout=TIMEOUT) is True
+        stats = pool1.task_stats
+        assert stats.completed == stats.submitted - stats.failed
+    finally:
+        flag.release()
+
+
 class _FailsToUnpickle:
     def __reduce__(self):  # pickles in the worker; unpickling raises in the parent
         return (int, ("not a number",))
