@@ -15,13 +15,7 @@
 # 4. bench_irregular.py at W workers, 2000 items (the issue's size; the first runs had 1000),
 #    5 trials of fresh pools, efficiency split into the machine's part and the scheduler's.
 # W and COUNTS override the worker counts (W=2 COUNTS=1,2 for a dry run on 2 cores).
-set -u
-cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-export PYTHONPATH=.
-unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-py=${PYTHON:-$(command -v python3 || command -v python)}
+source "$(dirname "$0")/device_env.sh"  # cd to the root, $out, $py, PYTHONPATH
 w=${W:-16}
 counts=${COUNTS:-1,4,8,16}
 start=$(date +%s)

@@ -20,14 +20,7 @@
 # package is not on that machine) and tasks (no-op tasks do not scale with workers).
 # WORKERS overrides the counts, SUITES the suites, BENCH_LIMIT the bench's seconds;
 # IRREGULAR_TRIALS=0 leaves out the fresh-pool run.
-set -u
-cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-export PYTHONPATH=.
-unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-# The device promises python3; a bare `python` may be missing there, or another interpreter.
-py=${PYTHON:-$(command -v python3 || command -v python)}
+source "$(dirname "$0")/device_env.sh"  # cd to the root, $out, $py, PYTHONPATH
 counts=${WORKERS:-1,2,4,8,16}
 start=$(date +%s)
 { "$py" -m parrun info; echo; lscpu 2>&1; } > "$out/scaling_16core_info.txt" 2>&1

@@ -502,3 +502,72 @@ def test_predict_many_checks_batches_as_predict_does(pool):
     finally:
         model.release()
 
+
+
+@pytest.mark.parametrize("width,height", [(1, 1), (5, 1), (1, 5), (0, 3)])
+def test_mandelbrot_of_one_row_or_column(pool, width, height):
+    # (width - 1) and (height - 1) divided: one pixel wide or high was a ZeroDivisionError
+    img = nn.mandelbrot(width, height, max_iter=50, pool=pool)
+    try:
+        np.testing.assert_array_equal(img, nn.mandelbrot_numpy(width, height, 50))
+    finally:
+        img.release()
+
+
+def test_mandelbrot_checks_its_arguments_and_out(pool):
+    # The compiled kernel writes out[r, c] for every column, unchecked: a narrower out was
+    # overrun (workers died of SIGSEGV), a wider one half filled.
+    for bad in (np.zeros((4, 3), np.int32), np.zeros((4, 7), np.int32),
+                np.zeros((4, 6), np.float64), [[0] * 6] * 4):
+        with pytest.raises(ValueError, match=r"out must be a writeable integer array of "
+                                             r"shape \(4, 6\)"):
+            nn.mandelbrot(6, 4, pool=pool, out=bad)
+    with pytest.raises(ValueError, match="cannot hold max_iter=300"):
+        nn.mandelbrot(6, 4, max_iter=300, pool=pool, out=np.zeros((4, 6), np.int8))
+    for kw in ({"width": -1}, {"height": 2.5}, {"max_iter": True}):
+        with pytest.raises(ValueError, match="must be an int >= 0"):
+            nn.mandelbrot(**{"width": 6, "height": 4, **kw}, pool=pool)
+    for view in ((0, 1, 2), (0, 1, 2, np.nan), "abcd"):
+        with pytest.raises(ValueError, match="view must be 4 finite numbers"):
+            nn.mandelbrot(6, 4, view=view, pool=pool)
+    out = np.zeros((4, 6), np.int16)  # any integer dtype that holds max_iter
+    nn.mandelbrot(6, 4, max_iter=50, pool=pool, out=out)
+    np.testing.assert_array_equal(out, nn.mandelbrot_numpy(6, 4, 50))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_of_a_query_with_every_key_masked_is_zeros(pool, dtype):
+    # As torch's scaled_dot_product_attention: 0/0 gave NaN rows here, and in the reference.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 3, 4)).astype(dtype) for _ in range(3))
+    pad = np.array([True, True, False])
+    keep = pad[:, None] & pad[None, :]  # query 2 sees no key
+    for mask in (keep, np.where(keep, 0, -np.inf).astype(dtype)):
+        for got in (nn.attention(q, k, v, mask=mask, pool=pool),
+                    nn.attention_reference(q, k, v, mask=mask)):
+            got = np.asarray(got)
+            assert np.isfinite(got).all()
+            np.testing.assert_array_equal(got[:, :, 2], 0)
+        want = nn.attention_reference(q[:, :, :2], k[:, :, :2], v[:, :, :2])
+        np.testing.assert_allclose(np.asarray(got)[:, :, :2], want, rtol=1e-5, atol=1e-6)
+    empty = np.zeros((1, 2, 0, 4), dtype)  # no keys at all
+    for got in (nn.attention(q, empty, empty, pool=pool),
+                nn.attention_reference(q, empty, empty)):
+        np.testing.assert_array_equal(np.asarray(got), 0)
+
+
+def test_nn_names_bad_arguments_with_the_right_exception(pool):
+    f = np.float32
+    assert float(nn.erf(np.array(0.5))) == pytest.approx(0.5204998778)  # 0-d float64
+    with pytest.raises(TypeError, match="out must be a NumPy array, got list"):
+        nn.mlp(np.ones((2, 3), f), np.ones((3, 4), f), np.ones(4, f), np.ones((4, 2), f),
+               np.ones(2, f), out=[[0, 0]] * 2, pool=pool)
+    with pytest.raises(TypeError, match="out must be a NumPy array, got list"):
+        nn.attention(*[np.ones((1, 1, 2, 2), f)] * 3, out=[0], pool=pool)
+    with pytest.raises(TypeError, match="w1 must be a 2-D float32 or float64 array, got "
+                                        "2-D int64"):
+        nn.MLPModel(np.ones((3, 4), np.int64), np.ones(4, f), np.ones((4, 2), f),
+                    np.ones(2, f), pool=pool)
+    with pytest.raises(TypeError, match="w1 must be a 2-D float32 or float64 array, got 0-D"):
+        nn.MLPModel(np.float32(1), np.ones(4, f), np.ones((4, 2), f), np.ones(2, f),
+                    pool=pool)

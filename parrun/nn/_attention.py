@@ -59,7 +59,9 @@ def _mask_block(mask, b, h, q0, q1, k0, k1):
 
 
 def attention_reference(q, k, v, causal=False, mask=None, scale=None):
-    """Serial NumPy, one (batch, head) at a time, full softmax (O(seq^2) per head)."""
+    """Serial NumPy, one (batch, head) at a time, full softmax (O(seq^2) per head). A query
+    with every key masked (or no keys) gets zeros, as torch's scaled_dot_product_attention
+    gives."""
     q, k, v, mask = _check(q, k, v, mask)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -73,9 +75,11 @@ def attention_reference(q, k, v, causal=False, mask=None, scale=None):
             if mask is not None:
                 m = _mask_block(mask, b, h, 0, Sq, 0, Sk)
                 s = np.where(m, s, -np.inf) if m.dtype == bool else s + m
-            s -= s.max(axis=1, keepdims=True)
+            top = s.max(axis=1, keepdims=True, initial=-np.inf)
+            s -= np.where(np.isneginf(top), 0, top)  # (all masked: exp(-inf) = 0, not NaN)
             np.exp(s, out=s)
-            s /= s.sum(axis=1, keepdims=True)
+            total = s.sum(axis=1, keepdims=True)
+            s /= np.where(total == 0, 1, total)
             out[b, h] = s @ v[b, h]
     return out
 
@@ -162,6 +166,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         else:
             acc *= np.swapaxes(corr, -1, -2)
             acc += np.swapaxes(st, -1, -2) @ v[..., k0:k1, :]
+    denom[denom == 0] = 1  # queries with every key masked, or no keys: zeros, as torch gives
     acc /= np.swapaxes(denom, -1, -2)
     return acc
 
@@ -208,6 +213,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
     try:
         if out is None:
             out = parrun.empty((B, H, Sq, v.shape[3]), q.dtype)
+        elif not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
         elif out.shape != (B, H, Sq, v.shape[3]) or out.dtype != q.dtype:
             raise ValueError(f"out must be {(B, H, Sq, v.shape[3])} {q.dtype}, got "
                              f"{out.shape} {out.dtype}")

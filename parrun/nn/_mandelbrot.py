@@ -19,9 +19,9 @@ VIEW = (-2.0, 0.6, -1.2, 1.2)
 def escape_rows_py(rows, out, width, height, max_iter, x0, x1, y0, y1):
     """Escape times of image rows ``rows`` into ``out`` (len(rows), width): plain Python."""
     for r in range(rows.shape[0]):
-        y = y0 + (y1 - y0) * rows[r] / (height - 1)
+        y = y0 + (y1 - y0) * rows[r] / max(height - 1, 1)  # (one row: y0, as linspace)
         for c in range(width):
-            x = x0 + (x1 - x0) * c / (width - 1)
+            x = x0 + (x1 - x0) * c / max(width - 1, 1)
             zr = 0.0
             zi = 0.0
             n = 0
@@ -45,9 +45,9 @@ def _compile():
     # prange over the rows, so that numba compiles the same per-pixel code both ways.
     def escape_prange(out, width, height, max_iter, x0, x1, y0, y1):
         for r in numba.prange(height):
-            y = y0 + (y1 - y0) * r / (height - 1)
+            y = y0 + (y1 - y0) * r / max(height - 1, 1)
             for c in range(width):
-                x = x0 + (x1 - x0) * c / (width - 1)
+                x = x0 + (x1 - x0) * c / max(width - 1, 1)
                 zr = 0.0
                 zi = 0.0
                 n = 0
@@ -101,7 +101,28 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
     The kernel is ``escape_rows`` compiled by numba when installed (``pip install
     parrun[numba]``), else the plain-Python ``escape_rows_py`` (correct, and slow).
     """
+    for name, v in (("width", width), ("height", height), ("max_iter", max_iter)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    try:
+        view = tuple(float(v) for v in view)
+    except (TypeError, ValueError):
+        view = ()
+    if len(view) != 4 or not all(np.isfinite(view)):
+        raise ValueError("view must be 4 finite numbers (x0, x1, y0, y1)")
+    if out is not None:
+        # The compiled kernel writes out[r, c] for every c < width with no bounds check: a
+        # narrower out was overrun (a worker's SIGSEGV), a wider one left half unwritten.
+        if not isinstance(out, np.ndarray) or out.shape != (height, width) \
+                or not np.issubdtype(out.dtype, np.integer) or not out.flags.writeable:
+            raise ValueError(f"out must be a writeable integer array of shape "
+                             f"{(height, width)}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)} "
+                             f"{getattr(out, 'dtype', '')}".rstrip())
+        if np.iinfo(out.dtype).max < max_iter:
+            raise ValueError(f"out's dtype {out.dtype} cannot hold max_iter={max_iter}")
     pool = pool or parrun.default_pool()
+    mine = out is None
     if out is None:
         out = parrun.empty((height, width), np.int32)
     rows = parrun.asshared(np.arange(height, dtype=np.int64))
@@ -109,5 +130,9 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
         kernel = escape_rows if HAVE_NUMBA else escape_rows_py
         return pool.map(_Rows(width, height, max_iter, view, kernel), rows, out=out,
                         grain=grain)
+    except BaseException:
+        if mine:
+            out.release()
+        raise
     finally:
         rows.release()

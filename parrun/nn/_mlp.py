@@ -199,6 +199,8 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
     try:
         if out is None:
             out = parrun.empty((x.shape[0], w2.shape[1]), x.dtype)
+        elif not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
         elif out.shape != (x.shape[0], w2.shape[1]) or out.dtype != x.dtype:
             raise ValueError(f"out must be {(x.shape[0], w2.shape[1])} {x.dtype}, got "
                              f"{out.shape} {out.dtype}")
@@ -255,8 +257,11 @@ class MLPModel:
 
     def __init__(self, w1: Any, b1: Any, w2: Any, b2: Any, activation: str = "relu",
                  pool: parrun.Pool | None = None):
-        _check_mlp(np.zeros((1, np.shape(w1)[0]), np.asarray(w1).dtype), w1, b1, w2, b2,
-                   activation)
+        w1a = np.asarray(w1)
+        if w1a.dtype not in (np.float32, np.float64) or w1a.ndim != 2:
+            raise TypeError(f"w1 must be a 2-D float32 or float64 array, got {w1a.ndim}-D "
+                            f"{w1a.dtype}")
+        _check_mlp(np.zeros((1, w1a.shape[0]), w1a.dtype), w1, b1, w2, b2, activation)
         self.w1, self.b1, self.w2, self.b2 = (parrun.asshared(a) for a in (w1, b1, w2, b2))
         self.activation = activation
         self.pool = pool

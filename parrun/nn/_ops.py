@@ -22,8 +22,9 @@ _erf_exact = np.frompyfunc(math.erf, 1, 1)
 def erf(x: np.ndarray) -> np.ndarray:
     """erf(x) for a float array: float64 exactly (``math.erf``, slow), other dtypes by A&S
     7.1.26 (|error| < 1.5e-7) in ~15 NumPy passes with two temporaries of x's size."""
+    x = np.asarray(x)
     if x.dtype == np.float64:
-        return _erf_exact(x).astype(np.float64)
+        return np.asarray(_erf_exact(x), np.float64)  # (a 0-d x gives a float)
     dt = x.dtype.type
     a = np.abs(x)
     t = a * dt(_P)
