@@ -122,17 +122,17 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
         if np.iinfo(out.dtype).max < max_iter:
             raise ValueError(f"out's dtype {out.dtype} cannot hold max_iter={max_iter}")
     pool = pool or parrun.default_pool()
-    mine = out is None
-    if out is None:
-        out = parrun.empty((height, width), np.int32)
+    mine = parrun.empty((height, width), np.int32) if out is None else None
+    if mine is not None:
+        out = mine
     rows = parrun.asshared(np.arange(height, dtype=np.int64))
     try:
         kernel = escape_rows if HAVE_NUMBA else escape_rows_py
         return pool.map(_Rows(width, height, max_iter, view, kernel), rows, out=out,
                         grain=grain)
     except BaseException:
-        if mine:
-            out.release()
+        if mine is not None:  # made here: not left to the garbage collector
+            mine.release()
         raise
     finally:
         rows.release()
