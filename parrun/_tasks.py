@@ -228,6 +228,7 @@ class TaskService:
         self._poke()
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
+        self._keep = None  # (no cycle with the pool left for the garbage collector)
         with self._close_lock:  # once (close and terminate may run at once)
             if self.thread.is_alive() or self.arena_seg is None:
                 return
