@@ -63,6 +63,7 @@ from ._checks import (
     check_grain,
     check_out,
     check_ufunc_out,
+    store_result,
 )
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._functions import pickle_function
@@ -73,11 +74,12 @@ from ._worker import TARGET_PIECE_NS
 # Bytes of input per piece. Smaller pieces pay the ~5 us of per-piece bookkeeping too often;
 # larger ones push a chain of NumPy temporaries out of L2 (typically 256 KiB - 2 MiB a core).
 TILE_BYTES = 256 * 1024
-# Rows of the first piece, run alone in one worker to learn the output's shape, dtype and the
-# cost per row when map allocates ``out``; fewer where the grain is smaller. More delays the
-# parallel part (it runs alone: a first piece of a grain of n / workers rows, as it once was,
-# made such a map take twice as long); fewer gives a noisier first cost estimate (pieces
-# then grow over the first few).
+# Rows map runs first, when it allocates ``out``, to learn the output's shape and dtype (and
+# the cost of a row); fewer where the grain is smaller, at least a row for each worker. Rows
+# of a cost known to be small run as one piece in one worker; others in pieces sized by their
+# cost, the first of one row, with the other workers woken after LATE_WAKE_S if rows are left
+# (a first piece of a grain of n / workers rows, run alone, made such a map take twice as
+# long). More delays the parallel part; fewer gives a noisier first cost estimate.
 PROBE_ROWS = 8
 # Effort np.shares_memory may spend telling whether two views of one segment overlap before
 # map assumes they do (and copies the input).
@@ -161,9 +163,10 @@ class WorkerStats:
 class JobStats:
     """What the last job did: ``pool.last_stats``.
 
-    ``items`` counts every index of the job; ``probe_items`` of them ran first, in one
-    worker, to learn the output's shape and dtype (``map`` with no ``out``), and are not in
-    ``workers``' counts, nor in ``wall_s``. ``recovered`` counts the pieces run again after
+    ``items`` counts every index of the job; ``probe_items`` of them ran first, to learn the
+    output's shape and dtype (``map`` with no ``out``: a piece in one worker, or, when the
+    rows may be slow, a row a worker at once), and are not in ``workers``' counts, nor in
+    ``wall_s``. ``recovered`` counts the pieces run again after
     a worker died (a probe run again is not counted).
     """
 
@@ -184,8 +187,8 @@ class JobStats:
         lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
                  f"{self.wall_s * 1e3:.2f} ms wall"
                  + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")
-                 + (f"; the first {self.probe_items} ran before, in one worker, to learn "
-                    "the output's shape and dtype" if self.probe_items else "")]
+                 + (f"; the first {self.probe_items} ran before, to learn the output's "
+                    "shape and dtype" if self.probe_items else "")]
         for w in self.workers:
             lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
                          f"pieces, {w.steals} steals, busy {w.busy_s * 1e3:.2f} ms, "
@@ -656,8 +659,8 @@ class Pool:
             arrays: arrays of the same length along axis 0. Shared arrays are used in place;
                 others are copied into shared memory once for this call.
             out: where results go; shape ``(n, ...)``. If None, one is allocated (a shared
-                array) from what ``fn`` returns on a first piece of at most ``PROBE_ROWS``
-                (8) rows, run alone in one worker.
+                array) from what ``fn`` returns on the first rows: at most ``PROBE_ROWS``
+                (8) or a row a worker, run before the others (slow ones in parallel).
                 An input that overlaps ``out`` other than row for row is copied first.
             grain: items per piece. Default: pieces adapt to the measured cost of ``fn``, to
                 about 0.3 ms of work each and at most ``TILE_BYTES`` (256 KiB) of input.
@@ -718,7 +721,7 @@ class Pool:
             wall = time.perf_counter() - t0
             self.last_stats = JobStats(0, 0, 0, wall, tuple(
                 WorkerStats(w.slot, w.pid, 0, 0, 0, 0.0, wall) for w in self._workers))
-            return _allocate_from_probe(res, 0, 0)
+            return _allocate_from_probe([(0, 0, res)], 0)
         temps: list[np.ndarray] = []
         allocated = None  # an out this call made: released if the call fails
         try:
@@ -737,6 +740,7 @@ class Pool:
                 ins.append(h)
                 used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
+            probe_pieces = 0
             rerun_safe = True
             cost_key = (fn_key, _row_bytes(arrs))
             with self._lock:
@@ -744,15 +748,22 @@ class Pool:
                 if reduce is None:
                     if target is None:
                         start = min(n, grain, PROBE_ROWS)
-                        if adaptive and self._cost.get(cost_key, 0.0) > 0:
-                            # Rows of a known cost: the first piece, run alone, takes no
-                            # more than a piece's target (8 rows of 20 ms doubled a map).
-                            start = min(start, max(1, int(TARGET_PIECE_NS
-                                                          / self._cost[cost_key])))
-                        res, probe_ns = self._probe(fn_key, fn_data, tuple(ins), start)
-                        if adaptive and cost_key not in self._cost:
-                            self._cost[cost_key] = probe_ns / start
-                        target = allocated = _allocate_from_probe(res, start, n)
+                        known = self._cost.get(cost_key, 0.0) if adaptive else 0.0
+                        if known:
+                            # Rows of a known cost: the first rows take no more than a
+                            # piece's target (8 rows of 20 ms doubled a map).
+                            start = min(start, max(1, int(TARGET_PIECE_NS / known)))
+                        if known and start > 1:  # cheap rows: one piece in one worker
+                            pieces, probe_pieces = self._probe(
+                                fn_key, fn_data, tuple(ins), start, start, False, None)
+                        else:
+                            # Rows that may be slow: a row for each worker, run at once (a
+                            # row run alone first made a map of w slow rows take 2 rows' time).
+                            start = min(n, max(start, self.workers))
+                            pieces, probe_pieces = self._probe(
+                                fn_key, fn_data, tuple(ins), start, grain, True,
+                                cost_key if adaptive else None)
+                        target = allocated = _allocate_from_probe(pieces, n)
                     out_h = _shm.handle_of(target)
                     if out_h is None:
                         _shm.check_not_released(target)
@@ -768,7 +779,7 @@ class Pool:
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
                                        adaptive, takes_out, red, initial,
                                        made_out=allocated is not None, rerun_safe=rerun_safe,
-                                       cost_key=cost_key)
+                                       cost_key=cost_key, probe_pieces=probe_pieces)
             if reduce is not None:
                 return result
             if copy_back is not None:
@@ -807,14 +818,18 @@ class Pool:
         k = min(self.workers, -(-items // grain))
         return k, min(self.workers, items) if adaptive else k
 
-    def _probe(self, fn_key, fn_data, ins, rows) -> tuple[Any, int]:
-        """Run ``fn`` on rows ``[0, rows)`` in one worker; return its result and the
-        nanoseconds it took. Run again (in a replacement) if that worker dies, up to
+    def _probe(self, fn_key, fn_data, ins, rows, grain, adaptive,
+               cost_key) -> tuple[list[tuple[int, int, Any]], int]:
+        """Run ``fn`` on rows ``[0, rows)`` with no out, in pieces of up to ``grain`` rows
+        (``adaptive``: sized by their cost, as a job's), and return each piece's ``(lo, hi,
+        result)`` and how many there were. Run again if a worker dies, up to
         ``MAX_DEATHS_PER_CALL`` times."""
         for attempt in range(1, MAX_DEATHS_PER_CALL + 1):
             try:
-                return self._run_job(fn_key, fn_data, ins, None, rows, 0, rows, False, False,
-                                     None, P.NOTHING, collect=True)
+                partials = self._run_job(fn_key, fn_data, ins, None, rows, 0, grain, adaptive,
+                                         False, None, P.NOTHING, collect=True,
+                                         cost_key=cost_key)
+                return [p for part in partials for p in part], self.last_stats.pieces
             except WorkerCrashed as e:
                 if attempt == MAX_DEATHS_PER_CALL:
                     raise WorkerCrashed(
@@ -825,7 +840,8 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
-                 initial, collect=False, made_out=False, rerun_safe=True, cost_key=None):
+                 initial, collect=False, made_out=False, rerun_safe=True, cost_key=None,
+                 probe_pieces=0):
         t0 = time.perf_counter()
         self._job_id += 1
         cost = self._cost.get(cost_key, 0.0) if adaptive and cost_key else 0.0
@@ -888,7 +904,7 @@ class Pool:
         finally:  # the stats of this call, also when it fails
             wall = time.perf_counter() - t0
             self.last_stats = JobStats(
-                items=n, pieces=sum(t[1] for t in totals) + (1 if start else 0),
+                items=n, pieces=sum(t[1] for t in totals) + probe_pieces,
                 steals=sum(t[2] for t in totals), wall_s=wall,
                 workers=tuple(WorkerStats(k, self._workers[k].pid, t[0], t[1], t[2],
                                           t[3] / 1e9, max(0.0, wall - t[3] / 1e9))
@@ -910,7 +926,7 @@ class Pool:
                     "its partial result is lost. A replacement worker has started; call again.",
                     pid=pid, exitcode=code)
             if collect:
-                return partials[0], busy_ns
+                return partials
             return _fold(red[2], partials, initial)
         return None
 
@@ -1198,12 +1214,20 @@ def _shares_memory(a: np.ndarray, b: np.ndarray) -> bool:
         return True
 
 
-def _allocate_from_probe(res: Any, rows: int, n: int) -> np.ndarray:
-    """Allocate ``out`` for ``n`` rows from ``res``, what fn returned for the first ``rows``
-    rows, and keep ``res`` as those rows of ``out``."""
-    res = check_first_result(res, 0, rows)
+def _allocate_from_probe(pieces: list[tuple[int, int, Any]], n: int) -> np.ndarray:
+    """Allocate ``out`` for ``n`` rows from the probe's ``(lo, hi, result)`` pieces, the
+    first of which starts at row 0 (its result gives the shape and dtype), and store them."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    lo, hi, res = pieces[0]
+    res = check_first_result(res, lo, hi)
     out = _shm.empty((n, *res.shape[1:]), res.dtype)
-    out[:rows] = res
+    try:
+        out[lo:hi] = res
+        for lo, hi, res in pieces[1:]:
+            store_result(out[lo:hi], res, lo, hi, made_out=True)
+    except BaseException:
+        out.release()
+        raise
     return out
 
 

@@ -53,7 +53,8 @@ class Job:
 
     ``inputs``/``out`` are array handles. With ``out`` set, piece ``[lo, hi)`` stores
     ``fn(*(a[lo:hi] for a in inputs))`` into ``out[lo:hi]``; with ``reduce_key`` set, pieces
-    are folded into one partial result per worker instead.
+    are folded into one partial result per worker instead; with neither (map learning the
+    shape of its ``out``), each worker sends back its pieces as ``[(lo, hi, result), ...]``.
     """
 
     job_id: int

@@ -254,6 +254,7 @@ class _Worker:
         cb, me, grain, solo = self.cb, self.slot, job.grain, job.solo
         error = None
         acc: Any = P.NOTHING
+        pieces: list[tuple[int, int, Any]] = []  # a probe's: (lo, hi, fn's result)
         try:
             ins = [self.array(h) for h in job.inputs]
             out = self.array(job.out) if job.out is not None else None
@@ -310,10 +311,11 @@ class _Worker:
                             store_result(dst, res, lo, hi, made_out)
                     else:
                         store_result(dst, fn(*[a[lo:hi] for a in ins]), lo, hi, made_out)
+                elif combine is None:  # a probe (map learning its out): each piece back
+                    pieces.append((lo, hi, fn(*[a[lo:hi] for a in ins])))
                 else:
                     res = fn(*[a[lo:hi] for a in ins])
-                    # combine is None only for a probe, which runs one piece
-                    acc = res if acc is P.NOTHING else combine(acc, res)  # type: ignore[misc]
+                    acc = res if acc is P.NOTHING else combine(acc, res)
             except BaseException as e:
                 cb.abort()
                 error = exception_for_transport(e)
@@ -325,6 +327,8 @@ class _Worker:
             cb.done_piece(me, lo, hi, dt)
             if os.getppid() != ppid:  # orphaned: nobody will read what we make
                 os._exit(1)
+        if out is None and job.reduce_key is None and pieces:
+            acc = pieces
         return P.Done(job.job_id, me, error, acc)
 
 

@@ -55,16 +55,36 @@ def _sleep_a_row(x):
     return x * 2
 
 
-def test_map_of_dear_rows_runs_one_row_alone_first(pool):
-    # With no out, the first piece runs alone: 8 rows of 20 ms doubled such a map. Once the
-    # cost of a row is known, that piece is sized to the target of a piece (one row here).
+def test_map_of_dear_rows_runs_few_rows_first(pool):
+    # With no out, the first rows run before the rest: 8 rows of 20 ms doubled such a map.
+    # Once the cost of a row is known, they are a row a worker.
     x = parrun.asshared(np.arange(16.0))
     try:
         for _ in range(2):
             y = pool.map(_sleep_a_row, x)
             np.testing.assert_array_equal(y, x * 2)
             y.release()
-        assert pool.last_stats.probe_items == 1, pool.last_stats
+        assert pool.last_stats.probe_items == pool.workers, pool.last_stats
+    finally:
+        x.release()
+
+
+def _pid_after_a_while(x):
+    time.sleep(0.25 * len(x))
+    return np.full(len(x), os.getpid())
+
+
+def test_map_of_slow_rows_runs_its_first_rows_on_every_worker(pool):
+    # The first rows, which give map's out its shape, ran in one worker while the others
+    # waited: a map of as many slow rows as workers took two rows' time (or 8 on a first call).
+    x = parrun.asshared(np.arange(2.0))
+    try:
+        for call in ("cost unknown", "cost known"):
+            y = pool.map(_pid_after_a_while, x)
+            pids = y.tolist()
+            y.release()
+            assert len(set(pids)) == 2, (call, pids, pool.last_stats)
+            assert set(pids) <= set(pool.pids), (call, pids, pool.pids)
     finally:
         x.release()
 
@@ -721,6 +741,24 @@ def check_map_semantics(p):
 
 def test_map_semantics(pool):
     check_map_semantics(pool)
+
+
+def _wider_after_row_0(t):
+    return t.astype(np.int8) if t[0] == 0 else t.astype(np.int64) * 1000
+
+
+def _row_0_flat(t):
+    return t if t[0] == 0 else t[:, None]
+
+
+def test_map_checks_every_piece_of_its_first_rows(pool):
+    # The first rows may come back in several pieces (a row a worker, when slow): each is
+    # checked against the first, as the later pieces are.
+    for _ in range(2):  # cost unknown, then known
+        with pytest.raises(TypeError, match=r"for rows [1-9]\d*:\d+, but .* cannot hold it"):
+            pool.map(_wider_after_row_0, np.arange(20))
+        with pytest.raises(ValueError, match=r"shape \(\d+, 1\) for rows [1-9]\d*:\d+"):
+            pool.map(_row_0_flat, np.arange(20))
 
 
 def test_out_overlapping_an_input_gives_numpys_answer(pool):
