@@ -826,10 +826,10 @@ class Pool:
         ``MAX_DEATHS_PER_CALL`` times."""
         for attempt in range(1, MAX_DEATHS_PER_CALL + 1):
             try:
-                partials = self._run_job(fn_key, fn_data, ins, None, rows, 0, grain, adaptive,
-                                         False, None, P.NOTHING, collect=True,
-                                         cost_key=cost_key)
-                return [p for part in partials for p in part], self.last_stats.pieces
+                partials, pieces = self._run_job(fn_key, fn_data, ins, None, rows, 0, grain,
+                                                 adaptive, False, None, P.NOTHING, collect=True,
+                                                 cost_key=cost_key)
+                return [p for part in partials for p in part], pieces
             except WorkerCrashed as e:
                 if attempt == MAX_DEATHS_PER_CALL:
                     raise WorkerCrashed(
@@ -926,7 +926,7 @@ class Pool:
                     "its partial result is lost. A replacement worker has started; call again.",
                     pid=pid, exitcode=code)
             if collect:
-                return partials
+                return partials, sum(t[1] for t in totals)
             return _fold(red[2], partials, initial)
         return None
 
