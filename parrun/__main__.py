@@ -23,6 +23,17 @@ def _uneven(idx: np.ndarray) -> np.ndarray:
     return out
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1, got {value}")
+    return value
+
+
 def _median_time(fn, repeat: int) -> float:
     return timeit(fn, repeat)[0]
 
@@ -37,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     n = args.n
-    workers = args.workers or parrun.default_workers()
+    workers = args.workers if args.workers is not None else parrun.default_workers()
     print(f"parrun {parrun.__version__} demo: {workers} workers, numpy {np.__version__}, "
           f"{n:,} float32 elements ({n * 4 / 2**20:.0f} MiB)")
     t0 = time.perf_counter()
@@ -98,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parrun", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run real parallel work and print what it measured")
-    d.add_argument("--n", type=int, default=2**25, help="array elements (default 2**25)")
-    d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--repeat", type=int, default=5)
-    d.add_argument("--tasks", type=int, default=600, help="items of the uneven workload")
+    d.add_argument("--n", type=_positive, default=2**25, help="array elements (default 2**25)")
+    d.add_argument("--workers", type=_positive, default=None)
+    d.add_argument("--repeat", type=_positive, default=5)
+    d.add_argument("--tasks", type=_positive, default=600, help="items of the uneven workload")
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="describe this machine and parrun's defaults")
     i.set_defaults(func=cmd_info)

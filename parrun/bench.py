@@ -57,6 +57,12 @@ class Method:
     # Worker counts at which it runs in the bench's own process, not in worker processes:
     # labelled in the table and left out of "vs best peer" there.
     in_process: tuple[int, ...] = ()
+    # It does the workload's work (a plain copy does not: no efficiency is shown for it).
+    same_work: bool = True
+    # The most workers it can run (numba's NUMBA_NUM_THREADS, numexpr's MAX_THREADS): larger
+    # counts are reported as skipped, with ``over_max`` as the reason, not run with fewer.
+    max_workers: int | None = None
+    over_max: str = ""
 
 
 @dataclass
@@ -147,7 +153,9 @@ PEER_CLOSE_TIMEOUT = 5.0  # seconds peers' pools may take to stop before their w
 
 
 def _close_now(peer: Any) -> None:
-    if hasattr(peer, "shutdown"):
+    if isinstance(peer, (cf.ThreadPoolExecutor, cf.ProcessPoolExecutor)):
+        peer.shutdown(cancel_futures=True)  # an interrupted map's queued items: not run
+    elif hasattr(peer, "shutdown"):
         peer.shutdown()
     elif hasattr(peer, "terminate"):
         peer.terminate()
@@ -430,8 +438,8 @@ def map_workload(quick: bool, pools) -> Workload:
     refs: list = []
     methods = [Method("serial NumPy, 64K tiles", serial, scales=False),
                Method("parrun.map", with_parrun),
-               Method("plain copy, forked (bandwidth ceiling)", plain_copy,
-                      ceiling=True),
+               Method("plain copy, forked (bandwidth reference)", plain_copy,
+                      ceiling=True, same_work=False),
                Method("ThreadPoolExecutor, 4 MiB blocks", threads),
                Method("multiprocessing.Pool, pickled blocks", mp_pool),
                Method("ProcessPoolExecutor, pickled blocks", ppe)]
@@ -453,15 +461,15 @@ def map_workload(quick: bool, pools) -> Workload:
         import numexpr as ne
 
         def numexpr(w):
-            if w > ne.MAX_THREADS:  # it would run MAX_THREADS and print an error
-                raise ValueError(f"numexpr runs at most {ne.MAX_THREADS} threads")
             local = numexpr_locals(xs)
 
             def run():
                 ne.set_num_threads(w)
                 ne.evaluate(NUMEXPR_CHAIN, local_dict=local, out=out)
             return run
-        methods.append(Method("numexpr", numexpr))
+        # (more threads: it would run MAX_THREADS and print an error)
+        methods.append(Method("numexpr", numexpr, max_workers=ne.MAX_THREADS,
+                              over_max=f"numexpr runs at most {ne.MAX_THREADS} threads"))
     except ImportError:
         methods.append(Method("numexpr", None, skipped="not installed"))
     methods += _peer_methods(("mpire, inherited input, 4 MiB blocks", mpire_blocks),
@@ -568,6 +576,13 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
             return lambda: p.map(_cost, items)
         return lambda: list(p.imap_unordered(_cost, items, chunksize=1))
 
+    def executor(make):
+        def method(w):
+            ex = make(w)
+            held.append(ex)
+            return lambda: list(ex.map(_cost, range(n)))
+        return method
+
     def mpire_map(w):
         p = _mpire_pool(w, held=held)
         return lambda: p.map(_cost, range(n))
@@ -582,6 +597,9 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
                Method("static cyclic split", lambda w: mp_pool(w, "cyclic")),
                Method("multiprocessing.Pool.map default chunks", lambda w: mp_pool(w, "chunks")),
                Method("imap_unordered(chunksize=1)", lambda w: mp_pool(w, "imap")),
+               Method("ProcessPoolExecutor.map", executor(
+                   lambda w: cf.ProcessPoolExecutor(w, mp_context=mp.get_context("fork")))),
+               Method("ThreadPoolExecutor.map (the GIL)", executor(cf.ThreadPoolExecutor)),
                Method("oracle split (costs known in advance)",
                       lambda w: mp_pool(w, "oracle"), ceiling=True)]
     try:
@@ -680,6 +698,14 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         blocks = [tuple(a[lo:hi] for a in inputs) for lo, hi in bounds(w)]
         return lambda: np.concatenate(p.map(_split_block, blocks, chunksize=1), out=out)
 
+    def ppe(w):
+        _SPLIT[:] = [fn, consts]
+        ex = cf.ProcessPoolExecutor(w, mp_context=mp.get_context("fork"),
+                                    initializer=_one_blas_thread)
+        held.append(ex)
+        blocks = [tuple(a[lo:hi] for a in inputs) for lo, hi in bounds(w)]
+        return lambda: np.concatenate(list(ex.map(_split_block, blocks)), out=out)
+
     def mpire_blocks(w):
         p = _mpire_pool(w, (fn, inputs, consts), held)
         return lambda: np.concatenate(p.map(_mpire_split, bounds(w), chunk_size=1,
@@ -710,7 +736,8 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     refs: list = []  # Ray's copies of inputs and consts, put once for every count
     shared: list[np.ndarray] = []  # the equal static shares' output
     methods = [Method(f"ThreadPoolExecutor, {BLOCKS_PER_WORKER} blocks a thread", threads),
-               Method("multiprocessing.Pool, pickled blocks", mp_pool)]
+               Method("multiprocessing.Pool, pickled blocks", mp_pool),
+               Method("ProcessPoolExecutor, pickled blocks", ppe)]
     if equal_shares is not None:
         methods.append(Method("equal static shares, nothing sent", shares,
                               ceiling=True))
@@ -843,10 +870,13 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
 
             def prange(w):
                 def run():
-                    numba.set_num_threads(min(w, numba.config.NUMBA_NUM_THREADS))
+                    numba.set_num_threads(w)
                     M.escape_prange(ref, size, size, it, *M.VIEW)
                 return run
-            methods.append(Method("numba parallel=True", prange))
+            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+            methods.append(Method("numba parallel=True", prange, max_workers=most,
+                                  over_max=f"numba runs at most {most} threads here "
+                                  "(NUMBA_NUM_THREADS)"))
         except ImportError:
             methods.append(Method("numba parallel=True", None, skipped="numba not installed"))
         # Without numba, nn.mandelbrot runs the plain-Python kernel: so do the hand splits.
@@ -863,7 +893,9 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             enc = nn.load_minilm()
         except ImportError as e:
             return Workload("minilm", "sentences/s", 0,
-                            [Method("parrun MiniLM", None, skipped=str(e))])
+                            [Method("parrun MiniLM", None, skipped=str(e)),
+                             Method("sentence-transformers, torch threads", None,
+                                    skipped="the model is not installed")])
         words = "the parallel worker shares memory and steals work from busy cores".split()
         n = 32 if quick else 512
         sents = [" ".join(rng.choice(words, int(rng.integers(3, 40)))) for _ in range(n)]
@@ -895,7 +927,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                 return run
             methods.append(Method("sentence-transformers, torch threads", with_st))
         except ImportError:
-            methods.append(Method("sentence-transformers", None,
+            methods.append(Method("sentence-transformers, torch threads", None,
                                   skipped="sentence-transformers or torch not installed"))
         wl = Workload("minilm", "sentences/s", n, methods, note=f"{n} sentences of 3-40 words")
         wl.cleanup.append(lambda: _release_all(enc.weights.w.values()))
@@ -1004,6 +1036,13 @@ def _failed(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {e}"
 
 
+def _counts(m: Method, workers: list[int]) -> list[int]:
+    """The worker counts ``m`` runs at: 1 if it does not scale, else those it can run."""
+    if not m.scales:
+        return [1]
+    return [w for w in workers if not m.max_workers or w <= m.max_workers]
+
+
 def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict[str, Any]:
     """Time every (method, workers) of ``wl`` ``repeat`` times, interleaved: each round runs
     every one of them once, starting one further along each round. A slow minute on a shared
@@ -1024,10 +1063,15 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
         rows[m.name] = {"times_s": {}, "scales": m.scales, "ceiling": m.ceiling}
         if m.in_process:
             rows[m.name]["in_process"] = sorted(m.in_process)
+        if not m.same_work:
+            rows[m.name]["same_work"] = False
+        over = [w for w in workers if m.scales and m.max_workers and w > m.max_workers]
+        if over:
+            rows[m.name]["skipped_at"] = {str(w): m.over_max for w in over}
         if m.exclusive:
             continue
         try:
-            for w in (workers if m.scales else [1]):
+            for w in _counts(m, workers):
                 fn = m.make(w)
                 for _ in range(warmup):  # every worker compiles, pages fault in
                     fn()
@@ -1050,7 +1094,7 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
     for m in wl.methods:
         if m.make is not None and m.exclusive:
             try:
-                for w in (workers if m.scales else [1]):
+                for w in _counts(m, workers):
                     rows[m.name]["times_s"][str(w)] = _times(m.make(w), repeat, warmup)
             except Exception as e:
                 fail(m.name, e)
@@ -1135,7 +1179,12 @@ def _summary(wl: dict) -> list[dict]:
         if "times_s" not in m:
             rows.append({"method": name, "skipped": m["skipped"]})
             continue
+        for w, why in m.get("skipped_at", {}).items():
+            rows.append({"method": name, "skipped": f"at {w} workers: {why}"})
         one = statistics.median(m["times_s"].get("1", [float("nan")]))
+        # A plain copy does not do the work: no efficiency (files written before
+        # "same_work" was kept name it so).
+        same_work = m.get("same_work", not name.startswith("plain copy"))
         # Files written before "in_process" was kept: joblib's 1-worker runs were in-process.
         in_process = m.get("in_process", JOBLIB_IN_PROCESS if _peer_package(name) == "joblib"
                            else ())
@@ -1149,7 +1198,8 @@ def _summary(wl: dict) -> list[dict]:
                          "median_s": med, "min_s": min(ts), "max_s": max(ts),
                          "throughput": wl["work"] / med if wl["work"] else float("nan"),
                          "speedup_vs_1": one / med if m["scales"] else None,
-                         "efficiency": base / (wk * med) if m["scales"] else None})
+                         "efficiency": base / (wk * med) if m["scales"] and same_work
+                         else None})
     return rows
 
 
@@ -1161,15 +1211,16 @@ def format_table(name: str, wl: dict) -> str:
            f"{'method':<40} {'W':>3} {'median s':>9} {'min-max s':>17} {wl['unit']:>12} "
            f"{'speed-up':>8} {'effic.':>6} {'vs best peer':>12}"]
     parrun_rows = [r for r in rows if r["method"].startswith("parrun") and "median_s" in r]
+    # Serial rows (no worker count) are peers at every count: parrun must beat them too.
     peers = [r for r in rows if not r["method"].startswith("parrun") and "median_s" in r
-             and r["workers"] is not None and not r.get("ceiling") and not r.get("in_process")]
+             and not r.get("ceiling") and not r.get("in_process")]
     for r in rows:
         if "skipped" in r:
             out.append(f"{r['method']:<40} skipped: {r['skipped']}")
             continue
         best = ""
         if r in parrun_rows:
-            same = [p["median_s"] for p in peers if p["workers"] == r["workers"]]
+            same = [p["median_s"] for p in peers if p["workers"] in (r["workers"], None)]
             if same:
                 best = f"{min(same) / r['median_s']:11.2f}x"
         w = "-" if r["workers"] is None else str(r["workers"])
@@ -1234,6 +1285,7 @@ def plot(results: dict, path: str) -> None:
                 ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("workers")
             ax.grid(alpha=0.3)
+        ax_s.legend(handles=ax_s.get_lines()[:1], fontsize=7)  # the ideal line
         ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1417,6 +1469,8 @@ def _plot_format(ap: argparse.ArgumentParser, path: str) -> None:
         ap.error("--plot needs matplotlib: pip install 'parrun[bench]'")
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
+    if not ext:  # matplotlib would write path + ".png" and say nothing
+        ap.error(f"--plot {path}: name the format with an extension (.png, say)")
     if ext and ext not in formats:
         ap.error(f"--plot {path}: matplotlib cannot write .{ext}; use one of "
                  f"{', '.join('.' + f for f in sorted(formats))}")
@@ -1486,8 +1540,14 @@ def _results_problem(results: Any) -> str | None:
                            "positive seconds"
             if not m["scales"] and "1" not in times:
                 return f"{where}: a serial method without its 1-worker times"
-            if not isinstance(m.get("ceiling", False), bool):
-                return f"{where}: ceiling is not true or false"
+            for flag in ("ceiling", "same_work"):
+                if not isinstance(m.get(flag, False), bool):
+                    return f"{where}: {flag} is not true or false"
+            skipped_at = m.get("skipped_at", {})
+            if not isinstance(skipped_at, dict) or not all(
+                    isinstance(w, str) and w.isascii() and w.isdigit() and isinstance(why, str)
+                    for w, why in skipped_at.items()):
+                return f"{where}: skipped_at is not an object of worker counts and reasons"
             in_process = m.get("in_process", [])
             if not isinstance(in_process, list) or not all(
                     isinstance(w, int) and not isinstance(w, bool) for w in in_process):
@@ -1561,6 +1621,11 @@ def main(argv: list[str] | None = None) -> int:
             workers.append(w)
             w *= 2
         workers.append(cores)
+        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+        if cores > most:
+            ap.error(f"{cores} workers by default (PARRUN_NUM_WORKERS): more than "
+                     f"{MAX_WORKERS_PER_CPU} a logical CPU ({most} here) measures only "
+                     "oversubscription; pass --workers")
     _on_signals()
     try:
         results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,

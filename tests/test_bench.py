@@ -38,8 +38,11 @@ def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
     for name in ("mlp", "attention", "mandelbrot"):  # the hand-split peers ran too
         methods = data["workloads"][name]["methods"]
         for peer in ("ThreadPoolExecutor, 4 blocks a thread",
-                     "multiprocessing.Pool, pickled blocks"):
+                     "multiprocessing.Pool, pickled blocks",
+                     "ProcessPoolExecutor, pickled blocks"):
             assert set(methods[peer]["times_s"]) == {"1", "2"}, (name, peer)
+    for peer in ("ProcessPoolExecutor.map", "ThreadPoolExecutor.map (the GIL)"):
+        assert set(irregular[peer]["times_s"]) == {"1", "2"}, peer
     peers = {"map": ("mpire, inherited input, 4 MiB blocks", "ray, object store, 4 MiB blocks"),
              "tasks": ("mpire apply_async", "ray tasks"),
              "irregular": ("mpire map default chunks", "ray, a task per item"),
@@ -122,7 +125,7 @@ def test_split_peers_compute_what_the_reference_computes():
         parrun.bench.ray_stop()
         if any(type(p).__name__ == "Parallel" for p in held):  # joblib's process-wide workers
             _stop_joblib()
-    assert {"ThreadPoolExecutor", "multiprocessing.Pool",
+    assert {"ThreadPoolExecutor", "multiprocessing.Pool", "ProcessPoolExecutor",
             "equal static shares"} <= ran
     assert ("mpire" in ran) == _installed("mpire") and ("ray" in ran) == _installed("ray")
 
@@ -397,6 +400,7 @@ def test_bad_arguments():
     (["--plot", "/nonexistent/r.png"], "not a file in a writable folder"),
     (["--json", "/proc/r.json"], "not a file in a writable folder"),  # a folder, not ours
     (["--plot", "r.txt"], "PLOT_FORMAT"),
+    (["--plot", "r"], "PLOT_NO_EXTENSION"),
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--workers", "1,100000"], "measures only oversubscription"),
@@ -408,10 +412,11 @@ def test_bad_command_lines_fail_at_once_in_one_line(tmp_path, args, says):
     (tmp_path / "TRUNCATED").write_text('{"workloads": {"map": ')
     (tmp_path / "OTHER").write_text('{"format": "something-else/3", "workloads": {}}')
     args = [str(tmp_path / a) if a in ("TRUNCATED", "OTHER") else a for a in args]
-    if says == "PLOT_FORMAT":  # matplotlib is a bench extra, not a test one
+    if says.startswith("PLOT_"):  # matplotlib is a bench extra, not a test one
         try:
             import matplotlib  # noqa: F401
-            says = "matplotlib cannot write .txt"
+            says = ("matplotlib cannot write .txt" if says == "PLOT_FORMAT"
+                    else "name the format with an extension")
         except ImportError:
             says = "--plot needs matplotlib"
     r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", *args],
@@ -872,3 +877,69 @@ def test_numexpr_peer_computes_in_float32():
     y = ne.evaluate(parrun.bench.NUMEXPR_CHAIN, local_dict=parrun.bench.numexpr_locals(x))
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, parrun.bench._chain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_default_of_too_many_workers_is_refused_as_workers_would_be():
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite", "tasks",
+                        "--no-progress"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PARRUN_NUM_WORKERS": str(
+                           parrun.bench.MAX_WORKERS_PER_CPU * (os.cpu_count() or 1) + 1)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "measures only oversubscription; pass --workers" in r.stderr, r.stderr
+
+
+def test_a_method_runs_only_the_counts_it_can_and_says_which_it_skipped():
+    """numba's and numexpr's thread pools have a most: larger counts are reported as skipped
+    (numba's row once ran 2 threads as "4", and numexpr's failed whole)."""
+    made: list[int] = []
+
+    def make(w):
+        made.append(w)
+        return lambda: None
+    wl = parrun.bench.Workload("toy", "items/s", 1, [
+        parrun.bench.Method("capped", make, max_workers=2, over_max="runs at most 2"),
+        parrun.bench.Method("capped, one pool", make, max_workers=1, over_max="at most 1",
+                            exclusive=True)])
+    rows = parrun.bench._measure(wl, [1, 2, 4], repeat=1, warmup=0)
+    assert made == [1, 2, 1]
+    assert set(rows["capped"]["times_s"]) == {"1", "2"}
+    assert rows["capped"]["skipped_at"] == {"4": "runs at most 2"}
+    assert rows["capped, one pool"]["skipped_at"] == {"2": "at most 1", "4": "at most 1"}
+    table = parrun.bench.format_table("toy", {"unit": "items/s", "work": 1, "note": "",
+                                              "methods": rows})
+    assert "skipped: at 4 workers: runs at most 2" in table, table
+    assert parrun.bench._results_problem({"workloads": {"toy": {
+        "unit": "items/s", "work": 1, "note": "", "methods": rows}}}) is None
+
+
+def test_the_table_counts_serial_as_a_peer_and_gives_a_copy_no_efficiency():
+    copy = {"times_s": {"1": [0.1], "2": [0.05]}, "scales": True, "ceiling": True}
+    methods = {"serial s": {"times_s": {"1": [1.0]}, "scales": False},
+               "parrun x": {"times_s": {"1": [1.25], "2": [0.5]}, "scales": True},
+               "threads": {"times_s": {"1": [2.0], "2": [0.8]}, "scales": True},
+               "plain copy, forked (bandwidth reference)": {**copy, "same_work": False}}
+    for m in (methods, {**methods, "plain copy, forked": copy}):  # and as older files say it
+        wl = {"unit": "items/s", "work": 1, "note": "", "methods": m}
+        table = parrun.bench.format_table("toy", wl).splitlines()
+        parrun_1, parrun_2 = (line for line in table if line.startswith("parrun x"))
+        assert parrun_1.endswith("0.80x"), table  # serial's 1.0 s beats it at 1 worker
+        assert parrun_2.endswith("1.60x"), table  # threads' 0.8 s at 2
+        rows = parrun.bench._summary(wl)
+        assert all(r["efficiency"] is None for r in rows if r["method"].startswith("plain copy"))
+        assert [r["efficiency"] for r in rows if r["method"] == "threads"] == [0.5, 0.625]
+
+
+def test_demo_runs_and_checks_its_results():
+    """The README's first command runs ``python -m parrun demo``: it measures, prints, and
+    fails if parrun's results differ from the serial ones."""
+    r = subprocess.run([sys.executable, "-m", "parrun", "demo", "--n", "300000", "--repeat",
+                        "2", "--tasks", "60", "--workers", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "parrun.map, 2 workers" in r.stdout and "results match: True" in r.stdout, r.stdout
+    for bad, says in (("--workers=0", "needs at least 1, got 0"),
+                      ("--repeat=0", "needs at least 1, got 0"),
+                      ("--n=x", "not a whole number")):
+        r = subprocess.run([sys.executable, "-m", "parrun", "demo", bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
