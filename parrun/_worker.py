@@ -114,6 +114,9 @@ class _Worker:
         # (One estimate for all once made two slow tasks one piece, after quick tasks of
         # another function, while the other workers idled.)
         self.task_ns: dict[bytes, float] = {}
+        # Per function and shape of its rows: the piece size Growth settled on in the last
+        # map, and the ns a row it cost, so that the next map starts there (see Growth).
+        self.grown: dict[tuple, tuple[int, float]] = {}
         self.ppid = os.getppid()
         self.reporter: _Reporter | None = None  # made at the first serving round
 
@@ -249,6 +252,9 @@ class _Worker:
             self.views = {h: a for h, a in self.views.items() if h[0] not in gone}
         for key in msg.fns:
             self.fns.pop(key, None)
+        if msg.fns:
+            gone_fns = set(msg.fns)
+            self.grown = {k: v for k, v in self.grown.items() if k[0] not in gone_fns}
 
     def run_job(self, job: P.Job) -> P.Done:
         cb, me, grain, solo = self.cb, self.slot, job.grain, job.solo
@@ -268,7 +274,8 @@ class _Worker:
         fn: Callable[..., Any] | None = None
         combine: Callable[[Any, Any], Any] | None = None
         size = grain
-        grow = Growth()
+        rows_of = (job.fn_key, job.pass_out, tuple((h[2][1:], h[4]) for h in job.inputs))
+        grow = Growth(*self.grown.get(rows_of, (0, 0.0))) if adaptive else Growth()
         last = (0, 0)  # rows and nanoseconds of our last piece
         while True:
             if adaptive:
@@ -327,6 +334,15 @@ class _Worker:
             cb.done_piece(me, lo, hi, dt)
             if os.getppid() != ppid:  # orphaned: nobody will read what we make
                 os._exit(1)
+        if adaptive and error is None:
+            learned = grow.learned()
+            if learned is not None:
+                self.grown.pop(rows_of, None)  # (re-inserted: the oldest go first)
+                self.grown[rows_of] = learned
+                if len(self.grown) > GROWN_KEPT:
+                    del self.grown[next(iter(self.grown))]
+            elif grow.done:  # settled at the size the cost a row gives: nothing to recall
+                self.grown.pop(rows_of, None)
         if out is None and job.reduce_key is None and pieces:
             acc = pieces
         return P.Done(job.job_id, me, error, acc)
@@ -413,17 +429,34 @@ class Growth:
     a row came within 1 / GROW_GAIN of the best. A job's first piece is not counted (a
     first call pays for imports and cold caches). Rows that cost the same in any piece stop
     it within GROW_TRIES doublings, back at the size the cost a row gives.
+
+    A worker recalls where growing stopped (``floor``, and ``rate``, the ns a row of pieces
+    that long) for the next map of the same function on rows of the same shape, which then
+    starts there: exploring again in every call cost each one ~10 pieces a worker, each
+    paying the fixed cost (bench_pieces' lookup table: 3.06x a hand-picked grain). If a
+    piece of ``floor`` rows or more then costs RECALL_SLACK times ``rate`` a row or more (a
+    fixed cost that no longer is), it explores again from where it is.
     """
 
-    __slots__ = ("best", "done", "fails", "first", "floor", "rates")
+    __slots__ = ("best", "done", "fails", "first", "floor", "rate", "rates", "recalled")
 
-    def __init__(self) -> None:
-        self.done = False  # growing stopped: pieces are at least ``floor`` rows
+    def __init__(self, floor: int = 0, rate: float = 0.0) -> None:
         self.first = True  # the next piece seen is the job's first
+        self._explore(floor, rate)
+
+    def _explore(self, floor: int = 0, rate: float = 0.0) -> None:
+        """Grow afresh, or, given a ``floor``, start where an earlier map stopped."""
         self.fails = 0  # doublings in a row that did not pay
         self.best = 0.0  # the least ns a row seen while growing
         self.rates: dict[int, float] = {}  # rows -> the least ns a row of pieces that long
-        self.floor = 0
+        self.recalled = floor > 0  # started where an earlier map stopped growing
+        self.done = self.recalled  # growing stopped: pieces are at least ``floor`` rows
+        self.floor = floor
+        self.rate = rate  # ns a row of pieces of ``floor`` rows, when growing stopped
+
+    def learned(self) -> tuple[int, float] | None:
+        """Where growing stopped, ``(floor, rate)``, if past one row: for the next map."""
+        return (self.floor, self.rate) if self.done and self.floor > 1 else None
 
     def size(self, size: int, rows: int, ns: int, left: int) -> int:
         """The next piece's rows, given ``size`` (by the cost a row), our last piece (``rows``
@@ -431,8 +464,10 @@ class Growth:
         fewer than GROW_LEFT doubled pieces are left (near its end, a long piece would be
         the one the others wait for)."""
         first, self.first = self.first, False
-        if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS \
-                or left < GROW_LEFT * 2 * rows:
+        if self.recalled and not first and rows >= self.floor \
+                and ns > RECALL_SLACK * self.rate * rows:
+            self._explore()  # from this piece on
+        if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS:
             # Growing by the cost a row, or pieces well inside the target: nothing to try.
             return max(size, self.floor)
         rate = ns / rows
@@ -440,6 +475,8 @@ class Growth:
         self.rates[rows] = min(self.rates[rows], rate) if again else rate
         before, self.best = self.best, min(self.best, rate) if self.best else rate
         self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
+        if left < GROW_LEFT * 2 * rows:  # near the end: measured (for the floor), not doubled
+            return max(size, self.floor)
         if self.fails < GROW_TRIES:
             if 2 * ns <= GROW_MAX_NS or not before:
                 return max(size, 2 * rows)
@@ -454,6 +491,7 @@ class Growth:
                 return max(size, rows)
         self.done = True
         self.floor = min(r for r, rt in self.rates.items() if GROW_GAIN * rt <= self.best)
+        self.rate = self.rates[self.floor]
         self.rates = {}
         return max(size, self.floor)
 
@@ -478,6 +516,10 @@ GROW_TRIES = 3
 GROW_FIXED = 0.75
 GROW_LEFT = 4
 GROW_MAX_NS = 8 * TARGET_PIECE_NS
+# A recalled piece size is dropped when pieces that long cost this many times what they did
+# (a machine twice as busy is not a reason); and at most this many sizes are kept a worker.
+RECALL_SLACK = 4.0
+GROWN_KEPT = 256
 
 _SLOT_HEAD = struct.Struct("<q16s")  # a task slot's length and function key (see TaskWake)
 

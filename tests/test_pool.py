@@ -89,6 +89,38 @@ def test_map_of_slow_rows_runs_its_first_rows_on_every_worker(pool):
         x.release()
 
 
+def _cost_a_call(x, dear):
+    if dear[0]:
+        time.sleep(0.0005 * len(x))  # 0.5 ms a row
+    else:
+        time.sleep(0.002)  # 2 ms a call, whatever its rows
+    return x * 2
+
+
+def test_pieces_start_where_the_last_map_of_the_function_grew_them(pool):
+    # For a function with a cost a call, pieces grow (Growth); each map grew them again from
+    # one row, every small piece paying that cost (4000 rows: 35 pieces a map, 19 now).
+    # If pieces that long then cost far more a row, they are sized again from one row.
+    x, dear = parrun.asshared(np.arange(4000.0)), parrun.zeros(1, np.int8)
+    fn = functools.partial(_cost_a_call, dear=dear)  # dear: shared, so fn stays the same
+    try:
+        pieces = []
+        for _ in range(4):
+            y = pool.map(fn, x)
+            np.testing.assert_array_equal(y, x * 2)
+            y.release()
+            pieces.append(pool.last_stats.pieces)
+        assert pieces[-1] <= 24, pieces
+        dear[0] = 1
+        y = pool.map(fn, x[:2000])  # 0.5 s on 2 workers
+        np.testing.assert_array_equal(y, x[:2000] * 2)
+        y.release()
+        assert pool.last_stats.pieces >= 100, (pieces, pool.last_stats)
+    finally:
+        x.release()
+        dear.release()
+
+
 def _writes_whether_it_shares(x, out):
     # 1 where x is the column left of out in the same mapping (not a copy of it)
     out[...] = x.ctypes.data - out.ctypes.data == -x.itemsize
