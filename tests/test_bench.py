@@ -281,6 +281,7 @@ def test_a_signal_ends_a_run_with_ray_cleanly(tmp_path, to, sig, code):
             f"bench: interrupted; the workloads done so far are in {out}"], err[-3000:]
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [(c.pid, c.cmdline()[:2]) for c in alive]
+    assert wait_until(lambda: not _running_with(str(out)), timeout=15), _running_with(str(out))
     assert wait_until(lambda: not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*")),
                       timeout=10)  # (the resource tracker's, if Ray ended the process)
 
@@ -563,8 +564,64 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
         assert p.returncode == 128 + 15, err[-3000:]
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.pid for c in alive]
+    # nor any forked after the signal (a pool's replacements for the workers it killed)
+    assert wait_until(lambda: not _running_with(str(out)), timeout=15), _running_with(str(out))
     assert not list(Path("/dev/shm").glob(f"parrun_{p.pid}_*"))
     assert first[second] in json.loads(out.read_text())["workloads"]
+
+
+REPLACED_WORKER = """
+import multiprocessing as mp, os, signal, sys, time
+import parrun.bench as B
+B._on_signals()  # as the bench does: its peers' forked workers die with it
+p = mp.get_context("fork").Pool(1)
+first = p._pool[0].pid
+os.kill(first, signal.SIGKILL)  # the pool's own thread forks a replacement
+while p._pool[0].pid == first or not p._pool[0].is_alive():
+    time.sleep(0.01)
+open(sys.argv[1], "w").write(str(p._pool[0].pid))
+os._exit(0)  # the bench ended outright
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_worker_forked_by_the_pool_s_thread_dies_with_the_bench(tmp_path):
+    """A signal to the process group kills the peers' pool workers; multiprocessing.Pool's
+    own thread forks replacements, which (unlike those forked by the main thread) were not
+    tied to the bench: 12 of them outlived two benches for good, waiting on the pool's
+    queue."""
+    import psutil
+
+    said, err = tmp_path / "pid", tmp_path / "err"
+    with open(err, "w") as f:  # not pipes: a worker left alive would hold them open
+        r = subprocess.run([sys.executable, "-c", REPLACED_WORKER, str(said)],
+                           stdout=subprocess.DEVNULL, stderr=f, timeout=30)
+    assert r.returncode == 0, err.read_text()[-3000:]
+    pid = int(said.read_text())
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    gone = wait_until(ended, timeout=10)
+    if not gone:
+        os.kill(pid, signal.SIGKILL)
+    assert gone, f"the replacement worker {pid} outlived the bench"
+
+
+def _running_with(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a run's own --json path)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or ()):
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 KILLED_POOL = """
