@@ -1320,10 +1320,25 @@ def _on_signals() -> None:
     same signal killed), then never wakes. A thread watching ``signal.set_wakeup_fd`` sees
     every signal, starts the watchdog and, if the handler has not run within ``WAKE_AFTER``,
     sends the signal to the main thread itself. A second signal while closing is ignored:
-    closing goes on, and the watchdog ends it ``EXIT_GRACE`` after the first."""
+    closing goes on, and the watchdog ends it ``EXIT_GRACE`` after the first.
+
+    Where Python ignores exceptions (an at-fork hook such as logging's, a ``__del__``), the
+    handler's exception is printed as "Exception ignored" and the run went on, until the
+    watchdog killed it: ``sys.unraisablehook`` now catches that one and sends the signal to
+    the main thread again, whose handler raises again."""
     main_pid, main_thread = os.getpid(), threading.get_ident()
     handled = threading.Event()  # the main thread has raised for a signal
     started = threading.Lock()  # held once the watchdog runs
+    raised: list[tuple[BaseException, int]] = []  # the handler's exception, and its signal
+    swallowed = threading.Event()  # Python ignored that exception: raise it again
+    default_unraisable = sys.unraisablehook
+
+    def unraisable(u: Any) -> None:
+        if os.getpid() == main_pid and raised and u.exc_value is raised[-1][0]:
+            swallowed.set()  # (sent from another thread: here it would be ignored again)
+            threading.Timer(0.01, signal.pthread_kill, (main_thread, raised[-1][1])).start()
+            return
+        default_unraisable(u)
 
     def watchdog(signum: int) -> None:
         time.sleep(EXIT_GRACE)
@@ -1362,15 +1377,17 @@ def _on_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if handled.is_set():  # closing already (or the watcher's copy of this signal)
+        if handled.is_set() and not swallowed.is_set():  # closing (or the watcher's copy)
             return
+        swallowed.clear()
         handled.set()
         start_watchdog(signum)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        e = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+        raised.append((e, signum))
+        raise e
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
