@@ -336,13 +336,11 @@ class _Worker:
                 os._exit(1)
         if adaptive and error is None:
             learned = grow.learned()
+            self.grown.pop(rows_of, None)  # (re-inserted: the oldest go first)
             if learned is not None:
-                self.grown.pop(rows_of, None)  # (re-inserted: the oldest go first)
                 self.grown[rows_of] = learned
                 if len(self.grown) > GROWN_KEPT:
                     del self.grown[next(iter(self.grown))]
-            elif grow.done:  # settled at the size the cost a row gives: nothing to recall
-                self.grown.pop(rows_of, None)
         if out is None and job.reduce_key is None and pieces:
             acc = pieces
         return P.Done(job.job_id, me, error, acc)
@@ -434,11 +432,13 @@ class Growth:
     that long) for the next map of the same function on rows of the same shape, which then
     starts there: exploring again in every call cost each one ~10 pieces a worker, each
     paying the fixed cost (bench_pieces' lookup table: 3.06x a hand-picked grain). If a
-    piece of ``floor`` rows or more then costs RECALL_SLACK times ``rate`` a row or more (a
-    fixed cost that no longer is), it explores again from where it is.
+    piece then costs RECALL_SLACK times more than ``floor`` rows did, or a row costs
+    RECALL_SLACK times less than ``rate`` (a cost that depends on the data, or a fixed cost
+    that no longer is), it explores again from the size the cost a row gives.
     """
 
-    __slots__ = ("best", "done", "fails", "first", "floor", "rate", "rates", "recalled")
+    __slots__ = ("best", "done", "fails", "first", "floor", "rate", "rates", "recalled",
+                 "trusted")
 
     def __init__(self, floor: int = 0, rate: float = 0.0) -> None:
         self.first = True  # the next piece seen is the job's first
@@ -450,6 +450,7 @@ class Growth:
         self.best = 0.0  # the least ns a row seen while growing
         self.rates: dict[int, float] = {}  # rows -> the least ns a row of pieces that long
         self.recalled = floor > 0  # started where an earlier map stopped growing
+        self.trusted = not self.recalled  # a recalled floor, until a piece bears it out
         self.done = self.recalled  # growing stopped: pieces are at least ``floor`` rows
         self.floor = floor
         self.rate = rate  # ns a row of pieces of ``floor`` rows, when growing stopped
@@ -464,19 +465,26 @@ class Growth:
         fewer than GROW_LEFT doubled pieces are left (near its end, a long piece would be
         the one the others wait for)."""
         first, self.first = self.first, False
-        if self.recalled and not first and rows >= self.floor \
-                and ns > RECALL_SLACK * self.rate * rows:
-            self._explore()  # from this piece on
+        if self.recalled and not first and rows > 0 and (
+                ns > RECALL_SLACK * self.rate * max(rows, self.floor)
+                or RECALL_SLACK * ns < self.rate * rows):
+            # Rows far dearer or cheaper than where the size was learned (a cost that depends
+            # on the data): explore again from the size their cost gives, this piece not
+            # measured for growth (a recalled size, not one growth chose).
+            self._explore()
+            return size
+        if self.recalled and not first and rows > 0:
+            self.trusted = True
         if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS:
             # Growing by the cost a row, or pieces well inside the target: nothing to try.
-            return max(size, self.floor)
+            return max(size, self._floor(left))
         rate = ns / rows
         again = rows in self.rates  # this size measured before
         self.rates[rows] = min(self.rates[rows], rate) if again else rate
         before, self.best = self.best, min(self.best, rate) if self.best else rate
         self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
         if left < GROW_LEFT * 2 * rows:  # near the end: measured (for the floor), not doubled
-            return max(size, self.floor)
+            return max(size, self._floor(left))
         if self.fails < GROW_TRIES:
             if 2 * ns <= GROW_MAX_NS or not before:
                 return max(size, 2 * rows)
@@ -493,7 +501,16 @@ class Growth:
         self.floor = min(r for r, rt in self.rates.items() if GROW_GAIN * rt <= self.best)
         self.rate = self.rates[self.floor]
         self.rates = {}
-        return max(size, self.floor)
+        return max(size, self._floor(left))
+
+    def _floor(self, left: int) -> int:
+        """Pieces are at least ``floor`` rows; a recalled floor, until a piece bears it
+        out, at most half the rows ``left`` in our range, so that the others can steal the
+        rest (a recalled size once took a worker's whole range of dearer rows in one piece
+        while the other worker idled)."""
+        if self.trusted or not self.floor:
+            return self.floor
+        return min(self.floor, max(1, left // 2))
 
 
 # Array views a worker keeps ready, by handle. Each holds its segment mapped until the parent

@@ -121,6 +121,28 @@ def test_pieces_start_where_the_last_map_of_the_function_grew_them(pool):
         dear.release()
 
 
+def _sleep_by_data(a):
+    time.sleep(0.001 + a[:, 0].sum() * 1e-6)  # 1 ms a call, plus a[i, 0] us a row
+    return a * 2
+
+
+def test_a_recalled_piece_size_does_not_hold_dearer_rows_on_one_worker(pool):
+    # Pieces recalled from cheap rows of the same function took a worker's whole range of
+    # dearer rows in one piece, call after call, while the other worker idled (1.0 s
+    # against 0.6 s).
+    cheap = np.ones((20000, 2))
+    dear = np.ones((2000, 2))
+    dear[:1000, 0] = 1000  # the first half 1 ms a row
+    for _ in range(2):
+        pool.map(_sleep_by_data, cheap).release()
+    for _ in range(3):
+        y = pool.map(_sleep_by_data, dear)
+        np.testing.assert_array_equal(y, dear * 2)
+        y.release()
+        st = pool.last_stats
+        assert st.wall_s < 0.75 * sum(st.busy_s), st  # both workers busy most of the call
+
+
 def _writes_whether_it_shares(x, out):
     # 1 where x is the column left of out in the same mapping (not a copy of it)
     out[...] = x.ctypes.data - out.ctypes.data == -x.itemsize
