@@ -487,3 +487,93 @@ def test_system_exit_and_unpicklable_exceptions_as_on_the_local_pool(dpool, pool
                 p.submit(fn, 1).result(TIMEOUT)
             assert fn.__name__ in str(e.value.__cause__)
     assert client.run(os.getpid) == pids  # no Dask worker was lost
+
+
+DASK_EXECUTOR_AT_EXIT = """
+import distributed, parrun
+if __name__ == "__main__":
+    c = distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                           dashboard_address=":0", set_as_default=False)
+    ex = parrun.Executor(backend="dask", client=c)
+    print(ex.submit(abs, -3).result(), flush=True)  # left open: the exit hooks run
+"""
+
+
+def test_a_dask_executor_left_open_exits_cleanly(tmp_path):
+    # Its exit hook read the pool's _pid, which a Dask pool did not have (AttributeError).
+    script = tmp_path / "ex.py"
+    script.write_text(DASK_EXECUTOR_AT_EXIT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "3", (r.stdout, r.stderr[-3000:])
+    assert "Exception ignored" not in r.stderr and "_pid" not in r.stderr, r.stderr[-3000:]
+
+
+def _exit_now():
+    os._exit(1)
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_keeps_killing_its_workers_fails_with_brokenpool():
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     host="127.0.0.1", dashboard_address=":0") as cluster, \
+            distributed.Client(cluster, set_as_default=False) as c, \
+            parrun.Pool(backend="dask", client=c) as p:
+        with pytest.raises(parrun.BrokenPool, match="kept dying") as e:
+            p.submit(_exit_now).result(TIMEOUT)
+        assert isinstance(e.value.__cause__, distributed.KilledWorker)
+
+
+def test_last_stats_of_an_empty_map(dpool):
+    dpool.map(np.sqrt, np.arange(100.0))
+    assert dpool.last_stats.items == 100
+    assert dpool.map(np.sqrt, np.arange(0.0)).shape == (0,)
+    assert dpool.last_stats.items == 0 and dpool.last_stats.pieces == 0
+
+
+def _double_in_place(t):
+    t *= 2
+    return t
+
+
+def test_an_in_process_cluster_leaves_the_caller_s_input_alone():
+    # Client(processes=False) scatters by reference: fn's writes into its piece reached the
+    # caller's array (on the local pool and a real cluster they stay on the worker).
+    x = np.arange(1000.0)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=":0", set_as_default=False) as c, \
+            parrun.Pool(backend="dask", client=c) as p:
+        np.testing.assert_array_equal(p.map(_double_in_place, x, grain=100),
+                                      np.arange(1000.0) * 2)
+    np.testing.assert_array_equal(x, np.arange(1000.0))
+
+
+def _slow_piece(t):
+    time.sleep(0.05)
+    return t + 1
+
+
+def test_close_during_a_map_in_another_thread_lets_it_finish_and_keeps_nothing(client):
+    # close() cancelled the running map's pieces, which it then sent again, with its arrays,
+    # after the pool's cache was dropped: they stayed on the cluster.
+    p = parrun.Pool(backend="dask", client=client)
+    x = np.arange(4000.0)  # with a 2 MiB array captured by fn
+    big = np.ones(1 << 18)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(
+        p.map(lambda a: _slow_piece(a) * big[0], x, grain=250)))
+    t.start()
+    time.sleep(0.3)
+    p.close()
+    t.join(TIMEOUT)
+    np.testing.assert_array_equal(result[0], x + 1)
+    with pytest.raises(parrun.PoolClosedError):
+        p.map(np.sqrt, x)
+
+    def kept(dask_scheduler, token):
+        return [str(k) for k in dask_scheduler.tasks if token in str(k)]
+    assert wait_until(lambda: not client.run_on_scheduler(kept, token=p._token)), \
+        client.run_on_scheduler(kept, token=p._token)

@@ -706,7 +706,11 @@ class DaskPool(parrun.Pool):
         if initializer is not None or initargs:
             raise ValueError("initializer is not supported on the Dask backend; register a "
                              "distributed.WorkerPlugin with client.register_plugin instead")
+        self._pid = os.getpid()  # (an Executor's exit hook reads it, as of a local pool)
         self._closed = True  # until connected (close() and __del__ then do nothing)
+        self._closing = False  # close() began: no new calls; the maps running finish
+        self._maps = 0  # maps and map_reduces running
+        self._maps_done = threading.Condition()
         self._tasks = _Tasks(self._running_keys)
         self.retries = 0
         self.blas_threads = blas_threads
@@ -750,6 +754,9 @@ class DaskPool(parrun.Pool):
         self._threads = self._count_threads()
         self.startup_s = time.perf_counter() - t0
         self._closed = False
+        # In-process (Client(processes=False)): scattered pieces are the caller's own
+        # arrays, so a function writing into its piece wrote into the caller's input.
+        self._in_process = str(getattr(client.scheduler, "address", "")).startswith("inproc")
 
     # -- the cluster ------------------------------------------------------------------------
     @property
@@ -816,12 +823,20 @@ class DaskPool(parrun.Pool):
         self._close(wait=False)
 
     def _close(self, wait: bool) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True
         # Not in a done-callback of a task: the thread it holds is the one that delivers the
         # results waited for.
-        if wait and self._client.status == "running" and not getattr(_delivering, "on", 0):
+        waits = wait and self._client.status == "running" and not getattr(_delivering, "on", 0)
+        if waits:
+            # As the local pool, a map running in another thread finishes first (cancelling
+            # its pieces made it send them and its functions again, after the cache was
+            # dropped: they stayed on the cluster).
+            with self._maps_done:
+                self._maps_done.wait_for(lambda: not self._maps)
+        self._closed = True
+        if waits:
             self._tasks.cancel_pending()
             cf.wait(self._tasks.outstanding(), timeout=CLOSE_TIMEOUT)
         self._tasks.cancel_all()
@@ -854,7 +869,7 @@ class DaskPool(parrun.Pool):
             pass
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             raise parrun.PoolClosedError("this DaskPool is closed; create a new one")
         if self._client.status in ("closing", "closed"):
             raise parrun.PoolClosedError("the Dask client of this DaskPool is closed; create "
@@ -865,6 +880,8 @@ class DaskPool(parrun.Pool):
         """A Dask future holding ``value`` under ``key``: kept from an earlier call, or
         scattered now (to every worker if ``broadcast``)."""
         with self._cache_lock:
+            if self._closed:  # terminate() during a map: nothing more goes to the cluster
+                raise parrun.PoolClosedError("this DaskPool was closed during the call")
             hit = self._cache.get(key)
             if hit is not None and hit[0].status == "finished":
                 self._cache.move_to_end(key)
@@ -950,7 +967,19 @@ class DaskPool(parrun.Pool):
 
     def _run(self, fn: Any, arrays: tuple, *, out: Any, grain: Any, reduce: Any,
              initial: Any = _NOTHING) -> Any:
-        self._check_open()
+        with self._maps_done:
+            self._check_open()
+            self._maps += 1
+        try:
+            return self._run_open(fn, arrays, out=out, grain=grain, reduce=reduce,
+                                  initial=initial)
+        finally:
+            with self._maps_done:
+                self._maps -= 1
+                self._maps_done.notify_all()
+
+    def _run_open(self, fn: Any, arrays: tuple, *, out: Any, grain: Any, reduce: Any,
+                  initial: Any) -> Any:
         check_fn(fn, reduce)
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
@@ -967,6 +996,7 @@ class DaskPool(parrun.Pool):
             out = check_out(out, n)
             check_ufunc_out(fn, arrs, out)
         if n == 0:  # nothing to split: learn the result's type from fn, as the local pool does
+            self.last_stats = parrun.JobStats(0, 0, 0, 0.0, ())
             if reduce is not None:
                 if initial is _NOTHING:
                     raise ValueError("map_reduce of empty arrays with no initial value")
@@ -1045,7 +1075,8 @@ class DaskPool(parrun.Pool):
         lost_rounds: dict[int, int] = {}
 
         def send(los: list[int]) -> list[Any]:
-            data = [tuple(_plain(a[lo:bounds[lo]]) for a in arrs) for lo in los]
+            data = [tuple(np.array(a[lo:bounds[lo]]) if self._in_process
+                          else _plain(a[lo:bounds[lo]]) for a in arrs) for lo in los]
             pieces = client.scatter(data, direct=self.direct, hash=False,
                                     timeout=self.timeout)
             futs = []
@@ -1164,8 +1195,13 @@ class DaskPool(parrun.Pool):
                 self._submit_task(f, fn, args, kwargs, self._ship(fn, "fn"), s2,
                                   resent + 1)
                 return
-            if d.status == "error":
-                exc: BaseException = _remote_error(d)
+            if d.status == "error" and isinstance(d.exception(), distributed.KilledWorker):
+                exc: BaseException = parrun.BrokenPool(
+                    f"Dask gave up on the task: the workers running it kept dying "
+                    f"({d.exception()})")
+                exc.__cause__ = d.exception()
+            elif d.status == "error":
+                exc = _remote_error(d)
             else:
                 exc = cf.CancelledError(f"the Dask task was {d.status}")
             if f.set_running_or_notify_cancel():
