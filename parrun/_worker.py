@@ -473,8 +473,8 @@ class Growth:
             # measured for growth (a recalled size, not one growth chose).
             self._explore()
             return size
-        if self.recalled and not first and rows > 0:
-            self.trusted = True
+        if self.recalled and not first and rows > 0 and ns <= RECALL_SLACK * self.rate * rows:
+            self.trusted = True  # a row costs about what it did: the size stands
         if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS:
             # Growing by the cost a row, or pieces well inside the target: nothing to try.
             return max(size, self._floor(left))
