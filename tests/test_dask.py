@@ -577,3 +577,28 @@ def test_close_during_a_map_in_another_thread_lets_it_finish_and_keeps_nothing(c
         return [str(k) for k in dask_scheduler.tasks if token in str(k)]
     assert wait_until(lambda: not client.run_on_scheduler(kept, token=p._token)), \
         client.run_on_scheduler(kept, token=p._token)
+
+
+def _slow_sum(a):
+    time.sleep(1.0)
+    return float(a.sum())
+
+
+@pytest.mark.timeout(120)
+def test_a_task_whose_big_argument_was_lost_with_its_worker_is_sent_again():
+    # Arguments of 1 MiB or more are scattered to a worker once; when that worker dies they
+    # are sent again (the other tests' arguments were smaller: this path ran in no test).
+    # The same cluster opened by address: the pool's own client, closed by close().
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=":0") as cluster:
+        with parrun.Pool(backend="dask", address=cluster.scheduler_address) as p:
+            big = np.ones(1 << 18)  # 2 MiB
+            pid = next(iter(p.client.run(os.getpid).values()))
+            f = p.submit(_slow_sum, big)
+            killer = threading.Timer(0.4, os.kill, (pid, signal.SIGKILL))
+            killer.start()
+            assert f.result(TIMEOUT) == float(1 << 18)
+            killer.join()
+            np.testing.assert_array_equal(p.map(np.sqrt, np.arange(100.0)),
+                                          np.sqrt(np.arange(100.0)))
+        assert p.client.status == "closed"
