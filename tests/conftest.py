@@ -64,6 +64,15 @@ def worker_processes() -> list[psutil.Process]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """A process runs as ``pid`` (not a zombie). One that ends between two questions counts
+    as gone (``pid_exists`` then ``Process(pid)`` raised NoSuchProcess once)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.02) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

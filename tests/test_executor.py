@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import psutil
 import pytest
-from conftest import AS_AT_A_TERMINAL, TIMEOUT, Counted, shm_segments, wait_until
+from conftest import AS_AT_A_TERMINAL, TIMEOUT, Counted, alive, shm_segments, wait_until
 
 import parrun
 
@@ -70,8 +70,7 @@ def test_tasks_of_a_dropped_executor_still_run_then_it_closes(make):
     fs, pids = submit_and_forget()
     gc.collect()
     assert [f.result(timeout=TIMEOUT) for f in fs] == list(range(6))
-    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                      != psutil.STATUS_ZOMBIE for p in pids))
+    assert wait_until(lambda: not any(alive(p) for p in pids))
 
 
 def test_a_shared_array_made_in_the_call_lives_until_its_task_ran(ex):
@@ -572,10 +571,7 @@ def test_ctrl_c_while_waiting_cancels_and_cleans_up():
     assert out.startswith("interrupted")
     cancelled, done = map(int, out.split()[1:3])
     assert cancelled >= 1 and done == 6  # not started: cancelled; running: failed
-    import psutil
-
-    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                      != "zombie" for p in pids), timeout=5)
+    assert wait_until(lambda: not any(alive(p) for p in pids), timeout=5)
     assert wait_until(lambda: not shm_segments(proc.pid), timeout=5)
 
 

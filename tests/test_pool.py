@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 import psutil
 import pytest
-from conftest import TIMEOUT, Counted, shm_segments, wait_until
+from conftest import TIMEOUT, Counted, alive, shm_segments, wait_until
 
 import parrun
 
@@ -1348,8 +1348,7 @@ def test_terminate_after_close_and_twice_is_a_no_op(tasks):
     p.terminate()
     p.close()
     assert p.closed
-    assert wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
-                                      != psutil.STATUS_ZOMBIE for pid in pids))
+    assert wait_until(lambda: not any(alive(pid) for pid in pids))
 
 
 def test_close_in_a_callback_then_terminate_closes_once():

@@ -14,7 +14,7 @@ import textwrap
 import cloudpickle
 import numpy as np
 import pytest
-from conftest import TIMEOUT, shm_segments, wait_until
+from conftest import TIMEOUT, alive, shm_segments, wait_until
 
 import parrun
 
@@ -246,10 +246,7 @@ def test_sigkill_of_parent_leaves_no_segment_and_no_worker(phase):
         proc.stdout.close()
 
     def workers_gone():
-        import psutil
-
-        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                       for p in pids)
+        return not any(alive(p) for p in pids)
 
     assert wait_until(workers_gone, timeout=5), "workers outlived their parent"
     assert wait_until(lambda: not shm_segments(proc.pid), timeout=10), \
