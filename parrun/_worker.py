@@ -465,16 +465,16 @@ class Growth:
         fewer than GROW_LEFT doubled pieces are left (near its end, a long piece would be
         the one the others wait for)."""
         first, self.first = self.first, False
-        if self.recalled and not first and rows > 0 and (
-                ns > RECALL_SLACK * self.rate * max(rows, self.floor)
-                or RECALL_SLACK * ns < self.rate * rows):
-            # Rows far dearer or cheaper than where the size was learned (a cost that depends
-            # on the data): explore again from the size their cost gives, this piece not
-            # measured for growth (a recalled size, not one growth chose).
-            self._explore()
-            return size
-        if self.recalled and not first and rows > 0 and ns <= RECALL_SLACK * self.rate * rows:
-            self.trusted = True  # a row costs about what it did: the size stands
+        if self.recalled and not first and rows > 0:
+            if ns > RECALL_SLACK * self.rate * max(rows, self.floor) \
+                    or RECALL_SLACK * ns < self.rate * rows:
+                # Rows far dearer or cheaper than where the size was learned (a cost that
+                # depends on the data): explore again from the size their cost gives, this
+                # piece not measured for growth (a recalled size, not one growth chose).
+                self._explore()
+                return size
+            if ns <= RECALL_SLACK * self.rate * rows:
+                self.trusted = True  # a row costs about what it did: the size stands
         if first or self.done or rows <= 0 or size > rows or 2 * ns < TARGET_PIECE_NS:
             # Growing by the cost a row, or pieces well inside the target: nothing to try.
             return max(size, self._floor(left))

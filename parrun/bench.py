@@ -1460,11 +1460,17 @@ def _parse_workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
     _no_duplicates(ap, "--workers", workers)
     if min(workers) < 1:
         ap.error(f"--workers needs counts of at least 1, got {text!r}")
-    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-    if max(workers) > most:
-        ap.error(f"--workers {max(workers)}: more than {MAX_WORKERS_PER_CPU} a logical "
-                 f"CPU ({most} here) measures only oversubscription")
+    _not_oversubscribed(ap, max(workers), f"--workers {max(workers)}")
     return workers
+
+
+def _not_oversubscribed(ap: argparse.ArgumentParser, workers: int, what: str,
+                        hint: str = "") -> None:
+    """Fail if ``workers`` passes ``MAX_WORKERS_PER_CPU`` a logical CPU."""
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if workers > most:
+        ap.error(f"{what}: more than {MAX_WORKERS_PER_CPU} a logical CPU ({most} here) "
+                 f"measures only oversubscription{hint}")
 
 
 def _writable(ap: argparse.ArgumentParser, flag: str, path: str) -> None:
@@ -1639,11 +1645,8 @@ def main(argv: list[str] | None = None) -> int:
             workers.append(w)
             w *= 2
         workers.append(cores)
-        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-        if cores > most:
-            ap.error(f"{cores} workers by default (PARRUN_NUM_WORKERS): more than "
-                     f"{MAX_WORKERS_PER_CPU} a logical CPU ({most} here) measures only "
-                     "oversubscription; pass --workers")
+        _not_oversubscribed(ap, cores, f"{cores} workers by default (PARRUN_NUM_WORKERS)",
+                            "; pass --workers")
     _on_signals()
     try:
         results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,
