@@ -602,3 +602,45 @@ def test_a_task_whose_big_argument_was_lost_with_its_worker_is_sent_again():
             np.testing.assert_array_equal(p.map(np.sqrt, np.arange(100.0)),
                                           np.sqrt(np.arange(100.0)))
         assert p.client.status == "closed"
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_scheduler_fails_calls_with_broken_pool(tmp_path):
+    # The scheduler process killed under a pool opened by address: the task in flight, the
+    # calls made while the client tries to reconnect and those after it gave up all fail
+    # with BrokenPool naming the scheduler (were Dask's ClosedClientError or an OSError).
+    info = str(tmp_path / "scheduler.json")
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                              "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                              "--scheduler-file", info], stderr=subprocess.DEVNULL)
+    work = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                             "--scheduler-file", info, "--nthreads", "1", "--no-dashboard"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: os.path.exists(info), timeout=60)
+        with distributed.Client(scheduler_file=info, timeout=60,
+                                set_as_default=False) as c:
+            c.wait_for_workers(1, timeout=60)
+            address = c.scheduler.address
+        p = parrun.Pool(backend="dask", address=address, timeout=2)
+        x = np.arange(10.0)
+        np.testing.assert_array_equal(p.map(np.sqrt, x), np.sqrt(x))
+        f = p.submit(time.sleep, 30)
+        sched.kill()
+        sched.wait(TIMEOUT)
+        with pytest.raises(parrun.BrokenPool, match=f"lost its Dask scheduler at {address}"):
+            p.map(np.sqrt, x)  # while the client reconnects
+        with pytest.raises(parrun.BrokenPool, match="lost its Dask scheduler"):
+            f.result(TIMEOUT)
+        assert wait_until(lambda: p.client.status == "closed", timeout=TIMEOUT)
+        with pytest.raises(parrun.BrokenPool, match="lost its Dask scheduler"):
+            p.submit(sum, [1, 2])
+        with pytest.raises(parrun.BrokenPool, match="lost its Dask scheduler"):
+            p.map(np.sqrt, x)
+        t0 = time.monotonic()
+        p.close()
+        assert time.monotonic() - t0 < 10
+    finally:
+        for proc in (work, sched):
+            proc.kill()
+            proc.wait(TIMEOUT)

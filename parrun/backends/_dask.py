@@ -68,7 +68,7 @@ from parrun._checks import (
 
 try:
     import distributed
-    from distributed.client import FutureCancelledError
+    from distributed.client import ClosedClientError, FutureCancelledError
 except ImportError as e:  # pragma: no cover - the extra is not installed
     raise ImportError("parrun's Dask backend needs dask and distributed: "
                       "pip install 'parrun[dask]'") from e
@@ -752,6 +752,7 @@ class DaskPool(parrun.Pool):
                 f"the Dask cluster at {where} has no workers after {self.timeout:g} s; "
                 f"start some with `dask worker {where}`") from e
         self._threads = self._count_threads()
+        self._address = getattr(client.scheduler, "address", None) or address
         self.startup_s = time.perf_counter() - t0
         self._closed = False
         # In-process (Client(processes=False)): scattered pieces are the caller's own
@@ -872,8 +873,26 @@ class DaskPool(parrun.Pool):
         if self._closed or self._closing:
             raise parrun.PoolClosedError("this DaskPool is closed; create a new one")
         if self._client.status in ("closing", "closed"):
+            if self._owns_client:  # closed by itself: it lost the scheduler
+                raise self._cluster_lost(None)
             raise parrun.PoolClosedError("the Dask client of this DaskPool is closed; create "
                                          "a new pool on a running client")
+
+    def _cluster_lost(self, e: BaseException | None) -> parrun.BrokenPool:
+        """The error for a call the cluster failed: its client lost the scheduler."""
+        where = self._address
+        why = f" ({type(e).__name__}: {e})" if e is not None else ""
+        err = parrun.BrokenPool(
+            f"this DaskPool lost its Dask scheduler at {where}{why}; the client is "
+            f"{self._client.status}. Restart the scheduler and create a new pool.")
+        err.__cause__ = e
+        return err
+
+    def _is_cluster_lost(self, e: BaseException) -> bool:
+        """True if ``e`` (raised by a call to the cluster, not by fn) came of a lost
+        scheduler: the client is closed or reconnecting."""
+        return isinstance(e, (ClosedClientError, OSError, TimeoutError)) and \
+            not self._closed and self._client.status != "running"
 
     # -- shipping ---------------------------------------------------------------------------
     def _put(self, key: str, value: Any, nbytes: int, broadcast: bool) -> Any:
@@ -950,7 +969,8 @@ class DaskPool(parrun.Pool):
         Raises:
             TypeError / ValueError: bad arguments, or fn cannot be pickled.
             Exception: the first exception fn raised (Dask keeps the worker's traceback).
-            parrun.BrokenPool: pieces kept failing because their workers died.
+            parrun.BrokenPool: pieces kept failing because their workers died, or the
+                scheduler was lost (the client closes itself after ``timeout`` seconds).
         """
         return self._run(fn, arrays, out=out, grain=grain, reduce=None)
 
@@ -973,6 +993,10 @@ class DaskPool(parrun.Pool):
         try:
             return self._run_open(fn, arrays, out=out, grain=grain, reduce=reduce,
                                   initial=initial)
+        except Exception as e:
+            if self._is_cluster_lost(e):
+                raise self._cluster_lost(e) from e
+            raise
         finally:
             with self._maps_done:
                 self._maps -= 1
@@ -1141,12 +1165,19 @@ class DaskPool(parrun.Pool):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        fn_s = self._ship(fn, "fn")
-        local = frozenset(id(a) for a in (*args, *kwargs.values()) if isinstance(a, np.ndarray))
-        args_s = self._ship((args, kwargs), "the task's arguments", local)
         f = _TaskFuture()
-        self._tasks.add(f)
-        self._submit_task(f, fn, args, kwargs, fn_s, args_s, 0)
+        try:
+            fn_s = self._ship(fn, "fn")
+            local = frozenset(id(a) for a in (*args, *kwargs.values())
+                              if isinstance(a, np.ndarray))
+            args_s = self._ship((args, kwargs), "the task's arguments", local)
+            self._tasks.add(f)
+            self._submit_task(f, fn, args, kwargs, fn_s, args_s, 0)
+        except Exception as e:
+            self._tasks.discard(f)
+            if self._is_cluster_lost(e):
+                raise self._cluster_lost(e) from e
+            raise
         return f
 
     def _submit_task(self, f: _TaskFuture, fn: Any, args: tuple, kwargs: dict,
@@ -1165,7 +1196,8 @@ class DaskPool(parrun.Pool):
                         step(arg)
                 except BaseException as e:
                     if not f.done() and f.set_running_or_notify_cancel():
-                        f.set_exception(e)
+                        f.set_exception(self._cluster_lost(e) if self._is_cluster_lost(e)
+                                        else e)
                 finally:
                     _delivering.on -= 1
                     if f.done():
