@@ -165,9 +165,9 @@ class JobStats:
 
     ``items`` counts every index of the job; ``probe_items`` of them ran first, to learn the
     output's shape and dtype (``map`` with no ``out``: a piece in one worker, or, when the
-    rows may be slow, a row a worker at once), and are not in ``workers``' counts, nor in
-    ``wall_s``. ``recovered`` counts the pieces run again after
-    a worker died (a probe run again is not counted).
+    rows may be slow, a row a worker at once); they are in ``workers``' counts and busy
+    times, and ``wall_s`` is the whole call's. ``recovered`` counts the pieces run again
+    after a worker died (a probe run again is not counted).
     """
 
     items: int
@@ -187,7 +187,7 @@ class JobStats:
         lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
                  f"{self.wall_s * 1e3:.2f} ms wall"
                  + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")
-                 + (f"; the first {self.probe_items} ran before, to learn the output's "
+                 + (f"; the first {self.probe_items} ran first, to learn the output's "
                     "shape and dtype" if self.probe_items else "")]
         for w in self.workers:
             lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
@@ -740,7 +740,8 @@ class Pool:
                 ins.append(h)
                 used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
-            probe_pieces = 0
+            probe: JobStats | None = None  # what the probe did, counted in the call's stats
+            since = time.perf_counter()
             rerun_safe = True
             cost_key = (fn_key, _row_bytes(arrs))
             with self._lock:
@@ -754,13 +755,13 @@ class Pool:
                             # piece's target (8 rows of 20 ms doubled a map).
                             start = min(start, max(1, int(TARGET_PIECE_NS / known)))
                         if known and start > 1:  # cheap rows: one piece in one worker
-                            pieces, probe_pieces = self._probe(
+                            pieces, probe = self._probe(
                                 fn_key, fn_data, tuple(ins), start, start, False, None)
                         else:
                             # Rows that may be slow: a row for each worker, run at once (a
                             # row run alone first made a map of w slow rows take 2 rows' time).
                             start = min(n, max(start, self.workers))
-                            pieces, probe_pieces = self._probe(
+                            pieces, probe = self._probe(
                                 fn_key, fn_data, tuple(ins), start, grain, True,
                                 cost_key if adaptive else None)
                         target = allocated = _allocate_from_probe(pieces, n)
@@ -779,7 +780,7 @@ class Pool:
                 result = self._run_job(fn_key, fn_data, tuple(ins), out_h, n, start, grain,
                                        adaptive, takes_out, red, initial,
                                        made_out=allocated is not None, rerun_safe=rerun_safe,
-                                       cost_key=cost_key, probe_pieces=probe_pieces)
+                                       cost_key=cost_key, since=since, prior=probe)
             if reduce is not None:
                 return result
             if copy_back is not None:
@@ -819,17 +820,18 @@ class Pool:
         return k, min(self.workers, items) if adaptive else k
 
     def _probe(self, fn_key, fn_data, ins, rows, grain, adaptive,
-               cost_key) -> tuple[list[tuple[int, int, Any]], int]:
+               cost_key) -> tuple[list[tuple[int, int, Any]], JobStats]:
         """Run ``fn`` on rows ``[0, rows)`` with no out, in pieces of up to ``grain`` rows
         (``adaptive``: sized by their cost, as a job's), and return each piece's ``(lo, hi,
-        result)`` and how many there were. Run again if a worker dies, up to
+        result)`` and the stats of the run. Run again if a worker dies, up to
         ``MAX_DEATHS_PER_CALL`` times."""
         for attempt in range(1, MAX_DEATHS_PER_CALL + 1):
             try:
-                partials, pieces = self._run_job(fn_key, fn_data, ins, None, rows, 0, grain,
-                                                 adaptive, False, None, P.NOTHING, collect=True,
-                                                 cost_key=cost_key)
-                return [p for part in partials for p in part], pieces
+                partials = self._run_job(fn_key, fn_data, ins, None, rows, 0, grain,
+                                         adaptive, False, None, P.NOTHING, collect=True,
+                                         cost_key=cost_key)
+                assert self.last_stats is not None
+                return [p for part in partials for p in part], self.last_stats
             except WorkerCrashed as e:
                 if attempt == MAX_DEATHS_PER_CALL:
                     raise WorkerCrashed(
@@ -841,8 +843,10 @@ class Pool:
 
     def _run_job(self, fn_key, fn_data, ins, out, n, start, grain, adaptive, takes_out, red,
                  initial, collect=False, made_out=False, rerun_safe=True, cost_key=None,
-                 probe_pieces=0):
-        t0 = time.perf_counter()
+                 since=None, prior=None):
+        """Run one job. Its stats start from ``prior``'s (the probe's: one call's stats) and
+        its wall time from ``since``."""
+        t0 = time.perf_counter() if since is None else since
         self._job_id += 1
         cost = self._cost.get(cost_key, 0.0) if adaptive and cost_key else 0.0
         job = P.Job(job_id=self._job_id, fn_key=fn_key, inputs=ins, out=out, grain=grain,
@@ -852,6 +856,9 @@ class Pool:
         self._queue_forgets()
         fns = [(fn_key, fn_data)] + ([red[:2]] if red is not None else [])
         totals = [[0, 0, 0, 0] for _ in range(self.workers)]
+        for w in prior.workers if prior is not None else ():
+            totals[w.slot] = [w.items, w.pieces, w.steals, int(w.busy_s * 1e9)]
+        base = [list(t) for t in totals]
         partials: list[Any] = []
         engaged, upto = self._engaged(n - start, grain, cost, adaptive)
         phase = initial_ranges(n, start, engaged)
@@ -904,13 +911,16 @@ class Pool:
         finally:  # the stats of this call, also when it fails
             wall = time.perf_counter() - t0
             self.last_stats = JobStats(
-                items=n, pieces=sum(t[1] for t in totals) + probe_pieces,
+                items=n, pieces=sum(t[1] for t in totals),
                 steals=sum(t[2] for t in totals), wall_s=wall,
                 workers=tuple(WorkerStats(k, self._workers[k].pid, t[0], t[1], t[2],
                                           t[3] / 1e9, max(0.0, wall - t[3] / 1e9))
                               for k, t in enumerate(totals)),
                 probe_items=start, recovered=recovered)
-        items_run, busy_ns = sum(t[0] for t in totals), sum(t[3] for t in totals)
+        # The cost a row, of this job's own rows (a probe's first call may have paid for
+        # imports or a JIT compile).
+        items_run = sum(t[0] for t in totals) - sum(t[0] for t in base)
+        busy_ns = sum(t[3] for t in totals) - sum(t[3] for t in base)
         if adaptive and cost_key and items_run and error is None:
             self._cost[cost_key] = busy_ns / items_run
             self._cost.move_to_end(cost_key)
@@ -926,7 +936,7 @@ class Pool:
                     "its partial result is lost. A replacement worker has started; call again.",
                     pid=pid, exitcode=code)
             if collect:
-                return partials, sum(t[1] for t in totals)
+                return partials
             return _fold(red[2], partials, initial)
         return None
 
