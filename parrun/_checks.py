@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import numpy as np
@@ -111,17 +112,35 @@ def check_ufunc_out(fn: Any, arrays: list[np.ndarray], out: np.ndarray) -> None:
                              f"shape {want}; pass an out of that shape")
 
 
-def accepts_out(fn: Any) -> bool:
-    """True if ``fn`` takes an ``out`` argument, as NumPy ufuncs do: map then passes it the
-    slice of ``out`` to fill in place (no temporary result, no copy)."""
+def out_position(fn: Any) -> float | None:
+    """Where ``fn`` takes an ``out`` argument: the index of that positional parameter
+    (``inf`` if it is keyword-only), or None if it takes none."""
     if isinstance(fn, np.ufunc):
-        return fn.nout == 1
+        return float(fn.nin) if fn.nout == 1 else None
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return False
+        return None
     p = params.get("out")
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    if p is None:
+        return None
+    if p.kind == p.KEYWORD_ONLY:
+        return math.inf
+    return float(list(params).index("out")) if p.kind == p.POSITIONAL_OR_KEYWORD else None
+
+
+def out_fits(position: float | None, nargs: int) -> bool:
+    """True if ``out`` can go by keyword to a function whose ``out`` parameter is at
+    ``position`` (``out_position``) when it is called with ``nargs`` arrays: not when the
+    arrays already fill it (``def f(x, out)`` mapped over two arrays)."""
+    return position is not None and nargs <= position
+
+
+def accepts_out(fn: Any, nargs: int) -> bool:
+    """True if ``fn``, called with ``nargs`` arrays, takes an ``out`` argument as NumPy ufuncs
+    do: map then passes it the slice of ``out`` to fill in place (no temporary result, no
+    copy)."""
+    return out_fits(out_position(fn), nargs)
 
 
 def store_result(dst: np.ndarray, res: Any, lo: int, hi: int, made_out: bool = False) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _shm
-from ._checks import accepts_out
+from ._checks import out_position
 
 # Functions whose pickles are kept (the least recently used go first).
 CACHE_SIZE = 256
@@ -53,7 +53,7 @@ class _Entry:
     tokens: list[tuple]  # what it captured (see _token)
     key: bytes
     data: bytes
-    takes_out: bool
+    out_at: float | None  # where fn takes out (_checks.out_position)
     names: frozenset[str]  # the segments the pickle names
 
 
@@ -186,10 +186,11 @@ def _attributes(obj: Any) -> list[Any]:
     return out
 
 
-def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, frozenset[str]]:
+def pickle_function(fn: Any, what: str = "fn",
+                    ) -> tuple[bytes, bytes, float | None, frozenset[str]]:
     """Cloudpickle ``fn``, or reuse its last pickle if nothing it captures changed; return
-    (key, bytes, whether fn takes ``out``, the segments the pickle names), the key being a
-    hash of the bytes."""
+    (key, bytes, where fn takes ``out`` (``_checks.out_position``), the segments the pickle
+    names), the key being a hash of the bytes."""
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
     objs = _captured(fn)
@@ -197,20 +198,21 @@ def pickle_function(fn: Any, what: str = "fn") -> tuple[bytes, bytes, bool, froz
     hit = _pickled.get(fid)  # a dict read is atomic: no lock on the hot path
     if (hit is not None and all(r() is a for r, a in zip(hit.refs, anchors))
             and len(hit.tokens) == len(objs) and all(map(_same, hit.tokens, objs))):
-        return hit.key, hit.data, hit.takes_out, hit.names
+        return hit.key, hit.data, hit.out_at, hit.names
     try:
         data, names = _shm.dumps_naming(fn)
     except Exception as e:
         raise TypeError(f"{what} could not be pickled (cloudpickle): "
                         f"{type(e).__name__}: {e}") from e
     entry = _Entry(tuple(_ref(a, fid) for a in anchors), [_token(v) for v in objs],
-                   hashlib.blake2b(data, digest_size=16).digest(), data, accepts_out(fn), names)
+                   hashlib.blake2b(data, digest_size=16).digest(), data, out_position(fn),
+                   names)
     with _lock:
         _pickled.pop(fid, None)
         _pickled[fid] = entry  # at the end: the least recently pickled go first
         while len(_pickled) > CACHE_SIZE:
             _pickled.popitem(last=False)
-    return entry.key, entry.data, entry.takes_out, entry.names
+    return entry.key, entry.data, entry.out_at, entry.names
 
 
 def _ref(obj: Any, fid: tuple) -> Callable[[], Any]:

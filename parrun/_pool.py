@@ -63,11 +63,12 @@ from ._checks import (
     check_grain,
     check_out,
     check_ufunc_out,
+    out_fits,
     store_result,
 )
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._functions import pickle_function
-from ._process import default_start_method, process_class
+from ._process import default_start_method, forget_forkserver, process_class
 from ._scheduler import ControlBlock, control_size, initial_ranges
 from ._worker import TARGET_PIECE_NS
 
@@ -441,8 +442,9 @@ class Pool:
 
     @property
     def closed(self) -> bool:
-        """True once ``close`` or ``terminate`` was called."""
-        return self._closed
+        """True once ``close`` or ``terminate`` was called, and in a process forked from the
+        one that made the pool (its workers are not that process's to use)."""
+        return self._closed or self._pid != os.getpid()
 
     def close(self) -> None:
         """Stop the workers and free the pool's own segments. Idempotent.
@@ -571,23 +573,33 @@ class Pool:
             pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self.closed else "open"
         return f"<parrun.Pool workers={self.workers} start_method={self.start_method!r} {state}>"
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            # Its pipes and control block are shared with the parent: a child driving the
+            # same workers read the parent's messages, or hung.
+            raise PoolClosedError(
+                f"this parrun.Pool belongs to process {self._pid}; a process forked from it "
+                f"(os.fork(), multiprocessing's 'fork' start method) cannot use its workers: "
+                "create a new Pool there (parrun.map and parrun.default_pool() do so by "
+                "themselves)")
         if self._closed:
             raise PoolClosedError("this parrun.Pool is closed; create a new Pool (or use "
                                   "parrun.default_pool())")
 
     # -- functions ------------------------------------------------------------------------
-    def _register(self, fn: Callable[..., Any], what: str = "fn") -> tuple[bytes, bytes, bool]:
-        """Pickle ``fn`` (cached), note it in the pool's LRU; return (key, bytes, takes_out).
+    def _register(self, fn: Callable[..., Any],
+                  what: str = "fn") -> tuple[bytes, bytes, float | None]:
+        """Pickle ``fn`` (cached), note it in the pool's LRU; return (key, bytes, where fn
+        takes ``out``: ``_checks.out_position``).
 
         Called from any thread (``submit``): it touches only the LRU. What workers hold is
         changed only where jobs and tasks are sent (see ``_queue_forgets``)."""
-        key, data, takes_out, names = pickle_function(fn, what)
+        key, data, out_at, names = pickle_function(fn, what)
         self._note_function(key, names, len(data))
-        return key, data, takes_out
+        return key, data, out_at
 
     def _note_function(self, key: bytes, names: frozenset[str] = frozenset(),
                        nbytes: int = 0) -> None:
@@ -711,7 +723,8 @@ class Pool:
         if out is not None:
             out = check_out(out, n)
             check_ufunc_out(fn, arrs, out)
-        fn_key, fn_data, takes_out = self._register(fn)
+        fn_key, fn_data, out_at = self._register(fn)
+        takes_out = out_fits(out_at, len(arrs))
         red = (*self._register(reduce, "reduce")[:2], reduce) if reduce is not None else None
         if n == 0 and out is None and reduce is None:
             # Nothing to split; the result's type comes from fn on the empty input, called
@@ -782,6 +795,9 @@ class Pool:
                                        made_out=allocated is not None, rerun_safe=rerun_safe,
                                        cost_key=cost_key, since=since, prior=probe)
             if reduce is not None:
+                if isinstance(result, np.ndarray) and any(
+                        np.may_share_memory(result, t) for t in temps):
+                    result = np.array(result)  # a view of a copy this call made and frees
                 return result
             if copy_back is not None:
                 np.copyto(copy_back, target)
@@ -1264,6 +1280,7 @@ def _forget_workers_in_child() -> None:
     """After os.fork(), in the child: our workers are not its children. multiprocessing's
     exit hook terminates the daemon processes it counts as its own, so a child that exits
     normally stopped the parent's workers (and failed to join them)."""
+    forget_forkserver()  # nor is the parent's fork server: a pool there starts its own
     children = getattr(mp.process, "_children", None)
     if children is None:  # pragma: no cover - another CPython layout
         return

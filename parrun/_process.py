@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import threading
 from typing import Any
 
 # Keys of multiprocessing's preparation data that make a child import the parent's __main__.
@@ -91,4 +92,29 @@ def detach_from_forkserver() -> None:
             os.close(fd)
             fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
     except Exception:  # pragma: no cover - internals differ: the ppid check still applies
+        pass
+
+
+def forget_forkserver() -> None:
+    """After ``os.fork()``, in the child: forget the parent's fork server.
+
+    The child inherits the parent's record of it, but the server is not the child's to wait
+    for: ``multiprocessing`` calls ``os.waitpid`` on it before every start and raised
+    ``ChildProcessError`` in the child, so no pool could start there. The child starts a
+    server of its own when it needs one; its copy of the parent's 'alive' pipe is closed,
+    so that the parent's server still ends with the parent.
+    """
+    try:
+        from multiprocessing import forkserver
+
+        fs = forkserver._forkserver
+        if fs._forkserver_pid is None:  # type: ignore[attr-defined]
+            return
+        fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
+        fs._forkserver_pid = fs._forkserver_address = None  # type: ignore[attr-defined]
+        fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
+        fs._lock = threading.Lock()  # type: ignore[attr-defined]  # held by another thread?
+        if fd is not None:
+            os.close(fd)
+    except Exception:  # pragma: no cover - internals differ: a pool there fails as before
         pass

@@ -319,7 +319,12 @@ class _Worker:
                     else:
                         store_result(dst, fn(*[a[lo:hi] for a in ins]), lo, hi, made_out)
                 elif combine is None:  # a probe (map learning its out): each piece back
-                    pieces.append((lo, hi, fn(*[a[lo:hi] for a in ins])))
+                    res = fn(*[a[lo:hi] for a in ins])
+                    # Held until the worker's share ends: a copy, as fn may reuse the buffer
+                    # it returned in its next call (a memoryview pickles as bytes).
+                    if isinstance(res, (np.ndarray, memoryview)):
+                        res = np.array(res)
+                    pieces.append((lo, hi, res))
                 else:
                     res = fn(*[a[lo:hi] for a in ins])
                     acc = res if acc is P.NOTHING else combine(acc, res)

@@ -239,6 +239,75 @@ def test_map_reduce(pool):
     x.release()
 
 
+def test_map_reduce_result_outlives_the_copy_of_a_plain_input(pool):
+    # A partial that is a view of the input came back as a view of the call's temporary copy
+    # of a plain input, which the call then freed: the result could not be used ("released").
+    x = np.arange(1000.0)
+    best = pool.map_reduce(lambda a: a[:1], lambda p, q: p if p[0] <= q[0] else q, x)
+    np.testing.assert_array_equal(best, [0.0])
+    y = pool.map(np.sqrt, best)
+    np.testing.assert_array_equal(y, [0.0])
+    y.release()
+
+
+_scratch = np.empty(0)
+
+
+def _double_into_scratch(a):
+    """2 * a in one scratch buffer, reused call after call (no allocation a call)."""
+    global _scratch
+    if len(_scratch) < len(a):
+        _scratch = np.empty(len(a))
+    np.multiply(a, 2, out=_scratch[:len(a)])
+    return _scratch[:len(a)]
+
+
+def test_map_with_no_out_keeps_each_first_result_before_fn_runs_again(pool):
+    # The first rows' results were held as fn returned them until the worker's share ended:
+    # a function returning the buffer it reuses gave wrong first rows (2 runs in 3).
+    x = parrun.asshared(np.arange(1000.0))
+    try:
+        for _ in range(5):
+            y = pool.map(_double_into_scratch, x, grain=1)
+            np.testing.assert_array_equal(y, 2 * x)
+            y.release()
+        y = pool.map(lambda a: memoryview(2 * a), x)  # as with out given (was "shape ()")
+        np.testing.assert_array_equal(y, 2 * x)
+        y.release()
+    finally:
+        x.release()
+
+
+def _blend(inp, out):
+    return 0.5 * inp + 0.5 * out
+
+
+def _scaled(x, out=None, k=2.0):
+    return np.multiply(x, k, out=out)
+
+
+def test_a_parameter_named_out_filled_by_the_arrays_gets_no_out(pool):
+    # map passed out= to a function whose parameter `out` the arrays already filled:
+    # "got multiple values for argument 'out'", with or without an out.
+    a, b = parrun.asshared(np.arange(100.0)), parrun.asshared(3 * np.arange(100.0))
+    try:
+        y = pool.map(_blend, a, b)
+        np.testing.assert_array_equal(y, _blend(a, b))
+        out = parrun.zeros(100)
+        assert pool.map(_blend, a, b, out=out) is out
+        np.testing.assert_array_equal(out, _blend(a, b))
+        # one array: out is free, and map fills it in place; two: the second is out
+        assert pool.map(_scaled, a, out=out) is out
+        np.testing.assert_array_equal(out, 2 * a)
+        y2 = pool.map(_scaled, a, b)
+        np.testing.assert_array_equal(y2, 2 * a)
+        for arr in (y, out, y2):
+            arr.release()
+    finally:
+        a.release()
+        b.release()
+
+
 def test_empty_and_tiny_inputs(pool):
     y = pool.map(np.negative, np.zeros((0, 3)))
     assert y.shape == (0, 3)
@@ -1486,3 +1555,59 @@ def test_a_child_of_os_fork_that_exits_leaves_the_parents_workers_alone():
     assert r.stdout.split() == ["child", "0", "same", "workers", "True", "0", "2"], \
         (r.stdout, r.stderr[-2000:])
     assert "can only join a child process" not in r.stderr
+
+
+FORKED_CHILD_USES_PARRUN = """
+import os, signal, sys, numpy as np, parrun
+
+
+def say(*words):  # a line in one write: the children print at once
+    os.write(1, (' '.join(map(str, words)) + chr(10)).encode())
+
+
+x = parrun.asshared(np.arange(10_000.0))
+pool = parrun.Pool(2)
+parrun.map(np.sqrt, x).release()  # the default pool, and the fork server, started here
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)
+        say('child closed', pool.closed)
+        try:
+            pool.map(np.sqrt, x)
+        except parrun.PoolClosedError as e:
+            say('child refused', 'belongs to process' in str(e))
+        wrong = 0
+        for _ in range(20):
+            y = parrun.map(lambda a, k=k: a + k, x)  # a default pool of its own
+            wrong += not np.array_equal(y, np.arange(10_000.0) + k)
+            y.release()
+        say('child wrong', wrong, parrun.default_pool().pids != pool.pids)
+        sys.exit(0)
+    kids.append(pid)
+say('children', *sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids))
+y = pool.map(np.sqrt, x)
+say('parent', np.array_equal(y, np.sqrt(np.arange(10_000.0))), pool.last_stats.recovered)
+y.release()
+pool.close()
+x.release()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_child_of_os_fork_gets_pools_of_its_own():
+    # A child forked after the parent's pools started (a fork-based multiprocessing worker,
+    # say) drove the parent's workers through the inherited pipes: it hung, got the parent's
+    # results or errors, once broke the parent's pool; and no pool could start there
+    # (multiprocessing waited for the parent's fork server: ChildProcessError).
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", FORKED_CHILD_USES_PARRUN], capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(r.stdout.splitlines())
+    assert lines == ["child closed True"] * 2 + ["child refused True"] * 2 + \
+        ["child wrong 0 True"] * 2 + ["children 0 0", "parent True 0"], \
+        (r.stdout, r.stderr[-3000:])

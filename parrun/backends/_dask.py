@@ -1031,7 +1031,7 @@ class DaskPool(parrun.Pool):
             return parrun.empty((0, *res.shape[1:]), res.dtype)
         fn_s = self._ship(fn, "fn")
         red_s = self._ship(reduce, "reduce") if reduce is not None else None
-        takes_out = accepts_out(fn)
+        takes_out = accepts_out(fn, len(arrs))
         spec = _MapSpec(tile=tile, takes_out=takes_out,
                         out_dtype=None if out is None else out.dtype,
                         out_trail=() if out is None else tuple(out.shape[1:]),
