@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
-import os
 import threading
 import time
 import weakref
@@ -75,9 +74,7 @@ class Executor(_Executor):
         self._submits_done = threading.Condition(self._lock)
         self._submitting = 0  # submits past the shutdown check, not yet queued
         self._shutdown = False
-        self._cancelled = False  # shut down with cancel_futures
         self._broken: str | None = None
-        _executors.add(self)
 
     @property
     def pool(self) -> Pool:
@@ -94,6 +91,7 @@ class Executor(_Executor):
             except BrokenPool as e:
                 self._broken = str(e)
                 raise
+            _executor_pools.add(self._pool)
         return self._pool
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -186,7 +184,6 @@ class Executor(_Executor):
         """
         with self._lock:
             self._shutdown = True
-            self._cancelled |= cancel_futures
             pool = self._pool
             tasks = pool._tasks if pool is not None else None
             # In a done-callback, the thread that completes futures holds the lock that a
@@ -230,21 +227,23 @@ class Executor(_Executor):
             wait_futures(pool._tasks.outstanding())
         pool.close()
 
-    def _wait_at_exit(self) -> None:
-        if self._pool is not None and self._pool._tasks is not None and not self._cancelled \
-                and self._pool._pid == os.getpid():
-            wait_futures(self._pool._tasks.outstanding())
 
-
-# The executors alive; at exit, each one's submitted tasks run before the pools close (this
-# hook runs before the pools' own: atexit runs the last registered first).
-_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+# The pools of executors; at exit, the tasks submitted to each run before the pools close
+# (this hook runs before the pools' own: atexit runs the last registered first), also when
+# the executor was dropped without shutdown (its pool lives on while tasks are pending), and
+# those already running after shutdown(cancel_futures=True).
+_executor_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 @atexit.register
 def _wait_for_executors() -> None:
-    for ex in list(_executors):
-        ex._wait_at_exit()
+    for pool in list(_executor_pools):
+        tasks = pool._tasks
+        if tasks is None or pool.closed:
+            continue
+        # Until none is left: a done-callback may submit more.
+        while outstanding := tasks.outstanding():
+            wait_futures(outstanding)
 
 
 def _batched(items: list, n: int) -> Iterator[tuple]:

@@ -292,7 +292,7 @@ EXIT_WITH_PENDING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("then", ["", "ex.shutdown(wait=False)"])
+@pytest.mark.parametrize("then", ["", "ex.shutdown(wait=False)", "del ex, fs"])
 def test_a_program_that_exits_runs_its_submitted_tasks_first(tmp_path, then):
     """As concurrent.futures promises: no shutdown, or one that does not wait, and the
     program still exits only after the tasks submitted have run."""
@@ -304,6 +304,39 @@ def test_a_program_that_exits_runs_its_submitted_tasks_first(tmp_path, then):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sorted(int(p.name) for p in done.iterdir()) == list(range(8)), r.stderr
+
+
+EXIT_AFTER_CANCEL = textwrap.dedent("""
+    import os, sys, time, parrun
+
+    def work(i, t):
+        time.sleep(t)
+        open(os.path.join(sys.argv[1], str(i)), "w").close()
+
+    ex = parrun.Executor(2)
+    fs = [ex.submit(work, i, 6.0 if i < 2 else 0.1) for i in range(6)]
+    while not (fs[0].running() and fs[1].running()):
+        time.sleep(0.01)
+    ex.shutdown(wait=False, cancel_futures=True)
+    print(*[i for i, f in enumerate(fs) if f.cancelled()])
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_program_that_exits_after_cancelling_still_finishes_the_running_tasks(tmp_path):
+    """shutdown(wait=False, cancel_futures=True), then the end of the program: the tasks
+    running go on to their end, longer than the pools' 5 s at exit (they were killed)."""
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_AFTER_CANCEL)
+    done = tmp_path / "done"
+    done.mkdir()
+    r = subprocess.run([sys.executable, str(script), str(done)], capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    cancelled = [int(w) for w in r.stdout.split()]
+    assert cancelled and min(cancelled) >= 2, r.stdout  # those handed out are not
+    ran = sorted(int(p.name) for p in done.iterdir())
+    assert ran == [i for i in range(6) if i not in cancelled], (ran, r.stderr)
 
 
 def test_shutdown_in_a_done_callback_does_not_wait_for_itself():
