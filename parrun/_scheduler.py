@@ -5,7 +5,7 @@ the abort flag and, per worker slot, the worker's remaining index range ``[lo, h
 it is running and its counters::
 
     header   ABORT | (reserved...)
-    slot k   LO | HI | CUR_LO | CUR_HI | ITEMS | PIECES | STEALS | BUSY_NS | (reserved...)
+    slot k   LO | HI | CUR_LO | CUR_HI | ITEMS | PIECES | STEALS | BUSY_NS | RUNNING | (reserved...)
 
 The parent writes the initial ranges while every worker is idle, then wakes them. From then on
 only workers change ranges:
@@ -32,7 +32,9 @@ import time
 HEADER = 8  # int64 words before the first slot
 SLOT = 16  # int64 words per slot
 ABORT = 0
-LO, HI, CUR_LO, CUR_HI, ITEMS, PIECES, STEALS, BUSY_NS = range(8)
+LO, HI, CUR_LO, CUR_HI, ITEMS, PIECES, STEALS, BUSY_NS, RUNNING = range(9)
+# RUNNING: 1 + the task a worker serving tasks runs now (0: none), so that its death fails
+# that task alone: those of its piece before it ran, those after it did not start.
 
 
 def control_size(nslots: int) -> int:
@@ -87,7 +89,7 @@ class ControlBlock:
             base = HEADER + SLOT * k
             lo, hi = ranges[k] if k < len(ranges) else (0, 0)
             w[base + LO], w[base + HI] = lo, hi
-            w[base + CUR_LO] = w[base + CUR_HI] = 0
+            w[base + CUR_LO] = w[base + CUR_HI] = w[base + RUNNING] = 0
             w[base + ITEMS] = w[base + PIECES] = w[base + STEALS] = w[base + BUSY_NS] = 0
 
     def unfinished(self, k: int) -> list[tuple[int, int]]:
@@ -179,7 +181,7 @@ class ControlBlock:
         with their results, and counting them here could land in the next job's counters
         after the parent saw this worker idle)."""
         base = HEADER + SLOT * me
-        self.words[base + CUR_LO] = self.words[base + CUR_HI] = 0
+        self.words[base + CUR_LO] = self.words[base + CUR_HI] = self.words[base + RUNNING] = 0
 
     def done_piece(self, me: int, lo: int, hi: int, busy_ns: int) -> None:
         """Count a finished piece in worker ``me``'s slot."""

@@ -41,7 +41,7 @@ import numpy as np
 from . import _protocol as P
 from . import _shm
 from ._errors import BrokenPool, PoolClosedError, SharedMemoryError, WorkerCrashed, describe_exit
-from ._scheduler import CUR_HI, CUR_LO, HI, LO
+from ._scheduler import CUR_HI, CUR_LO, HI, LO, RUNNING
 from ._worker import TARGET_PIECE_NS
 
 # Task payload slots in the arena, and bytes per slot. The slots bound the tasks in flight
@@ -553,12 +553,21 @@ class TaskService:
         try:
             clo, chi = cb.get(slot, CUR_LO), cb.get(slot, CUR_HI)
             lo, hi = cb.get(slot, LO), cb.get(slot, HI)
+            running = cb.get(slot, RUNNING) - 1
             cb.set(slot, LO, hi)
             cb.set(slot, CUR_LO, 0)
             cb.set(slot, CUR_HI, 0)
+            cb.set(slot, RUNNING, 0)
         finally:
             cb._unlock(slot)
-        for tid in range(clo, chi):
+        if not clo <= running < chi:  # died before its piece's first task began
+            running = clo - 1
+        # Of its piece: the task it was running failed with it; those after it never
+        # started (they go back to the queue as they were); those before it ran, but their
+        # results were lost with it (they had not been sent yet).
+        if running + 1 < chi:
+            self.redo.append((running + 1, chi))
+        for tid in range(clo, min(chi, running + 1)):
             t = self.inflight.get(tid)
             if t is None:
                 continue
@@ -570,10 +579,11 @@ class TaskService:
                 del self.inflight[tid]
                 self._release(t)
                 self.stats.crashed += 1
+                what = "while running this task" if tid == running else \
+                    "after this task ran, before its result was sent"
                 t.future.set_exception(WorkerCrashed(
-                    f"worker {slot} (pid {w.pid}) died while running this task "
-                    f"({describe_exit(code)}); a replacement worker has started",
-                    pid=w.pid, exitcode=code))
+                    f"worker {slot} (pid {w.pid}) died {what} ({describe_exit(code)}); "
+                    f"a replacement worker has started", pid=w.pid, exitcode=code))
         if lo < hi:
             self.redo.append((lo, hi))
         self.outbox.pop(slot, None)  # for the dead worker's pipe

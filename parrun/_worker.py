@@ -25,7 +25,7 @@ from . import _shm
 from ._checks import store_result
 from ._errors import exception_for_transport
 from ._process import detach_from_forkserver
-from ._scheduler import HI, LO, ControlBlock, now_ns
+from ._scheduler import HI, LO, RUNNING, ControlBlock, now_ns
 
 
 def _die_with_parent() -> None:
@@ -212,6 +212,7 @@ class _Worker:
             lo, hi = piece
             t0 = now_ns()
             for tid in range(lo, hi):
+                cb.set(me, RUNNING, tid + 1)  # if this process dies now, tid killed it
                 t1 = now_ns()
                 result = self.run_task(arena, wake, tid)
                 reporter.add(result, now_ns() - t1, me, wake.seq)

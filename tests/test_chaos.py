@@ -311,6 +311,40 @@ def test_submit_crash_without_retries_fails_only_that_future(pool, once):
     assert [g.result(timeout=TIMEOUT) for g in others] == [i * i for i in range(50)]
 
 
+def _exit_at(x, k):
+    if x == k:
+        os._exit(1)
+    return x
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_task_that_kills_its_worker_fails_alone_among_batched_tasks(retries):
+    # Quick tasks run many to a piece. The one that killed its worker failed every task of
+    # the piece: those after it, which never started, and those before it, which had run
+    # (their results not sent yet), all "died while running this task"; with retries, the
+    # innocent ones used up theirs.
+    with parrun.Pool(2, retries=retries) as pool:
+        lost = 0
+        for _ in range(3):
+            for i in range(5):
+                pool.submit(_exit_at, i, -1).result(timeout=TIMEOUT)  # timed as quick
+            fs = [pool.submit(_exit_at, i, 50) for i in range(100)]
+            assert not cf.wait(fs, timeout=TIMEOUT).not_done
+            failed = [i for i, f in enumerate(fs) if f.exception() is not None]
+            assert failed and max(failed) == 50, failed  # none that had not started
+            assert [f.result() for f in fs[51:]] == list(range(51, 100))
+            with pytest.raises(parrun.WorkerCrashed, match="died while running this task"):
+                fs[50].result()
+            for i in failed[:-1]:  # ran, but the worker died before sending their results
+                with pytest.raises(parrun.WorkerCrashed, match="after this task ran"):
+                    fs[i].result()
+            if retries:
+                assert failed == [50], failed  # the others ran again
+            lost += len(failed)
+        assert pool.task_stats.crashed == lost, pool.task_stats
+
+
 @pytest.fixture(scope="module")
 def small_memory_pool():
     with parrun.Pool(2, initializer=limit_address_space, initargs=(512 << 20,)) as p:
