@@ -231,7 +231,9 @@ def _unlink(name: str) -> None:
     try:
         _posixshmem.shm_unlink("/" + name)
     except FileNotFoundError:
-        pass
+        # Unlinked (and unregistered) by another process: unregistering it again made the
+        # resource tracker print a KeyError traceback.
+        return
     try:
         resource_tracker.unregister("/" + name, "shared_memory")
     except Exception:  # pragma: no cover - tracker already gone at interpreter exit

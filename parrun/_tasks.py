@@ -527,7 +527,7 @@ class TaskService:
             st.tasks_per_worker[msg.slot] += 1
             try:
                 value = pickle.loads(payload)
-            except Exception as e:
+            except BaseException as e:  # (never leave the future pending)
                 _shm.unlink_unadopted(payload, _shm.name_prefix(w.pid, w.tag))
                 ok, value = False, TypeError(f"the task's result could not be unpickled: "
                                              f"{type(e).__name__}: {e}")

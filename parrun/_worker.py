@@ -23,7 +23,7 @@ import numpy as np
 from . import _protocol as P
 from . import _shm
 from ._checks import store_result
-from ._errors import exception_for_transport
+from ._errors import ParrunError, exception_for_transport
 from ._process import detach_from_forkserver
 from ._scheduler import HI, LO, RUNNING, ControlBlock, now_ns
 
@@ -164,14 +164,14 @@ class _Worker:
                 self.read_functions(until=key)  # sent after this worker started serving
             fn = self.fn(key)
             value = fn(*args, **kwargs)
-        except BaseException as e:  # cloudpickle: the class may be the script's
-            return tid, False, cloudpickle.dumps(exception_for_transport(e))
+        except BaseException as e:
+            return tid, False, _dump_error(e)
         try:
             return tid, True, _shm.dumps_result(value)
         except BaseException as e:
             err = TypeError(f"the result of the task could not be pickled: "
                             f"{type(e).__name__}: {e}")
-            return tid, False, pickle.dumps(exception_for_transport(err))
+            return tid, False, _dump_error(err)
 
     def read_functions(self, until: bytes | None = None) -> None:
         """Read the commands waiting in the pipe while serving tasks: functions are cached,
@@ -350,6 +350,21 @@ class _Worker:
         if out is None and job.reduce_key is None and pieces:
             acc = pieces
         return P.Done(job.job_id, me, error, acc)
+
+
+def _dump_error(e: BaseException) -> bytes:
+    """Pickle a task's exception as results are (cloudpickle, for a class of the script;
+    its arrays by value, through segments the parent adopts: a shared array the task made
+    would be gone). If that fails, even with a ``BaseException``, a ``ParrunError`` says so."""
+    try:
+        return _shm.dumps_result(exception_for_transport(e))
+    except BaseException as e2:
+        try:
+            what = f"{type(e).__qualname__}: {e}"
+        except BaseException:
+            what = type(e).__qualname__
+        return pickle.dumps(exception_for_transport(ParrunError(
+            f"{what} (the exception could not be pickled: {type(e2).__name__})")))
 
 
 class _Reporter:

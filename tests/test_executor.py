@@ -721,3 +721,35 @@ def test_a_map_right_after_a_task_counts_only_its_own_items():
         assert max(p.last_stats.busy_s) < 0.04, p.last_stats  # not the task's 50 ms
         x.release()
         out.release()
+
+
+def _raise_with_a_shared_array(n):
+    a = parrun.full(n, 7.0)  # made in the worker: gone with the task's end
+    raise ValueError("bad", a)
+
+
+class _PicklesBadly(Exception):
+    def __reduce__(self):
+        raise SystemExit("no pickling")
+
+
+def _raise_unpicklable():
+    raise _PicklesBadly("x")
+
+
+def test_an_exception_holding_a_shared_array_the_task_made_arrives(ex):
+    # It went as a handle to the worker's segment, unlinked before the caller read it:
+    # "the task's result could not be unpickled: SharedMemoryError".
+    for n in (10, 300_000):  # in the pickle, and through a segment of its own
+        e = ex.submit(_raise_with_a_shared_array, n).exception(timeout=TIMEOUT)
+        assert isinstance(e, ValueError) and e.args[0] == "bad", repr(e)
+        np.testing.assert_array_equal(e.args[1], np.full(n, 7.0))
+
+
+def test_an_exception_whose_pickling_raises_systemexit_fails_the_future_only(ex):
+    # SystemExit out of the exception's pickling ended the worker: WorkerCrashed.
+    pids = list(ex.pool.pids)
+    with pytest.raises(parrun.ParrunError, match="_PicklesBadly: x .*SystemExit"):
+        ex.submit(_raise_unpicklable).result(timeout=TIMEOUT)
+    assert ex.submit(abs, -5).result(timeout=TIMEOUT) == 5
+    assert ex.pool.pids == pids
