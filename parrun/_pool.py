@@ -297,6 +297,11 @@ class Pool:
         self._cpus = sorted(os.sched_getaffinity(0)) if (pin and hasattr(
             os, "sched_getaffinity")) else None
         self._lock = threading.RLock()
+        # Maps waiting for the lock, which the task collector holds while tasks are in
+        # flight: it hands out no new task while one waits (a steady stream of tasks kept a
+        # map waiting for as long as it lasted), and takes the lock again after them.
+        self._turn = threading.Condition()
+        self._maps_waiting: list[object] = []  # a token per map (see _map_turn)
         self._pid = os.getpid()  # a copy in a forked child must not stop our workers
         self._closed = False
         self._job_id = 0
@@ -757,7 +762,7 @@ class Pool:
             since = time.perf_counter()
             rerun_safe = True
             cost_key = (fn_key, _row_bytes(arrs))
-            with self._lock:
+            with self._map_turn(), self._lock:
                 self._check_open()
                 if reduce is None:
                     if target is None:
@@ -811,6 +816,26 @@ class Pool:
         finally:
             for t in temps:
                 t.release()
+
+    @contextlib.contextmanager
+    def _map_turn(self) -> Iterator[None]:
+        """Wait here as a map: the task collector lets the tasks in flight end, then yields
+        the lock to this map (and to any other waiting) before it serves tasks again."""
+        token = object()
+        try:
+            # One call (atomic): a Ctrl-C lands before it or after it, inside the try, and
+            # the token never outlives the map (a count left one for ever: the collector
+            # waited for a map that had been interrupted).
+            self._maps_waiting.append(token)
+            tasks = self._tasks
+            if tasks is not None:
+                tasks.look_again()
+            yield
+        finally:
+            with self._turn:
+                if token in self._maps_waiting:
+                    self._maps_waiting.remove(token)
+                self._turn.notify_all()
 
     def default_grain(self, n: int, arrays: list[np.ndarray]) -> int:
         """The largest piece by default: about ``TILE_BYTES`` of input rows."""

@@ -248,6 +248,12 @@ class TaskService:
             if not t.future.done():
                 t.future.set_exception(exc)
 
+    def look_again(self) -> None:
+        """Make the collector look again (a map started waiting for the pool)."""
+        with self.cv:
+            self.cv.notify()
+        self._poke()
+
     def _poke(self) -> None:
         try:
             os.write(self._poke_w, b"x")
@@ -265,6 +271,9 @@ class TaskService:
             pool = self.pool
             if pool is None:  # collected: its __del__ closed it
                 break
+            with pool._turn:  # maps waiting go first
+                while pool._maps_waiting:
+                    pool._turn.wait()
             with pool._lock:  # exclusive with map jobs
                 if pool._stopped:
                     self.fail_all(PoolClosedError("the pool was closed"))
@@ -334,7 +343,8 @@ class TaskService:
                     self._fail_if_all_down(pool)
                     return
                 self._dispatch()
-                if (not self.inflight and not self.redo and not self.pending
+                if (not self.inflight and not self.redo
+                        and (not self.pending or pool._maps_waiting)
                         and len(self.idle) + len(self.down) == pool.workers):
                     self.serving = False  # from now on submit() queues for the next round
                     return
@@ -402,6 +412,8 @@ class TaskService:
         head = self.pending[0].key if self.pending else None
         room = min(ARENA_SLOTS - (self.next_tid - oldest),
                    self._window(head) - len(self.inflight))
+        if pool._maps_waiting:  # a map waits: no new task until it has run
+            room = 0
         while self.pending and len(batch) < room:
             t = self.pending.popleft()
             # Cancelled while it waited: it takes no room. (It did once, so that a queue of
@@ -571,7 +583,11 @@ class TaskService:
             t = self.inflight.get(tid)
             if t is None:
                 continue
-            if t.retries_left > 0:
+            if tid < running and self.retries > 0:
+                # It ran: re-running it is what retries allow, but it is not charged (it
+                # would fail with the task that kills its piece again and again).
+                self.redo.append((tid, tid + 1))
+            elif t.retries_left > 0:
                 t.retries_left -= 1
                 self.stats.retried += 1
                 self.redo.append((tid, tid + 1))

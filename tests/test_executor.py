@@ -753,3 +753,46 @@ def test_an_exception_whose_pickling_raises_systemexit_fails_the_future_only(ex)
         ex.submit(_raise_unpicklable).result(timeout=TIMEOUT)
     assert ex.submit(abs, -5).result(timeout=TIMEOUT) == 5
     assert ex.pool.pids == pids
+
+
+def _nap(t):
+    time.sleep(t)
+    return t
+
+
+@pytest.mark.timeout(120)
+def test_a_map_is_not_held_up_by_a_steady_stream_of_tasks():
+    # The task collector kept the pool for as long as any task was pending or running: a
+    # producer keeping tasks outstanding held a map back until it stopped.
+    with parrun.Executor(2) as e:
+        pool = e.pool
+        x = parrun.asshared(np.arange(1000.0))
+        mapped = threading.Event()
+        results: list = []
+
+        def stream():
+            fs: list = []
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not (mapped.is_set() and len(results) > 50):
+                fs.append(e.submit(_nap, 0.005))
+                if len(fs) > 8:
+                    results.append(fs.pop(0).result(timeout=TIMEOUT))
+            results.extend(f.result(timeout=TIMEOUT) for f in fs)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            assert wait_until(lambda: len(results) > 20)
+            for _ in range(3):
+                t0 = time.monotonic()
+                y = pool.map(np.sqrt, x)
+                waited = time.monotonic() - t0
+                np.testing.assert_array_equal(y, np.sqrt(x))
+                y.release()
+                assert waited < 5, waited  # the tasks in flight, not the whole stream
+                time.sleep(0.1)
+        finally:
+            mapped.set()
+            t.join(60)
+            x.release()
+        assert results and all(r == 0.005 for r in results)
