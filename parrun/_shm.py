@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _posixshmem
 import bisect
+import ctypes
 import importlib
 import io
 import math
@@ -140,6 +141,56 @@ def _index_remove(name: str) -> None:
             return
 
 
+class _Mapping:
+    """A shared mapping of a segment that holds no file descriptor: unmapped when the last
+    array over it dies.
+
+    ``mmap.mmap`` keeps a duplicate of the descriptor for as long as the mapping lives (until
+    Python 3.13's ``trackfd``), so every live shared array, every task's big argument and
+    every segment a worker had mapped held one: about 1,000 of them hit the usual limit of
+    1,024 open files (``OSError: Too many open files``). libc's mmap, through ctypes, does not.
+    """
+
+    __slots__ = ("__array_interface__", "__weakref__", "addr", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        assert _libc is not None
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.size = addr, size
+        self.__array_interface__ = {"shape": (size,), "typestr": "|u1", "version": 3,
+                                    "data": (addr, False)}
+
+    def __del__(self) -> None:
+        try:
+            _libc.munmap(self.addr, self.size)  # type: ignore[union-attr]
+        except Exception:  # pragma: no cover - interpreter teardown
+            pass
+
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_int64]
+    _libc.munmap.restype = ctypes.c_int
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _MAP_FAILED = ctypes.c_void_p(-1).value
+except (OSError, AttributeError):  # pragma: no cover - no libc mmap: mmap.mmap it is
+    _libc = None
+
+
+def _map(fd: int, size: int) -> np.ndarray:
+    """A writable uint8 array over the first ``size`` bytes of segment ``fd`` (shared). The
+    caller may close ``fd`` at once."""
+    if _libc is None:  # pragma: no cover
+        return np.frombuffer(mmap.mmap(fd, size), dtype=np.uint8)
+    return np.asarray(_Mapping(fd, size))
+
+
 def _create_fd(nbytes: int) -> tuple[str, int, int]:
     """shm_open a new segment (exclusive, mode 0600) and reserve its pages; (name, fd, size)."""
     name = _new_name()
@@ -184,7 +235,7 @@ class _Segment:
         self.size = size
         self.owner_pid = os.getpid()
         try:
-            mm = mmap.mmap(fd, size)
+            raw = _map(fd, size)
         except BaseException:
             os.close(fd)
             _unlink(name)
@@ -194,7 +245,6 @@ class _Segment:
         else:
             os.close(fd)
             self.fd = -1
-        raw = np.frombuffer(mm, dtype=np.uint8)
         self.raw_ref = weakref.ref(raw)
         self.start = raw.__array_interface__["data"][0]
         with _lock:
@@ -309,10 +359,9 @@ def create_detached(nbytes: int) -> tuple[str, np.ndarray]:
     """
     name, fd, size = _create_fd(nbytes)  # registered with the tracker there
     try:
-        mm = mmap.mmap(fd, size)
+        return name, _map(fd, size)
     finally:
         os.close(fd)
-    return name, np.frombuffer(mm, dtype=np.uint8)
 
 
 def adopt(handle: tuple) -> SharedArray:
@@ -333,10 +382,10 @@ def from_handle_transient(handle: tuple) -> np.ndarray:
     except FileNotFoundError:
         raise SharedMemoryError(f"shared segment {name!r} no longer exists") from None
     try:
-        mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        raw = _map(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
-    arr = np.ndarray(shape, dtype, buffer=mm, offset=offset, strides=strides)
+    arr = np.ndarray(shape, dtype, buffer=raw, offset=offset, strides=strides)
     if not writeable:
         arr.flags.writeable = False
     return arr
@@ -366,10 +415,9 @@ def attach(name: str) -> np.ndarray:
             "process that owned it exited") from None
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size)
+        raw = _map(fd, size)
     finally:
         os.close(fd)
-    raw = np.frombuffer(mm, dtype=np.uint8)
     with _lock:
         _attached[name] = raw
         _index_add(raw.__array_interface__["data"][0], size, name)

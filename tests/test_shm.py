@@ -257,3 +257,31 @@ def test_sigkill_of_parent_leaves_no_segment_and_no_worker(phase):
 def test_shapes_too_big_for_any_process_are_refused(shape):
     with pytest.raises(ValueError, match="more than any process can map"):
         parrun.empty(shape)
+
+
+MANY_ARRAYS_FEW_FILES = textwrap.dedent("""
+    import resource, time, numpy as np, parrun
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    arrays = [parrun.full(10, float(i)) for i in range(2000)]
+    with parrun.Pool(2) as pool:
+        ys = [pool.map(np.negative, a) for a in arrays[:600]]
+        assert all(np.array_equal(y, -a) for a, y in zip(arrays, ys))
+        # tasks queued behind slow ones, each with arguments too big for an arena slot
+        fs = [pool.submit(time.sleep, 0.2) for _ in range(2)]
+        fs += [pool.submit(bytes.__len__, bytes(2000)) for _ in range(1000)]
+        fs += [pool.submit(np.sum, a) for a in arrays]
+        assert [f.result() for f in fs[2:1002]] == [2000] * 1000
+        assert [f.result() for f in fs[1002:]] == [10.0 * i for i in range(2000)]
+    for a in arrays + ys:
+        a.release()
+    print("ok")
+""")
+
+
+def test_thousands_of_shared_arrays_hold_no_open_files():
+    # Each mapping held a duplicate of its segment's descriptor (mmap.mmap does): about
+    # 1,000 live shared arrays, or queued tasks with big arguments, ran out of files
+    # (OSError: Too many open files) under the usual limit of 1,024.
+    r = subprocess.run([sys.executable, "-c", MANY_ARRAYS_FEW_FILES], capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0 and r.stdout.split() == ["ok"], r.stderr[-3000:]
