@@ -22,8 +22,13 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import numpy as np
+
 from ._errors import BrokenPool, exception_for_transport
-from ._pool import Pool, default_workers
+from ._pool import Pool, _count, default_workers
+
+# What an Executor passes on to its Pool besides workers, initializer, initargs, retries.
+_POOL_OPTIONS = frozenset({"backend", "blas_threads", "pin", "start_method"})
 
 # Items per task when map batches automatically: enough that per-task costs (~20 us) vanish,
 # few enough that work stealing still has pieces to balance uneven items.
@@ -62,11 +67,19 @@ class Executor(_Executor):
                  **pool_options: Any) -> None:
         if max_workers is None:
             max_workers = default_workers()
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, (int, np.integer)):
+            raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__}")
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        retries = _count("retries", retries, 0)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        self._max_workers = max_workers
+        unknown = sorted(set(pool_options) - _POOL_OPTIONS)
+        if unknown and pool_options.get("backend", "local") == "local":  # now, not at the
+            # first submit (another backend checks its own options as the pool starts)
+            raise TypeError(f"unknown option(s) for parrun.Pool: {', '.join(unknown)} (it "
+                            f"takes {', '.join(sorted(_POOL_OPTIONS))})")
+        self._max_workers = int(max_workers)
         self._pool_args = dict(initializer=initializer, initargs=initargs, retries=retries,
                                **pool_options)
         self._pool: Pool | None = None

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from . import _protocol as P
-from . import _shm
+from . import _shm, _worker
 from ._checks import (
     check_arrays,
     check_first_result,
@@ -259,20 +259,16 @@ class Pool:
                  pin: bool = False, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
                  retries: int = 0, backend: str = "local") -> None:
-        if mp.current_process().daemon:  # (multiprocessing would fail with an assertion)
+        if _worker.IN_WORKER:
             raise RuntimeError("a parrun.Pool cannot start in a pool's worker process (fn of "
                                "a map or a task runs there): pools do not nest; call NumPy "
                                "directly in fn, or make the inner call from the caller")
         if workers is None:
             workers = default_workers()
-        if isinstance(workers, bool) or not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, got {type(workers).__name__}")
-        if workers < 1:
-            raise ValueError(f"workers must be greater than 0, got {workers}")
-        if blas_threads is not None and blas_threads < 1:
-            raise ValueError(f"blas_threads must be None or greater than 0, got {blas_threads}")
-        if retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {retries}")
+        workers = _count("workers", workers, 1)
+        if blas_threads is not None:
+            blas_threads = _count("blas_threads", blas_threads, 1, " (or None)")
+        retries = _count("retries", retries, 0)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._initializer = None
@@ -337,8 +333,6 @@ class Pool:
 
     # -- processes ------------------------------------------------------------------------
     def _launch(self, slot: int) -> _WorkerHandle:
-        from . import _worker
-
         cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
         st_r, st_w = self._ctx.Pipe(duplex=False)
         cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
@@ -702,8 +696,8 @@ class Pool:
         """Fold ``fn`` over pieces of ``arrays`` with ``reduce``, in parallel.
 
         Each worker folds the results of its pieces, ``acc = reduce(acc, fn(*pieces))``,
-        and the caller folds the workers' partial results (and ``initial``, if given) in
-        worker order. Pieces are taken in no fixed order, so ``reduce`` must be associative
+        and the caller folds the workers' partial results (and ``initial``, if given) as
+        they arrive. Pieces are taken in no fixed order, so ``reduce`` must be associative
         and commutative: ``operator.add`` on sums or histograms, ``np.maximum``, ...
 
         Raises:
@@ -1182,6 +1176,17 @@ class _PhaseResult:
         self.interrupted: BaseException | None = None
         self.partials: list[Any] = []
         self.dead: list[int] = []
+
+
+def _count(what: str, value: Any, least: int, alt: str = "") -> int:
+    """``value`` as an int of at least ``least`` (NumPy integers too), else TypeError or
+    ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int{alt}, got {type(value).__name__}")
+    if value < least:
+        bound = "greater than 0" if least == 1 else f"{least} or more"
+        raise ValueError(f"{what} must be {bound}{alt}, got {value}")
+    return int(value)
 
 
 def _close_handle(w: _WorkerHandle) -> None:

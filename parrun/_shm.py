@@ -618,10 +618,9 @@ def zeros(shape: int | tuple[int, ...], dtype: Any = np.float64,
 def full(shape: int | tuple[int, ...], fill_value: Any, dtype: Any = None,
          order: Literal["C", "F"] = "C") -> SharedArray:
     """A new shared array filled with ``fill_value``."""
-    if dtype is None:
-        dtype = np.asarray(fill_value).dtype
-    arr = empty(shape, dtype, order)
-    arr.fill(fill_value)
+    fill = np.asarray(fill_value)
+    arr = empty(shape, fill.dtype if dtype is None else dtype, order)
+    arr[...] = fill  # broadcast, as np.full does (fill() takes a scalar only)
     return arr
 
 
@@ -630,6 +629,9 @@ def asshared(a: Any, dtype: Any = None) -> SharedArray:
 
     A plain ``np.ndarray`` view of shared memory is also returned without a copy.
     """
+    if isinstance(a, np.ma.MaskedArray):  # np.asarray would drop the mask silently
+        raise TypeError("a masked array cannot be shared (its mask would be lost); share "
+                        "a.filled(value) or the data and the mask as two arrays")
     arr = np.asarray(a, dtype=dtype)
     if locate(arr) is not None:
         return arr.view(SharedArray)

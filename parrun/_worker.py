@@ -7,6 +7,7 @@ messages are plain tuples (``_protocol``).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -578,6 +579,10 @@ def _spin(cmd) -> None:
         os.sched_yield()
 
 
+# True in a worker process: a pool started there would nest (see Pool).
+IN_WORKER = False
+
+
 def main(slot: int, cmd, status, control_name: str, nslots: int,
          blas_threads: int | None, cpu: int | None, initializer: bytes | None = None,
          name_tag: str = "") -> None:
@@ -588,6 +593,12 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
     _die_with_parent()
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global IN_WORKER
+    IN_WORKER = True
+    # Started as a daemon (the parent's multiprocessing must not wait for it at exit), but a
+    # task may start processes of its own (multiprocessing refuses that to a daemon), as in
+    # ProcessPoolExecutor's workers; parrun's own pools refuse to nest (IN_WORKER).
+    mp.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     _limit_blas(blas_threads)
     _keep_heap()
     if cpu is not None:

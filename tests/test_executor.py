@@ -749,7 +749,7 @@ def test_an_exception_holding_a_shared_array_the_task_made_arrives(ex):
 def test_an_exception_whose_pickling_raises_systemexit_fails_the_future_only(ex):
     # SystemExit out of the exception's pickling ended the worker: WorkerCrashed.
     pids = list(ex.pool.pids)
-    with pytest.raises(parrun.ParrunError, match="_PicklesBadly: x .*SystemExit"):
+    with pytest.raises(parrun.ParrunError, match=r"_PicklesBadly: x .*SystemExit"):
         ex.submit(_raise_unpicklable).result(timeout=TIMEOUT)
     assert ex.submit(abs, -5).result(timeout=TIMEOUT) == 5
     assert ex.pool.pids == pids

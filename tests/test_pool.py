@@ -397,6 +397,55 @@ def test_bad_arguments_give_clear_errors(pool):
     np.testing.assert_array_equal(pool.map(np.negative, x), -x)
 
 
+def test_pool_and_executor_arguments_are_checked_at_once():
+    # A float retries was taken; a str blas_threads failed with "'<' not supported"; a
+    # NumPy int worker count was refused; an Executor's bad options waited for a submit.
+    for kwargs, err, text in [({"retries": 1.5}, TypeError, "retries must be an int"),
+                              ({"retries": -1}, ValueError, "retries must be 0 or more"),
+                              ({"blas_threads": "2"}, TypeError, "blas_threads must be an int"),
+                              ({"blas_threads": 0}, ValueError, "blas_threads must be greater"),
+                              ({"workers": True}, TypeError, "workers must be an int"),
+                              ({"workers": 2.0}, TypeError, "workers must be an int")]:
+        with pytest.raises(err, match=text):
+            parrun.Pool(**kwargs)
+    for args, kwargs, err, text in [((2.0,), {}, TypeError, "max_workers must be an int"),
+                                    ((True,), {}, TypeError, "max_workers must be an int"),
+                                    ((1,), {"retries": 0.5}, TypeError, "retries"),
+                                    ((1,), {"pinned": True}, TypeError, "unknown option.*pinned")]:
+        with pytest.raises(err, match=text):
+            parrun.Executor(*args, **kwargs)
+    with parrun.Pool(np.int64(1), blas_threads=np.int32(1), retries=np.int64(1)) as p:
+        assert p.workers == 1 and type(p.workers) is int and p.retries == 1
+        np.testing.assert_array_equal(p.map(np.negative, np.arange(3.0)), [0, -1, -2])
+
+
+def test_full_and_asshared_take_what_numpy_takes_and_refuse_masks():
+    for fill in ([1, 2], np.arange(3.0), 7.5):
+        a = parrun.full((2, np.size(fill)), fill)
+        np.testing.assert_array_equal(a, np.full((2, np.size(fill)), fill))
+        assert a.dtype == np.full((2, np.size(fill)), fill).dtype
+        a.release()
+    a = parrun.full(3, [1, 2, 3], dtype=np.int8)
+    assert a.dtype == np.int8 and a.tolist() == [1, 2, 3]
+    a.release()
+    with pytest.raises(TypeError, match="masked array cannot be shared"):
+        parrun.asshared(np.ma.masked_array([1.0, 2.0], mask=[False, True]))
+
+
+def _nested_stdlib_pool():
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("forkserver")) as ex:
+        return sum(ex.map(abs, [-1, -2, -3]))
+
+
+def test_a_task_may_start_processes_of_its_own(pool):
+    # Workers were daemons, and multiprocessing refuses children to a daemon ("daemonic
+    # processes are not allowed to have children"); ProcessPoolExecutor's workers are not.
+    assert pool.submit(_nested_stdlib_pool).result(timeout=TIMEOUT) == 6
+
+
 def test_closed_pool_refuses_work():
     p = parrun.Pool(1)
     p.close()
