@@ -579,6 +579,7 @@ class TaskService:
         # results were lost with it (they had not been sent yet).
         if running + 1 < chi:
             self.redo.append((running + 1, chi))
+        lost: list[tuple[_Task, str]] = []  # failed: their futures are told below
         for tid in range(clo, min(chi, running + 1)):
             t = self.inflight.get(tid)
             if t is None:
@@ -595,16 +596,15 @@ class TaskService:
                 del self.inflight[tid]
                 self._release(t)
                 self.stats.crashed += 1
-                what = "while running this task" if tid == running else \
-                    "after this task ran, before its result was sent"
-                t.future.set_exception(WorkerCrashed(
-                    f"worker {slot} (pid {w.pid}) died {what} ({describe_exit(code)}); "
-                    f"a replacement worker has started", pid=w.pid, exitcode=code))
+                lost.append((t, "while running this task" if tid == running else
+                             "after this task ran, before its result was sent"))
         if lo < hi:
             self.redo.append((lo, hi))
         self.outbox.pop(slot, None)  # for the dead worker's pipe
+        started = False
         try:
             pool._replace(slot)
+            started = True
         except WorkerCrashed:
             # Its replacement died as it started, START_TRIES times (killed, say): the slot
             # is down until the next round, and its tasks go to the others. (This once
@@ -613,6 +613,13 @@ class TaskService:
             self.idle.discard(slot)
             self._fail_if_all_down(pool)
             return
+        finally:  # (after the replacement, whose fate the message tells)
+            then = "a replacement worker has started" if started else \
+                "its replacement failed to start"
+            for t, what in lost:
+                t.future.set_exception(WorkerCrashed(
+                    f"worker {slot} (pid {w.pid}) died {what} ({describe_exit(code)}); "
+                    f"{then}", pid=w.pid, exitcode=code))
         self.wake_seq[slot] = 0  # a fresh worker has answered everything
         new = pool._workers[slot]
         os.set_blocking(new.cmd.fileno(), False)

@@ -796,3 +796,25 @@ def test_a_map_is_not_held_up_by_a_steady_stream_of_tasks():
             t.join(60)
             x.release()
         assert results and all(r == 0.005 for r in results)
+
+
+def _init_fails_once_flagged(flag):
+    if os.path.exists(flag):
+        raise RuntimeError("the initializer fails from now on")
+
+
+def _exit_now():
+    os._exit(1)
+
+
+def test_a_crash_whose_replacement_cannot_start_says_so(tmp_path):
+    # The dead task's error said "a replacement worker has started" when the replacement's
+    # initializer had failed (and the executor was broken).
+    flag = str(tmp_path / "flag")
+    with parrun.Executor(2, initializer=_init_fails_once_flagged, initargs=(flag,)) as e:
+        assert e.submit(pow, 2, 3).result(timeout=TIMEOUT) == 8
+        open(flag, "w").close()
+        with pytest.raises(parrun.WorkerCrashed, match="its replacement failed to start"):
+            e.submit(_exit_now).result(timeout=TIMEOUT)
+        with pytest.raises(BrokenProcessPool, match="initializer failed"):
+            e.submit(pow, 2, 4).result(timeout=TIMEOUT)
