@@ -468,6 +468,11 @@ def locate(arr: np.ndarray) -> tuple[str, int, int] | None:
     return name, size, ptr - start
 
 
+class ReleasedArrayError(ValueError):
+    """An array whose segment was released was sent to the workers (see
+    ``check_not_released``): the caller's mistake, said as such wherever it is sent."""
+
+
 def check_not_released(arr: np.ndarray) -> None:
     """ValueError if ``arr`` lies in a segment this process released while it still maps
     it: sent to a worker, it would go as a copy (what the worker writes, lost)."""
@@ -478,7 +483,7 @@ def check_not_released(arr: np.ndarray) -> None:
         spans = list(_released.items())
     for name, (start, end) in spans:
         if start <= lo and hi <= end:
-            raise ValueError(f"this array's shared segment {name!r} was released "
+            raise ReleasedArrayError(f"this array's shared segment {name!r} was released "
                              "(.release()): it can no longer go to the workers; make a new "
                              "shared array (parrun.asshared) or pass a copy (np.array(a))")
 

@@ -150,7 +150,9 @@ class TaskService:
         f: Future = Future()
         try:
             payload, temps = _shm.dumps_args((args, kwargs))
-        except SharedMemoryError as e:  # /dev/shm is full: say so, not "could not be pickled"
+        except (SharedMemoryError, _shm.ReleasedArrayError) as e:
+            # /dev/shm is full, or an argument's segment was released: say so, not "could
+            # not be pickled"
             f.set_exception(e)
             return f
         except Exception as e:

@@ -195,8 +195,12 @@ def test_a_released_array_is_refused_not_sent_as_a_copy(pool):
     v = a[10:20]
     name = a.segment
     a.release()
-    with pytest.raises(TypeError, match="was released"):
-        pool.submit(_fill, a, 2.0).result(timeout=TIMEOUT)
+    with pytest.raises(ValueError, match="was released"):  # (was a TypeError, "could not
+        pool.submit(_fill, a, 2.0).result(timeout=TIMEOUT)  # be pickled", unlike map's)
+    empty = parrun.zeros((0, 3))
+    empty.release()
+    with pytest.raises(ValueError, match="was released"):  # no rows: (was a TypeError)
+        pool.map(np.sqrt, empty)
     for arr in (a, v):
         with pytest.raises(ValueError, match="was released"):
             pool.map(np.sqrt, arr)
