@@ -366,11 +366,6 @@ def _peer_methods(*peers: tuple[str, Callable[[int], Callable[[], Any]]]) -> lis
 JOBLIB_IN_PROCESS = (1,)
 
 
-def _release_all(arrays: Iterable[Any]) -> None:
-    for a in arrays:
-        a.release()
-
-
 def map_workload(quick: bool, pools) -> Workload:
     n = 2**22 if quick else 2**26
     x = parrun.asshared(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
@@ -930,7 +925,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             methods.append(Method("sentence-transformers, torch threads", None,
                                   skipped="sentence-transformers or torch not installed"))
         wl = Workload("minilm", "sentences/s", n, methods, note=f"{n} sentences of 3-40 words")
-        wl.cleanup.append(lambda: _release_all(enc.weights.w.values()))
+        wl.cleanup.append(enc.release)
         return wl
     raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
 

@@ -24,8 +24,7 @@ DATA = Path(__file__).parent / "data"
 def encoder(pool):
     enc = nn.load_minilm(pool=pool)
     yield enc
-    for a in enc.weights.w.values():
-        a.release()
+    enc.release()
 
 
 def test_embeddings_match_sentence_transformers(encoder):
@@ -58,3 +57,15 @@ def test_batching_and_order_do_not_change_results(encoder):
 def test_weights_are_shared_once(encoder):
     segments = {parrun.SharedArray.segment.fget(a) for a in encoder.weights.w.values()}
     assert len(segments) == 1  # one segment: each worker maps it once
+
+
+def test_a_sequence_length_past_the_position_embeddings_is_refused_and_release_frees(pool):
+    # max_seq_length=600 was taken, and every batch failed in the workers (512 positions).
+    with pytest.raises(ValueError, match="max_seq_length must be an int from 1 to 512"):
+        nn.MiniLMEncoder(nn._minilm._model_dir(None), pool=pool, max_seq_length=600)
+    enc = nn.load_minilm(pool=pool)
+    assert enc.encode("a test").shape == (384,)
+    enc.release()
+    enc.release()  # idempotent
+    with pytest.raises(ValueError, match="released"):
+        enc.encode("a test")

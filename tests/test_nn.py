@@ -571,3 +571,82 @@ def test_nn_names_bad_arguments_with_the_right_exception(pool):
     with pytest.raises(TypeError, match="w1 must be a 2-D float32 or float64 array, got 0-D"):
         nn.MLPModel(np.float32(1), np.ones(4, f), np.ones((4, 2), f), np.ones(2, f),
                     pool=pool)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_attention_in_place_is_right(pool, which):
+    # out=q (or k, v): a tile overwrote rows that other tiles still read (errors of 0.26-0.94).
+    rng = np.random.default_rng(0)
+    qkv = {n: parrun.asshared(rng.standard_normal((1, 2, 96, 8)).astype(np.float32))
+           for n in "qkv"}
+    try:
+        want = nn.attention_reference(qkv["q"], qkv["k"], qkv["v"])
+        got = nn.attention(qkv["q"], qkv["k"], qkv["v"], out=qkv[which], pool=pool,
+                           block_q=16, block_k=16)
+        assert got is qkv[which]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        for a in qkv.values():
+            a.release()
+
+
+def test_attention_refuses_integer_masks_and_odd_flags(pool):
+    # A 0/1 integer mask (a tokenizer's attention_mask) was added to the scores: it masked
+    # nothing. torch refuses it too.
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 1, 4, 8)).astype(np.float32)
+    keep = np.array([1, 1, 0, 0])
+    with pytest.raises(TypeError, match="astype\\(bool\\)"):
+        nn.attention(q, q, q, mask=keep, pool=pool)
+    got = nn.attention(q, q, q, mask=keep.astype(bool), pool=pool)
+    np.testing.assert_allclose(got, nn.attention_reference(q, q, q, mask=keep.astype(bool)),
+                               rtol=1e-5, atol=1e-6)
+    half = np.where(keep, 0, -np.inf).astype(np.float16)  # another float width: cast
+    np.testing.assert_allclose(nn.attention(q, q, q, mask=half, pool=pool), got, atol=1e-6)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        nn.attention(q, q, q, causal="yes", pool=pool)
+    with pytest.raises(TypeError, match="scale must be a number"):
+        nn.attention(q, q, q, scale="2", pool=pool)
+
+
+def test_mlp_model_keeps_read_only_copies_of_its_own(pool):
+    # Shared weights were the caller's: release() freed them (and their whole segment), and
+    # an in-place change reached predict but not hidden_slices' cached w1 transposed.
+    rng = np.random.default_rng(2)
+    x, w1, b1, w2, b2 = _mlp_args(rng, 64, 6, 8, 4, np.float32)
+    shared = [parrun.asshared(a) for a in (w1, b1, w2, b2)]
+    try:
+        m = nn.MLPModel(*shared, pool=pool)
+        want = nn.mlp_reference(x, w1, b1, w2, b2)
+        for s in (1, 2):
+            np.testing.assert_allclose(m.predict(x, hidden_slices=s), want, rtol=1e-5,
+                                       atol=1e-5)
+        with pytest.raises(ValueError, match="read-only"):
+            m.w1[...] *= 2
+        shared[0] *= 2  # the caller's array: not the model's
+        for s in (1, 2):
+            np.testing.assert_allclose(m.predict(x, hidden_slices=s), want, rtol=1e-5,
+                                       atol=1e-5)
+        m.release()
+        assert all(parrun.is_shared(a) for a in shared)  # still the caller's
+        np.testing.assert_array_equal(pool.map(np.negative, shared[1]), -b1)
+        with pytest.raises(ValueError, match="in_flight must be 1 or more"):
+            next(nn.MLPModel(*shared, pool=pool).predict_many([x], in_flight=0))
+    finally:
+        for a in shared:
+            a.release()
+
+
+def test_nn_edge_inputs(pool):
+    rng = np.random.default_rng(3)
+    x, w1, b1, w2, b2 = _mlp_args(rng, 5, 3, 0, 2, np.float64)  # no hidden units
+    np.testing.assert_allclose(nn.mlp(x, w1, b1, w2, b2, pool=pool), np.tile(b2, (5, 1)))
+    x, w1, b1, w2, b2 = _mlp_args(rng, 5, 3, 4, 2, np.float64)
+    lists = [a.tolist() for a in (x, w1, b1, w2, b2)]  # was AttributeError: 'list' ... shape
+    np.testing.assert_allclose(nn.mlp(*lists, pool=pool), nn.mlp_reference(x, w1, b1, w2, b2))
+    import math
+    for v in (np.float32(0.5), np.array(0.5, np.float32), np.array(0.5, np.float16)):
+        assert abs(float(nn.erf(v)) - math.erf(0.5)) < 1e-3  # 0-d: was a TypeError
+    with pytest.raises(TypeError, match="floating-point"):
+        nn.erf(np.arange(3))
+    assert nn.mandelbrot(0, 0, 2**31 + 5, pool=pool).dtype == np.int64  # int32 wrapped

@@ -3,6 +3,7 @@ computed block-wise over keys with an online softmax (flash-attention style)."""
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -33,6 +34,12 @@ def _check(q, k, v, mask):
         raise ValueError(f"shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
     if mask is not None:
         m = np.asarray(mask)
+        if m.dtype != bool and m.dtype.kind != "f":
+            # An integer 0/1 mask (a tokenizer's attention_mask) taken as additive masked
+            # nothing: refused, as torch refuses it.
+            raise TypeError(f"mask must be boolean (True = attend) or floating (added to "
+                            f"the scores), got {m.dtype}; for a 0/1 mask pass "
+                            "mask.astype(bool)")
         if m.dtype != bool and m.dtype != q.dtype:
             m = m.astype(q.dtype)
         want = (*q.shape[:3], k.shape[2])
@@ -200,6 +207,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be at least 1, got {block_q}, {block_k}")
     B, H, Sq, D = q.shape
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (isinstance(scale, (bool, np.bool_)) or
+                              not isinstance(scale, (numbers.Real, np.floating, np.integer))):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
     scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
     temps = []
 
@@ -218,7 +230,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
         elif out.shape != (B, H, Sq, v.shape[3]) or out.dtype != q.dtype:
             raise ValueError(f"out must be {(B, H, Sq, v.shape[3])} {q.dtype}, got "
                              f"{out.shape} {out.dtype}")
-        target = shared(out)
+        if any(np.may_share_memory(out, a) for a in (q, k, v, mask) if a is not None):
+            # In place (out=q, or k, v): a tile would overwrite rows that others still
+            # read. Into a fresh array, then copied.
+            target = parrun.empty(out.shape, out.dtype)
+            temps.append(target)
+        else:
+            target = shared(out)
         nq = -(-Sq // block_q)
         tiles = shared(np.arange(B * H * nq, dtype=np.int64))
         fn = _AttentionTiles(shared(q), shared(k), shared(v), target, shared(mask), causal,

@@ -96,7 +96,8 @@ class _Rows:
 def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
                pool: parrun.Pool | None = None, out: np.ndarray | None = None,
                grain: int | None = None) -> np.ndarray:
-    """Escape-time image (height, width) int32, rows computed in parallel by ``pool``.
+    """Escape-time image (height, width) int32 (int64 if max_iter needs it), rows computed
+    in parallel by ``pool``.
 
     The kernel is ``escape_rows`` compiled by numba when installed (``pip install
     parrun[numba]``), else the plain-Python ``escape_rows_py`` (correct, and slow).
@@ -122,7 +123,8 @@ def mandelbrot(width: int, height: int, max_iter: int = 256, view=VIEW,
         if np.iinfo(out.dtype).max < max_iter:
             raise ValueError(f"out's dtype {out.dtype} cannot hold max_iter={max_iter}")
     pool = pool or parrun.default_pool()
-    mine = parrun.empty((height, width), np.int32) if out is None else None
+    dtype = np.int32 if max_iter <= np.iinfo(np.int32).max else np.int64  # (int32 wrapped)
+    mine = parrun.empty((height, width), dtype) if out is None else None
     if mine is not None:
         out = mine
     rows = parrun.asshared(np.arange(height, dtype=np.int64))

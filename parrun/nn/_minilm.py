@@ -132,6 +132,12 @@ class MiniLMEncoder:
         if max_seq_length is None:
             max_seq_length = (json.loads(st_config.read_text())["max_seq_length"]
                               if st_config.exists() else 256)
+        positions = config["max_position_embeddings"]
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or \
+                not 1 <= max_seq_length <= positions:
+            # (Longer failed in the workers: no position embeddings past them.)
+            raise ValueError(f"max_seq_length must be an int from 1 to {positions} (the "
+                             f"model's position embeddings), got {max_seq_length!r}")
         self.max_seq_length = max_seq_length
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=max_seq_length)
@@ -163,6 +169,7 @@ class MiniLMEncoder:
             arrays[f"l{i}.ln2.g"] = raw[r + "output.LayerNorm.weight"]
             arrays[f"l{i}.ln2.b"] = raw[r + "output.LayerNorm.bias"]
         self.weights = _Weights(_pack_shared(arrays), config)
+        self._released = False
         self.pool = pool
         self.dim = arrays["emb.word"].shape[1]
 
@@ -175,6 +182,7 @@ class MiniLMEncoder:
         Sentences are sorted by length and cut into batches of ``batch_size``; each batch's
         forward pass is one task on the pool, and the batches balance across workers.
         """
+        self._check_open()
         single = isinstance(sentences, str)
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if batch_size < 1:
@@ -197,8 +205,21 @@ class MiniLMEncoder:
             out[idx] = f.result()
         return out[0] if single else out
 
+    def release(self) -> None:
+        """Free the shared segment of the weights now (else it goes with the encoder); the
+        encoder can no longer encode."""
+        if not self._released:
+            self._released = True
+            for a in self.weights.w.values():
+                a.release()  # type: ignore[attr-defined]  # SharedArray views
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise ValueError("this MiniLMEncoder was released: its weights are gone")
+
     def encode_serial(self, sentences: list[str], batch_size: int = 64) -> np.ndarray:
         """The same forward pass in this process, one batch after another (a reference)."""
+        self._check_open()
         toks = self.tokenize(sentences)
         out = np.empty((len(sentences), self.dim), np.float32)
         for s in range(0, len(toks), batch_size):

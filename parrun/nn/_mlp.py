@@ -180,13 +180,13 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
     """``mlp``; ``model`` (an ``MLPModel``) gives w1 transposed and a scratch kept between
     calls for the hidden slices."""
     _check_mlp(x, w1, b1, w2, b2, activation)
+    x, w1, b1, w2, b2 = (np.asanyarray(a) for a in (x, w1, b1, w2, b2))  # (lists too)
     if isinstance(hidden_slices, bool) or not isinstance(hidden_slices, (int, np.integer)):
         raise TypeError(f"hidden_slices must be an int, got {type(hidden_slices).__name__}")
-    if not 1 <= hidden_slices <= np.shape(w1)[1]:
-        raise ValueError(f"hidden_slices must be from 1 to d_hidden ({np.shape(w1)[1]}), "
+    if hidden_slices < 1 or (hidden_slices > 1 and hidden_slices > w1.shape[1]):
+        raise ValueError(f"hidden_slices must be from 1 to d_hidden ({w1.shape[1]}), "
                          f"got {hidden_slices}")
     pool = pool or parrun.default_pool()
-    x = np.asarray(x)
     temps = []
     weights = []
     held = None
@@ -251,8 +251,10 @@ def _mlp(x, w1, b1, w2, b2, activation, out, pool, grain, hidden_slices, model=N
 class MLPModel:
     """An MLP whose weights live in shared memory, for batched inference on a pool.
 
-    The weights are copied into shared memory once, here; workers map them once and never
-    receive their bytes again.
+    The weights are copied into shared memory once, here, into arrays of the model's own,
+    read-only (``model.w1``...): workers map them once and never receive their bytes again;
+    what the caller later does to its arrays does not reach the model, and writing into the
+    model's raises (a new model takes new weights). ``release()`` frees those copies only.
     """
 
     def __init__(self, w1: Any, b1: Any, w2: Any, b2: Any, activation: str = "relu",
@@ -262,7 +264,10 @@ class MLPModel:
             raise TypeError(f"w1 must be a 2-D float32 or float64 array, got {w1a.ndim}-D "
                             f"{w1a.dtype}")
         _check_mlp(np.zeros((1, w1a.shape[0]), w1a.dtype), w1, b1, w2, b2, activation)
-        self.w1, self.b1, self.w2, self.b2 = (parrun.asshared(a) for a in (w1, b1, w2, b2))
+        # Copies of its own, even of shared arrays: release() once freed the caller's (and
+        # every array in their segment), and w1 transposed (kept for hidden_slices) went
+        # stale when w1 was changed in place. Read-only: a change raises instead.
+        self.w1, self.b1, self.w2, self.b2 = (_frozen_copy(a) for a in (w1, b1, w2, b2))
         self.activation = activation
         self.pool = pool
         self._tile = _MLPTile(self.w1, self.b1, self.w2, self.b2, activation)
@@ -289,7 +294,7 @@ class MLPModel:
     def _transposed_w1(self) -> Any:
         with self._w1t_lock:
             if self._w1t is None:
-                self._w1t = parrun.asshared(np.ascontiguousarray(self.w1.T))
+                self._w1t = _frozen_copy(self.w1.T)
             return self._w1t
 
     def _scratch(self, shape: tuple[int, int, int]) -> Any:
@@ -311,6 +316,11 @@ class MLPModel:
         from collections import deque
 
         self._check_open()
+        if in_flight is not None and (isinstance(in_flight, bool) or
+                                      not isinstance(in_flight, (int, np.integer))):
+            raise TypeError(f"in_flight must be an int, got {type(in_flight).__name__}")
+        if in_flight is not None and in_flight < 1:
+            raise ValueError(f"in_flight must be 1 or more, got {in_flight}")
         pool = self.pool or parrun.default_pool()
         depth = in_flight or 2 * pool.workers
         window: deque = deque()
@@ -332,6 +342,15 @@ class MLPModel:
                 if a is not None:
                     a.release()
             self._w1t = self._partial = None
+
+
+def _frozen_copy(a: Any) -> Any:
+    """A read-only shared copy of ``a`` (C order)."""
+    src = np.asarray(a)
+    c = parrun.empty(src.shape, src.dtype)
+    np.copyto(c, src)
+    c.flags.writeable = False
+    return c
 
 
 def _predict_batch(tile: _MLPTile, batch: np.ndarray) -> np.ndarray:

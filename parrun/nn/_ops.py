@@ -23,8 +23,12 @@ def erf(x: np.ndarray) -> np.ndarray:
     """erf(x) for a float array: float64 exactly (``math.erf``, slow), other dtypes by A&S
     7.1.26 (|error| < 1.5e-7) in ~15 NumPy passes with two temporaries of x's size."""
     x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"erf takes a floating-point array, got {x.dtype}")
     if x.dtype == np.float64:
         return np.asarray(_erf_exact(x), np.float64)  # (a 0-d x gives a float)
+    if x.ndim == 0:  # (NumPy scalars take no out=)
+        return erf(x.reshape(1)).reshape(())
     dt = x.dtype.type
     a = np.abs(x)
     t = a * dt(_P)
