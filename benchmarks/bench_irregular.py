@@ -37,6 +37,7 @@ from parrun.bench import (
     _on_signals,
     lpt_shares,
     machine_info,
+    positive_int,
     rerun_without_openblas_vars,
 )
 
@@ -89,10 +90,10 @@ def trial(n: int, w: int, repeat: int, idx) -> tuple[dict[str, float], str, floa
 def main() -> int:
     rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--items", type=int, default=2000)
+    ap.add_argument("--workers", type=positive_int, default=2)
+    ap.add_argument("--trials", type=positive_int, default=5)
+    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--items", type=positive_int, default=2000)
     ap.add_argument("--json", help="write every trial's medians here")
     a = ap.parse_args()
     w, n = a.workers, a.items

@@ -27,6 +27,7 @@ from parrun.bench import (
     _chain_into,
     _times,
     numexpr_locals,
+    positive_int,
     rerun_without_openblas_vars,
 )
 
@@ -130,8 +131,9 @@ def timed_and_checked(name: str, fn, repeat: int, out: np.ndarray, ref: np.ndarr
 def main():
     rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2**27, help="elements (default 2**27 = 512 MiB)")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--n", type=positive_int, default=2**27,
+                    help="elements (default 2**27 = 512 MiB)")
+    ap.add_argument("--repeat", type=positive_int, default=5)
     ap.add_argument("--skip-slow", action="store_true",
                     help="skip the peers that take seconds a run (whole-array NumPy, mp.Pool)")
     ap.add_argument("--json", help="write the raw timings here")

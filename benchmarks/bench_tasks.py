@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import parrun
-from parrun.bench import rerun_without_openblas_vars
+from parrun.bench import positive_int, rerun_without_openblas_vars
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_map import PeakAnon
@@ -207,10 +207,10 @@ class JoblibPeer(Peer):
 def main():
     rerun_without_openblas_vars()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=20000)
-    ap.add_argument("--trips", type=int, default=2000)
-    ap.add_argument("--items", type=int, default=100000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tasks", type=positive_int, default=20000)
+    ap.add_argument("--trips", type=positive_int, default=2000)
+    ap.add_argument("--items", type=positive_int, default=100000)
+    ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--only", help="comma-separated name fragments of the peers to run")
     ap.add_argument("--json")
     args = ap.parse_args()

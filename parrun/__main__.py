@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 import parrun
-from parrun.bench import _chain_into, timeit
+from parrun.bench import _chain_into, positive_int, timeit
 
 TILE = 65536
 
@@ -21,17 +21,6 @@ def _uneven(idx: np.ndarray) -> np.ndarray:
     for j, i in enumerate(idx):
         out[j] = np.sqrt(np.arange(1 + int(i) * 200, dtype=np.float64)).sum()
     return out
-
-
-def _positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs at least 1, got {value}")
-    return value
 
 
 def _median_time(fn, repeat: int) -> float:
@@ -109,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parrun", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run real parallel work and print what it measured")
-    d.add_argument("--n", type=_positive, default=2**25, help="array elements (default 2**25)")
-    d.add_argument("--workers", type=_positive, default=None)
-    d.add_argument("--repeat", type=_positive, default=5)
-    d.add_argument("--tasks", type=_positive, default=600, help="items of the uneven workload")
+    d.add_argument("--n", type=positive_int, default=2**25, help="array elements (default 2**25)")
+    d.add_argument("--workers", type=positive_int, default=None)
+    d.add_argument("--repeat", type=positive_int, default=5)
+    d.add_argument("--tasks", type=positive_int, default=600, help="items of the uneven workload")
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="describe this machine and parrun's defaults")
     i.set_defaults(func=cmd_info)

@@ -30,6 +30,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 import parrun
+from parrun._pool import usable_cores
 
 SUITES = ("map", "tasks", "irregular", "mlp", "attention", "minilm", "mandelbrot")
 _OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -366,6 +367,39 @@ def _peer_methods(*peers: tuple[str, Callable[[int], Callable[[], Any]]]) -> lis
 JOBLIB_IN_PROCESS = (1,)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1, got {value}")
+    return value
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _joblib(Parallel: Any, w: int, **kwargs: Any) -> Any:
+    """A joblib ``Parallel`` of ``w`` loky workers, entered (its workers kept between
+    calls). Its workers ignore Ctrl-C, as the other peers' do (see ``_on_signals``): loky
+    starts them afresh rather than forking, and a Ctrl-C from the terminal printed a
+    traceback from each."""
+    try:
+        from joblib import parallel_config
+    except ImportError:  # pragma: no cover - joblib < 1.3
+        par = Parallel(n_jobs=w, **kwargs)
+    else:
+        with parallel_config(backend="loky", initializer=_ignore_sigint):
+            par = Parallel(n_jobs=w, **kwargs)
+            par.__enter__()
+        return par
+    par.__enter__()
+    return par
+
+
 def map_workload(quick: bool, pools) -> Workload:
     n = 2**22 if quick else 2**26
     x = parrun.asshared(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
@@ -442,8 +476,7 @@ def map_workload(quick: bool, pools) -> Workload:
         from joblib import Parallel, delayed
 
         def joblib_blocks(w):
-            par = Parallel(n_jobs=w, max_nbytes="1M", mmap_mode="r")
-            par.__enter__()
+            par = _joblib(Parallel, w, max_nbytes="1M", mmap_mode="r")
             held.append(par)
             chunk = -(-n // (4 * w))
             return lambda: np.concatenate(par(delayed(_chain)(xs[lo:lo + chunk])
@@ -601,8 +634,7 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
         from joblib import Parallel, delayed
 
         def joblib_auto(w):
-            par = Parallel(n_jobs=w)
-            par.__enter__()
+            par = _joblib(Parallel, w)
             held.append(par)
             return lambda: par(delayed(_cost)(i) for i in range(n))
         methods.append(Method("joblib auto batching", joblib_auto, exclusive=True,
@@ -740,8 +772,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         from joblib import Parallel, delayed
 
         def joblib_blocks(w):
-            par = Parallel(n_jobs=w)
-            par.__enter__()
+            par = _joblib(Parallel, w)
             held.append(par)
             return lambda: np.concatenate(
                 par(delayed(_one_thread_call)(fn, *(a[lo:hi] for a in inputs), *consts)
@@ -787,6 +818,8 @@ def _attention_tiles(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 # The Mandelbrot workload's (size, iterations), quick and full.
 MANDELBROT_SIZES = {True: (400, 128), False: (2000, 256)}
+# Without numba the kernel is plain Python, ~300x slower: sizes that keep --quick under 60 s.
+MANDELBROT_SIZES_PY = {True: (96, 64), False: (400, 128)}
 
 
 def nn_workload(name: str, quick: bool, pools) -> Workload:
@@ -853,7 +886,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
     if name == "mandelbrot":
         from .nn import _mandelbrot as M
 
-        size, it = MANDELBROT_SIZES[quick]
+        size, it = (MANDELBROT_SIZES if M.HAVE_NUMBA else MANDELBROT_SIZES_PY)[quick]
         img = parrun.empty((size, size), np.int32)
         ref = np.empty((size, size), np.int32)
 
@@ -1462,9 +1495,9 @@ def _parse_workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
 def _not_oversubscribed(ap: argparse.ArgumentParser, workers: int, what: str,
                         hint: str = "") -> None:
     """Fail if ``workers`` passes ``MAX_WORKERS_PER_CPU`` a logical CPU."""
-    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    most = MAX_WORKERS_PER_CPU * usable_cores()  # (this process's CPUs: taskset counts)
     if workers > most:
-        ap.error(f"{what}: more than {MAX_WORKERS_PER_CPU} a logical CPU ({most} here) "
+        ap.error(f"{what}: more than {MAX_WORKERS_PER_CPU} a usable CPU ({most} here) "
                  f"measures only oversubscription{hint}")
 
 
@@ -1642,14 +1675,21 @@ def main(argv: list[str] | None = None) -> int:
         workers.append(cores)
         _not_oversubscribed(ap, cores, f"{cores} workers by default (PARRUN_NUM_WORKERS)",
                             "; pass --workers")
+    if 1 not in workers:
+        print("bench: no 1 in --workers: speed-up over 1 worker is left empty (efficiency "
+              "and the ratios to the peers are still measured)", file=sys.stderr)
     _on_signals()
+    started = time.time()
     try:
         results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,
                       warmup=warmup, irregular_items=args.irregular_items,
                       json_path=args.json, skip=skip)
     except KeyboardInterrupt:
+        wrote = args.json and os.path.exists(args.json) and \
+            os.path.getmtime(args.json) >= started
         print("bench: interrupted" + (f"; the workloads done so far are in {args.json}"
-                                      if args.json else ""), file=sys.stderr)
+                                      if wrote else f" before a workload ended; {args.json} "
+                                      "not written" if args.json else ""), file=sys.stderr)
         _leave_if_ray_killed(130)
         return 130
     except SystemExit as e:  # SIGTERM

@@ -570,6 +570,44 @@ def test_sigterm_ends_a_run_cleanly(tmp_path, to, second):
     assert first[second] in json.loads(out.read_text())["workloads"]
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_before_the_first_workload_ends_says_nothing_was_written(tmp_path):
+    """It said "the workloads done so far are in cut.json" of a file it never wrote (or of
+    an earlier run's, left as it was)."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "cut.json"
+    out.write_text('{"an": "earlier run"}')
+    p = subprocess.Popen([sys.executable, "-m", "parrun", "bench", "--workers", "1,2",
+                          "--suite", "irregular", "--no-progress", "--warmup", "0",
+                          "--repeat", "50", "--irregular-items", "300", "--skip", "ray",
+                          "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while len(psutil.Process(p.pid).children(recursive=True)) < 3:  # measuring
+            assert p.poll() is None, p.stderr.read()[-3000:]
+            assert time.monotonic() - t0 < 60, "the bench never started its pools"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        err, _took = _signal_and_wait(p, signal.SIGINT, group=True)
+    finally:
+        take_down_if_hung(p)
+    assert p.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"bench: interrupted before a workload ended; {out} not written"], err[-3000:]
+    assert out.read_text() == '{"an": "earlier run"}'
+
+
+def test_a_count_past_the_cpus_this_process_may_use_is_refused():
+    """The check counted the machine's CPUs, not those of the process (taskset, cgroups)."""
+    most = parrun.bench.MAX_WORKERS_PER_CPU
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite", "tasks",
+                        "--workers", str(most + 1), "--no-progress"], capture_output=True,
+                       text=True, timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert r.returncode == 2 and "measures only oversubscription" in r.stderr, r.stderr[-3000:]
+
+
 SIGNAL_IN_A_FORK_HOOK = """
 import os, signal, time
 import parrun.bench as B
@@ -1036,3 +1074,11 @@ def test_demo_runs_and_checks_its_results():
         r = subprocess.run([sys.executable, "-m", "parrun", "demo", bad],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_without_one_worker_the_empty_speed_up_is_explained(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "parrun", "bench", "--quick", "--suite",
+                        "mandelbrot", "--workers", "2", "--no-progress", "--skip", "ray"],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no 1 in --workers: speed-up over 1 worker is left empty" in r.stderr, r.stderr

@@ -238,3 +238,14 @@ def test_bench_map_fails_a_method_that_writes_nothing(monkeypatch):
     ts = bm.timed_and_checked("tiles", lambda: bm.serial_tiled(x, out), 2, out, ref,
                               lambda: out)
     assert len(ts) == 2
+
+
+@pytest.mark.parametrize("script,args", [("bench_map.py", ("--repeat", "0")),
+                                         ("bench_map.py", ("--n", "0")),
+                                         ("bench_irregular.py", ("--workers", "0")),
+                                         ("bench_irregular.py", ("--trials", "0")),
+                                         ("bench_tasks.py", ("--repeat", "0"))])
+def test_scripts_refuse_counts_below_one_with_a_usage_error(script, args):
+    # They crashed (StatisticsError, IndexError, "min() arg is an empty sequence").
+    r = _run(script, *args, code=2)
+    assert f"argument {args[0]}: needs at least 1, got 0" in r.stderr, r.stderr[-2000:]
