@@ -1281,7 +1281,9 @@ def plot(results: dict, path: str) -> None:
     names = _measured(results)
     if not names:
         raise ValueError("no workload was measured: nothing to plot")
-    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 2, figsize=(14, 3.2 * len(names)), squeeze=False)
+    cmap = plt.get_cmap("tab20")  # 10 strong colours, then their 10 light twins
+    palette = [cmap(i) for i in range(20)]
     for i, name in enumerate(names):
         wl = results["workloads"][name]
         rows = [r for r in _summary(wl) if "median_s" in r]
@@ -1289,16 +1291,23 @@ def plot(results: dict, path: str) -> None:
         ws = sorted({r["workers"] for r in rows if r["workers"] is not None})
         if ws:
             ax_s.plot(ws, ws, "k--", lw=1, label="ideal")
+        k = 0  # colours of the methods drawn as lines (parrun's first: blue)
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = sorted((r for r in rows if r["method"] == method),
                           key=lambda r: r["workers"] or 0)
-            style = "o-" if method.startswith("parrun") else "s:"
             if mine[0]["workers"] is None:
                 ax_t.axhline(mine[0]["throughput"], ls=":", color="grey", label=method)
                 continue
+            # One colour a method in both panels (the legend, beside the throughput panel,
+            # names them for both); parrun's lines drawn bold.
+            ours = method.startswith("parrun")
+            style = dict(color=palette[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20],
+                         marker="o" if ours else "s", ls="-" if ours else ":",
+                         lw=2.2 if ours else 1.2, ms=5 if ours else 3.5, label=method)
+            k += 1
             x = [r["workers"] for r in mine]
-            ax_s.plot(x, [r["speedup_vs_1"] for r in mine], style, label=method)
-            ax_t.plot(x, [r["throughput"] for r in mine], style, label=method)
+            ax_s.plot(x, [r["speedup_vs_1"] for r in mine], **style)
+            ax_t.plot(x, [r["throughput"] for r in mine], **style)
         ax_s.set_title(f"{name}: speed-up over 1 worker")
         ax_t.set_title(f"{name}: {wl['unit']}")
         wide = len(ws) > 1 and ws[-1] >= 4 * ws[0]  # 1..16: log2 axes, ideal a diagonal
@@ -1313,8 +1322,8 @@ def plot(results: dict, path: str) -> None:
                 ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("workers")
             ax.grid(alpha=0.3)
-        ax_s.legend(handles=ax_s.get_lines()[:1], fontsize=7)  # the ideal line
-        ax_t.legend(fontsize=7)
+        ax_s.legend(handles=ax_s.get_lines()[:1], fontsize=7, loc="upper left")  # ideal
+        ax_t.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
