@@ -822,8 +822,8 @@ class Pool:
             # waited for a map that had been interrupted).
             self._maps_waiting.append(token)
             tasks = self._tasks
-            if tasks is not None:
-                tasks.look_again()
+            if tasks is not None and tasks.serving:  # (an idle collector sees the token as
+                tasks.look_again()  # it wakes: no wake-up for it on every map)
             yield
         finally:
             with self._turn:
