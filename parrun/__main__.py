@@ -65,12 +65,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = float(np.max(np.abs(out - ref)))
         st = pool.last_stats
         assert st is not None  # the pool has run a map
-        print(f"   plain NumPy, whole array        {t_nat:8.4f} s")
-        print(f"   serial NumPy, 64K tiles         {t_ser:8.4f} s")
-        print(f"   parrun.map, {workers} workers          {t_par:8.4f} s   "
+        print(f"   {'plain NumPy, whole array':<32}{t_nat:8.4f} s")
+        print(f"   {'serial NumPy, 64K tiles':<32}{t_ser:8.4f} s")
+        print(f"   {f'parrun.map, {workers} workers':<32}{t_par:8.4f} s   "
               f"{t_ser / t_par:.2f}x serial tiles, {t_nat / t_par:.2f}x plain NumPy, "
               f"{2 * n * 4 / t_par / 1e9:.1f} GB/s")
-        print(f"   max |parrun - serial| = {err:.2e}; {st.pieces} pieces, {st.steals} steals")
+        print(f"   max |parrun - serial| = {err:.2e}; {st.pieces} piece"
+              f"{'s' * (st.pieces != 1)}, {st.steals} steal{'s' * (st.steals != 1)}")
 
         m = args.tasks
         idx = parrun.asshared(np.arange(m))

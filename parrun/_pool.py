@@ -185,16 +185,22 @@ class JobStats:
         return tuple(w.busy_s for w in self.workers)
 
     def __str__(self) -> str:
-        lines = [f"{self.items} items in {self.pieces} pieces, {self.steals} steals, "
-                 f"{self.wall_s * 1e3:.2f} ms wall"
-                 + (f", {self.recovered} pieces re-run after a crash" if self.recovered else "")
+        lines = [f"{_n(self.items, 'item')} in {_n(self.pieces, 'piece')}, "
+                 f"{_n(self.steals, 'steal')}, {self.wall_s * 1e3:.2f} ms wall"
+                 + (f", {_n(self.recovered, 'piece')} re-run after a crash"
+                    if self.recovered else "")
                  + (f"; the first {self.probe_items} ran first, to learn the output's "
                     "shape and dtype" if self.probe_items else "")]
         for w in self.workers:
-            lines.append(f"  worker {w.slot} (pid {w.pid}): {w.items} items, {w.pieces} "
-                         f"pieces, {w.steals} steals, busy {w.busy_s * 1e3:.2f} ms, "
-                         f"idle {w.idle_s * 1e3:.2f} ms")
+            lines.append(f"  worker {w.slot} (pid {w.pid}): {_n(w.items, 'item')}, "
+                         f"{_n(w.pieces, 'piece')}, {_n(w.steals, 'steal')}, busy "
+                         f"{w.busy_s * 1e3:.2f} ms, idle {w.idle_s * 1e3:.2f} ms")
         return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 piece``, ``2 pieces``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class _WorkerHandle:

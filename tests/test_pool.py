@@ -1660,3 +1660,11 @@ def test_a_child_of_os_fork_gets_pools_of_its_own():
     assert lines == ["child closed True"] * 2 + ["child refused True"] * 2 + \
         ["child wrong 0 True"] * 2 + ["children 0 0", "parent True 0"], \
         (r.stdout, r.stderr[-3000:])
+
+
+def test_stats_read_as_english():
+    st = parrun.JobStats(1, 1, 1, 0.002, (parrun.WorkerStats(0, 7, 1, 1, 1, 0.001, 0.001),
+                                          parrun.WorkerStats(1, 8, 0, 0, 0, 0.0, 0.002)))
+    first, w0, w1 = str(st).splitlines()
+    assert first.startswith("1 item in 1 piece, 1 steal, 2.00 ms wall"), first
+    assert "1 item, 1 piece, 1 steal" in w0 and "0 items, 0 pieces, 0 steals" in w1
