@@ -1102,6 +1102,13 @@ class Pool:
                             gone.pop(slot, None)
                             result.dead.append(slot)
                             continue
+                        except BaseException:
+                            # Ctrl-C inside the read: half a message may be left in the pipe,
+                            # whose next read took its bytes for a length (EOFError,
+                            # UnpicklingError, then a read that never ended). Killed and
+                            # replaced: its pipe cannot be trusted again.
+                            cut.append(slot)
+                            raise
                         try:
                             done = pickle.loads(data)
                         except Exception as e:  # a partial result that fails to unpickle
@@ -1157,6 +1164,11 @@ class Pool:
                     self._replace(k)
                     slots.discard(k)
                     continue
+                except BaseException:  # an interrupt in the read: its pipe is not whole
+                    self._workers[k].process.kill()
+                    self._workers[k].process.join(STOP_TIMEOUT)
+                    self._replace(k)
+                    raise
                 if isinstance(msg, P.Done):
                     slots.discard(k)
 

@@ -1668,3 +1668,41 @@ def test_stats_read_as_english():
     first, w0, w1 = str(st).splitlines()
     assert first.startswith("1 item in 1 piece, 1 steal, 2.00 ms wall"), first
     assert "1 item, 1 piece, 1 steal" in w0 and "0 items, 0 pieces, 0 steals" in w1
+
+
+def _slow_double(x):
+    time.sleep(0.01)
+    return x * 2
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupt_inside_reading_a_worker_message_leaves_the_pool_usable(monkeypatch):
+    # Ctrl-C after a message's length and before its body: the body stayed in the pipe and
+    # the next reads took its bytes for lengths (EOFError, UnpicklingError, then a read that
+    # never ended). The worker whose message was cut is now replaced.
+    from multiprocessing import connection
+
+    real = connection.Connection._recv
+    armed = [0]
+
+    def recv(self, size, *args):
+        if armed[0] and size != 4:  # a body, after its 4-byte length
+            armed[0] -= 1
+            if armed[0] == 0:
+                raise KeyboardInterrupt
+        return real(self, size, *args)
+
+    monkeypatch.setattr(connection.Connection, "_recv", recv)
+    x = np.arange(100.0)
+    with parrun.Pool(2) as p:
+        for nth in (1, 2, 3):
+            y = p.map(_slow_double, x)
+            y.release()
+            armed[0] = nth
+            with pytest.raises(KeyboardInterrupt):
+                p.map(_slow_double, x)
+            armed[0] = 0
+            for _ in range(3):
+                y = p.map(_slow_double, x)
+                np.testing.assert_array_equal(y, 2 * x)
+                y.release()
