@@ -773,12 +773,19 @@ class Pool:
                             # piece's target (8 rows of 20 ms doubled a map).
                             start = min(start, max(1, int(TARGET_PIECE_NS / known)))
                         if known and start > 1:  # cheap rows: one piece in one worker
+                            # (timed: rows dearer than known, when the cost depends on the
+                            # data, are learned here; a map of no more rows than this
+                            # piece ran them one after another in every later call)
                             pieces, probe = self._probe(
-                                fn_key, fn_data, tuple(ins), start, start, False, None)
+                                fn_key, fn_data, tuple(ins), start, start, False, cost_key)
                         else:
                             # Rows that may be slow: a row for each worker, run at once (a
                             # row run alone first made a map of w slow rows take 2 rows' time).
-                            start = min(n, max(start, self.workers))
+                            # With a grain given, rows for every worker's first piece (a
+                            # row a worker left the rest a piece for one worker, the others
+                            # idle: 16 rows in pieces of 8 took 1.5x the time with out).
+                            start = min(n, max(start, self.workers) if adaptive
+                                        else start * self.workers)
                             pieces, probe = self._probe(
                                 fn_key, fn_data, tuple(ins), start, grain, True,
                                 cost_key if adaptive else None)
@@ -962,7 +969,7 @@ class Pool:
         # imports or a JIT compile).
         items_run = sum(t[0] for t in totals) - sum(t[0] for t in base)
         busy_ns = sum(t[3] for t in totals) - sum(t[3] for t in base)
-        if adaptive and cost_key and items_run and error is None:
+        if cost_key and items_run and error is None:
             self._cost[cost_key] = busy_ns / items_run
             self._cost.move_to_end(cost_key)
             while len(self._cost) > FN_CACHE_SIZE:

@@ -44,7 +44,7 @@ def test_map_with_a_grain_runs_only_a_small_first_piece_alone(pool):
     y = pool.map(np.sqrt, x, grain=200)
     np.testing.assert_allclose(y, np.sqrt(np.arange(400.0)))
     st = pool.last_stats
-    assert st.probe_items == 8, st
+    assert st.probe_items == 8 * pool.workers, st  # up to 8 rows for each worker's piece
     assert sum(w.items for w in st.workers) == 400  # the probe's rows too
     y.release()
     x.release()
@@ -1706,3 +1706,41 @@ def test_an_interrupt_inside_reading_a_worker_message_leaves_the_pool_usable(mon
                 y = p.map(_slow_double, x)
                 np.testing.assert_array_equal(y, 2 * x)
                 y.release()
+
+
+def _sleep_the_values(x):
+    for d in x[x > 0]:
+        time.sleep(d)
+    return x * 2
+
+
+@pytest.mark.timeout(60)
+def test_rows_dearer_than_their_known_cost_are_learned_from_the_first_rows():
+    # A cost learned on cheap rows ran the first rows of a map as one piece in one worker,
+    # untimed: a map of no more rows than that piece ran serially in every later call.
+    with parrun.Pool(2) as p:
+        y = p.map(_sleep_the_values, np.zeros(100_000))  # about a microsecond a row
+        y.release()
+        spread = []
+        for _ in range(3):
+            y = p.map(_sleep_the_values, np.full(2, 0.05))
+            np.testing.assert_array_equal(y, [0.1, 0.1])
+            y.release()
+            spread.append(sorted(w.items for w in p.last_stats.workers))
+        assert spread[1:] == [[1, 1], [1, 1]], spread
+
+
+def _twenty_ms_a_row(x):
+    time.sleep(0.02 * len(x))
+    return x * 2
+
+
+def test_a_grain_given_with_no_out_still_gives_every_worker_a_piece():
+    # The first rows ran a row a worker, and the rest, one piece of the grain, ran in one
+    # worker while the other waited: 16 rows in pieces of 8 went 12 + 4 (1.5x the time).
+    with parrun.Pool(2) as p:
+        for _ in range(2):
+            y = p.map(_twenty_ms_a_row, np.arange(16.0), grain=8)
+            np.testing.assert_array_equal(y, 2 * np.arange(16.0))
+            y.release()
+            assert max(w.items for w in p.last_stats.workers) <= 10, p.last_stats  # was 12
