@@ -455,7 +455,7 @@ class Growth:
     starts there: exploring again in every call cost each one ~10 pieces a worker, each
     paying the fixed cost (bench_pieces' lookup table: 3.06x a hand-picked grain). If a
     piece then costs RECALL_SLACK times more than ``floor`` rows did, or a row costs
-    RECALL_SLACK times less than ``rate`` (a cost that depends on the data, or a fixed cost
+    RECALL_CHEAPER times less than ``rate`` (a cost that depends on the data, or a fixed cost
     that no longer is), it explores again from the size the cost a row gives.
     """
 
@@ -489,7 +489,7 @@ class Growth:
         first, self.first = self.first, False
         if self.recalled and not first and rows > 0:
             if ns > RECALL_SLACK * self.rate * max(rows, self.floor) \
-                    or RECALL_SLACK * ns < self.rate * rows:
+                    or RECALL_CHEAPER * ns < self.rate * rows:
                 # Rows far dearer or cheaper than where the size was learned (a cost that
                 # depends on the data): explore again from the size their cost gives, this
                 # piece not measured for growth (a recalled size, not one growth chose).
@@ -504,7 +504,9 @@ class Growth:
         again = rows in self.rates  # this size measured before
         self.rates[rows] = min(self.rates[rows], rate) if again else rate
         before, self.best = self.best, min(self.best, rate) if self.best else rate
-        self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
+        if not again:  # a doubling (a size measured again, near the end or after a steal,
+            # is no doubling that failed: counted as one, it ended growth early)
+            self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
         if left < GROW_LEFT * 2 * rows:  # near the end: measured (for the floor), not doubled
             return max(size, self._floor(left))
         if self.fails < GROW_TRIES:
@@ -558,6 +560,10 @@ GROW_MAX_NS = 8 * TARGET_PIECE_NS
 # A recalled piece size is dropped when pieces that long cost this many times what they did
 # (a machine twice as busy is not a reason); and at most this many sizes are kept a worker.
 RECALL_SLACK = 4.0
+# ... and explores again once a row costs this many times less: a floor learned on dear rows
+# (4 rows of 1 ms and a 2 ms call) held rows 3x cheaper to pieces that small, call after call
+# (110x slower than pieces grown for them).
+RECALL_CHEAPER = 2.0
 GROWN_KEPT = 256
 
 _SLOT_HEAD = struct.Struct("<q16s")  # a task slot's length and function key (see TaskWake)

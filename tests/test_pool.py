@@ -1744,3 +1744,22 @@ def test_a_grain_given_with_no_out_still_gives_every_worker_a_piece():
             np.testing.assert_array_equal(y, 2 * np.arange(16.0))
             y.release()
             assert max(w.items for w in p.last_stats.workers) <= 10, p.last_stats  # was 12
+
+
+def _fixed_cost_and_rows(x):
+    time.sleep(0.002 + float(x.sum()))  # 2 ms a call, plus x[i] seconds a row
+    return x * 2
+
+
+@pytest.mark.timeout(120)
+def test_a_size_learned_on_dearer_rows_or_a_small_map_does_not_hold_later_maps():
+    # A size learned on dearer rows (4 rows) held every later map of cheaper rows to pieces
+    # that small, each paying the 2 ms a call: 110x slower, call after call. A size measured
+    # again near a job's end counted as a doubling that failed, ending growth early.
+    cheap = np.full(20000, 1e-6)
+    for first in (np.full(2000, 1e-6), np.full(100, 1e-3)):
+        with parrun.Pool(2) as p:
+            for a in (cheap, first, cheap, cheap):
+                y = p.map(_fixed_cost_and_rows, a)
+                y.release()
+            assert p.last_stats.pieces < 200, p.last_stats  # ~20-50; stuck: 1,250-5,000
