@@ -718,6 +718,7 @@ class Pool:
             # The collector runs callbacks while it serves tasks on these same workers.
             raise RuntimeError("map and map_reduce cannot run in a callback of this pool's "
                                "futures (add_done_callback); call them from another thread")
+        since = time.perf_counter()  # the call's wall time (last_stats.wall_s) from here
         check_fn(fn, reduce)
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
@@ -759,7 +760,6 @@ class Pool:
                 used.append(a)
             target, start, copy_back, out_h = out, 0, None, None
             probe: JobStats | None = None  # what the probe did, counted in the call's stats
-            since = time.perf_counter()
             rerun_safe = True
             cost_key = (fn_key, _row_bytes(arrs))
             with self._map_turn(), self._lock:
@@ -813,6 +813,7 @@ class Pool:
                 return result
             if copy_back is not None:
                 np.copyto(copy_back, target)
+                self._stretch_stats(since)  # (the copy back is part of the call)
                 return copy_back
             allocated = None
             return target
@@ -823,6 +824,15 @@ class Pool:
         finally:
             for t in temps:
                 t.release()
+
+    def _stretch_stats(self, since: float) -> None:
+        """``last_stats``, its wall time up to now from ``since`` (the workers idle meanwhile)."""
+        st = self.last_stats
+        if st is None:
+            return
+        wall = time.perf_counter() - since
+        self.last_stats = dataclasses.replace(st, wall_s=wall, workers=tuple(
+            dataclasses.replace(w, idle_s=max(0.0, wall - w.busy_s)) for w in st.workers))
 
     @contextlib.contextmanager
     def _map_turn(self) -> Iterator[None]:
