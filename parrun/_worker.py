@@ -117,7 +117,7 @@ class _Worker:
         self.task_ns: dict[bytes, float] = {}
         # Per function and shape of its rows: the piece size Growth settled on in the last
         # map, and the ns a row it cost, so that the next map starts there (see Growth).
-        self.grown: dict[tuple, tuple[int, float]] = {}
+        self.grown: dict[tuple, tuple[int, float, bool]] = {}
         self.ppid = os.getppid()
         self.reporter: _Reporter | None = None  # made at the first serving round
 
@@ -277,7 +277,7 @@ class _Worker:
         combine: Callable[[Any, Any], Any] | None = None
         size = grain
         rows_of = (job.fn_key, job.pass_out, tuple((h[2][1:], h[4]) for h in job.inputs))
-        grow = Growth(*self.grown.get(rows_of, (0, 0.0))) if adaptive else Growth()
+        grow = Growth(*self.grown.get(rows_of, (0, 0.0, True))) if adaptive else Growth()
         last = (0, 0)  # rows and nanoseconds of our last piece
         while True:
             if adaptive:
@@ -451,20 +451,27 @@ class Growth:
     it within GROW_TRIES doublings, back at the size the cost a row gives.
 
     A worker recalls where growing stopped (``floor``, and ``rate``, the ns a row of pieces
-    that long) for the next map of the same function on rows of the same shape, which then
-    starts there: exploring again in every call cost each one ~10 pieces a worker, each
-    paying the fixed cost (bench_pieces' lookup table: 3.06x a hand-picked grain). If a
-    piece then costs RECALL_SLACK times more than ``floor`` rows did, or a row costs
-    RECALL_CHEAPER times less than ``rate`` (a cost that depends on the data, or a fixed cost
-    that no longer is), it explores again from the size the cost a row gives.
+    that long; or, for a map that ran out of rows still growing, the largest size it
+    measured, from which the next map grows on) for the next map of the same function on
+    rows of the same shape, which then starts there: exploring again in every call cost
+    each one ~10 pieces a worker, each paying the fixed cost (bench_pieces' lookup table:
+    3.06x a hand-picked grain). If a piece then costs RECALL_SLACK times more than
+    ``floor`` rows did, or a row costs RECALL_CHEAPER times less than ``rate`` (a cost that
+    depends on the data, or a fixed cost that no longer is), it explores again from the
+    size the cost a row gives.
     """
 
     __slots__ = ("best", "done", "fails", "first", "floor", "rate", "rates", "recalled",
                  "trusted")
 
-    def __init__(self, floor: int = 0, rate: float = 0.0) -> None:
+    def __init__(self, floor: int = 0, rate: float = 0.0, final: bool = True) -> None:
         self.first = True  # the next piece seen is the job's first
         self._explore(floor, rate)
+        # A size where an earlier map ran out of rows still growing (not final): growing
+        # goes on from there (restarting from one row, each small map stopped at a size a
+        # bigger map then used for good: 16-row pieces, 35x slower).
+        if not final:
+            self.done = False
 
     def _explore(self, floor: int = 0, rate: float = 0.0) -> None:
         """Grow afresh, or, given a ``floor``, start where an earlier map stopped."""
@@ -477,9 +484,18 @@ class Growth:
         self.floor = floor
         self.rate = rate  # ns a row of pieces of ``floor`` rows, when growing stopped
 
-    def learned(self) -> tuple[int, float] | None:
-        """Where growing stopped, ``(floor, rate)``, if past one row: for the next map."""
-        return (self.floor, self.rate) if self.done and self.floor > 1 else None
+    def learned(self) -> tuple[int, float, bool] | None:
+        """Where growing stopped, ``(floor, rate, True)``, if past one row: for the next
+        map; or, if it had not stopped, ``(the largest size measured, its rate, False)``."""
+        if self.done:
+            return (self.floor, self.rate, True) if self.floor > 1 else None
+        top = max(self.rates, default=0)
+        if self.floor > top:  # a job too small to reach the size it started from (map's
+            # first rows, say): that size stands (it was replaced by the job's 4-row pieces)
+            top, rate = self.floor, self.rate
+        else:
+            rate = self.rates.get(top, 0.0)
+        return (top, rate, False) if top > 1 else None
 
     def size(self, size: int, rows: int, ns: int, left: int) -> int:
         """The next piece's rows, given ``size`` (by the cost a row), our last piece (``rows``
@@ -508,7 +524,9 @@ class Growth:
             # is no doubling that failed: counted as one, it ended growth early)
             self.fails = self.fails + 1 if before and rate >= GROW_GAIN * before else 0
         if left < GROW_LEFT * 2 * rows:  # near the end: measured (for the floor), not doubled
-            return max(size, self._floor(left))
+            # (nor cut back to the size the cost a row gives: a 1-row piece after 16, then
+            # measured again, ended growth at 16 rows for good)
+            return max(size, min(rows, left), self._floor(left))
         if self.fails < GROW_TRIES:
             if 2 * ns <= GROW_MAX_NS or not before:
                 return max(size, 2 * rows)
