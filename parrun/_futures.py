@@ -22,8 +22,6 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
-
 from ._errors import BrokenPool, exception_for_transport
 from ._pool import Pool, _count, default_workers
 
@@ -65,12 +63,8 @@ class Executor(_Executor):
     def __init__(self, max_workers: int | None = None, initializer: Callable[..., Any] |
                  None = None, initargs: tuple = (), *, retries: int = 0,
                  **pool_options: Any) -> None:
-        if max_workers is None:
-            max_workers = default_workers()
-        elif isinstance(max_workers, bool) or not isinstance(max_workers, (int, np.integer)):
-            raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__}")
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        max_workers = default_workers() if max_workers is None else \
+            _count("max_workers", max_workers, 1)
         retries = _count("retries", retries, 0)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
@@ -79,7 +73,7 @@ class Executor(_Executor):
             # first submit (another backend checks its own options as the pool starts)
             raise TypeError(f"unknown option(s) for parrun.Pool: {', '.join(unknown)} (it "
                             f"takes {', '.join(sorted(_POOL_OPTIONS))})")
-        self._max_workers = int(max_workers)
+        self._max_workers = max_workers
         self._pool_args = dict(initializer=initializer, initargs=initargs, retries=retries,
                                **pool_options)
         self._pool: Pool | None = None

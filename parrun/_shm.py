@@ -483,9 +483,10 @@ def check_not_released(arr: np.ndarray) -> None:
         spans = list(_released.items())
     for name, (start, end) in spans:
         if start <= lo and hi <= end:
-            raise ReleasedArrayError(f"this array's shared segment {name!r} was released "
-                             "(.release()): it can no longer go to the workers; make a new "
-                             "shared array (parrun.asshared) or pass a copy (np.array(a))")
+            raise ReleasedArrayError(
+                f"this array's shared segment {name!r} was released (.release()): it can no "
+                "longer go to the workers; make a new shared array (parrun.asshared) or pass "
+                "a copy (np.array(a))")
 
 
 def handle_of(arr: np.ndarray) -> tuple | None:
