@@ -196,7 +196,7 @@ class Executor(_Executor):
             # In a done-callback, the thread that completes futures holds the lock that a
             # submit under way waits for: waiting for it here would wait for ever (the
             # background thread below waits for it instead).
-            in_callback = threading.current_thread() is getattr(tasks, "thread", None)
+            in_callback = tasks is not None and tasks.in_callback()
             if not in_callback:
                 self._await_submits()
         if pool is None:

@@ -265,7 +265,7 @@ class Pool:
                  pin: bool = False, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (),
                  retries: int = 0, backend: str = "local") -> None:
-        if _worker.IN_WORKER:
+        if _worker.IN_WORKER or getattr(_worker.IN_TASK, "on", False):
             raise RuntimeError("a parrun.Pool cannot start in a pool's worker process (fn of "
                                "a map or a task runs there): pools do not nest; call NumPy "
                                "directly in fn, or make the inner call from the caller")

@@ -221,6 +221,11 @@ class TaskService:
             return [t.future for t in self.pending] + [t.future for t in
                                                        list(self.inflight.values())]
 
+    def in_callback(self) -> bool:
+        """True in this service's thread: the one that completes futures and runs their
+        done-callbacks."""
+        return threading.current_thread() is self.thread
+
     def close(self, timeout: float | None = None) -> None:
         """Cancel pending tasks, let those in flight finish, stop the collector."""
         self.cancel_pending()

@@ -605,6 +605,9 @@ def _spin(cmd) -> None:
 
 # True in a worker process: a pool started there would nest (see Pool).
 IN_WORKER = False
+# ``IN_TASK.on`` true in a thread running a task of another backend's worker (a Dask worker's
+# threads): a pool started there would nest too.
+IN_TASK = threading.local()
 
 
 def main(slot: int, cmd, status, control_name: str, nslots: int,

@@ -644,3 +644,129 @@ def test_a_lost_scheduler_fails_calls_with_broken_pool(tmp_path):
         for proc in (work, sched):
             proc.kill()
             proc.wait(TIMEOUT)
+
+
+def _plus_zero_slowly(t):
+    time.sleep(0.1)
+    return t + 0
+
+
+@pytest.mark.timeout(120)
+def test_out_overlapping_its_input_with_a_worker_lost_is_still_right(dpool, client):
+    """A piece sent again after its worker died read the caller's input as it was then:
+    rows that other pieces had already overwritten (out=x[::-1]: 100 of 800 rows wrong).
+    The input is copied first, as the local pool does."""
+    x = np.arange(800.0)
+    x0 = x.copy()
+    pid = min(client.run(os.getpid).values())
+    killer = threading.Timer(0.7, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    try:
+        dpool.map(_plus_zero_slowly, x, out=x[::-1], grain=25)
+    finally:
+        killer.join()
+    np.testing.assert_array_equal(x, x0[::-1])
+    assert dpool.last_stats.recovered >= 1  # the lost pieces were counted
+    client.wait_for_workers(2, timeout=TIMEOUT)
+
+
+def test_an_unpicklable_partial_is_a_clear_error_and_the_next_call_works(dpool, pool):
+    """Dask failed to pickle such a result on the worker, and the client's next map then
+    failed too (an AssertionError)."""
+    x = np.arange(1000.0)
+    for p in (pool, dpool):
+        with pytest.raises(TypeError, match=r"partial result .*could not be pickled"):
+            p.map_reduce(lambda t: threading.Lock(), lambda a, b: a, x, grain=100)
+    with pytest.raises(TypeError, match="result of the task could not be pickled"):
+        dpool.submit(threading.Lock).result(TIMEOUT)
+    np.testing.assert_array_equal(dpool.map(np.sqrt, x), np.sqrt(x))
+    # results that are not arrays still come back, shared arrays in them by value
+    got = dpool.submit(lambda: {"a": parrun.zeros(3) + 1, "b": [parrun.asshared(np.ones(2))]}
+                       ).result(TIMEOUT)
+    np.testing.assert_array_equal(got["a"], np.ones(3))
+    assert not parrun.is_shared(got["b"][0]) and got["b"][0].tolist() == [1.0, 1.0]
+
+
+def test_fn_raising_cancelled_error_is_fn_s_error_run_once(dpool, tmp_path):
+    """It read as a task that Dask cancelled (a lost worker): run 4 times, then BrokenPool."""
+    log = tmp_path / "runs"
+
+    def cancelled(*_):
+        with open(log, "a") as f:
+            f.write("x")
+        raise cf.CancelledError("fn's own")
+    with pytest.raises(cf.CancelledError, match="fn's own"):
+        dpool.map(cancelled, np.arange(10.0), grain=10)
+    assert log.read_text() == "x"
+    with pytest.raises(cf.CancelledError, match="fn's own"):
+        dpool.submit(cancelled).result(TIMEOUT)
+    assert log.read_text() == "xx"
+
+
+def test_a_running_task_cannot_be_cancelled_as_on_the_local_pool(dpool, pool):
+    for p in (pool, dpool):
+        a = parrun.zeros(1)
+
+        def write(a):
+            time.sleep(1.0)
+            a[0] = 7.0
+        f = p.submit(write, a)
+        deadline = time.monotonic() + TIMEOUT
+        while p is dpool and time.monotonic() < deadline and \
+                f._dask.key not in dpool._running_keys():
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert not f.cancel() and not f.cancelled()
+        f.result(TIMEOUT)
+        assert a[0] == 7.0, p  # what it wrote arrived
+        a.release()
+
+
+def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang(client):
+    ex = parrun.Executor(2, backend="dask", client=client)
+    errors: list = []
+
+    def stop(_f):
+        try:
+            ex.shutdown(wait=True)
+        except RuntimeError as e:
+            errors.append(e)
+    fs = [ex.submit(time.sleep, 0.1), ex.submit(time.sleep, 0.5)]
+    fs[0].add_done_callback(stop)
+    _, not_done = cf.wait(fs, timeout=TIMEOUT)
+    assert not not_done
+    assert len(errors) == 1 and "done-callback" in str(errors[0])
+    with pytest.raises(RuntimeError):
+        ex.submit(time.sleep, 0)
+
+
+def _start_a_pool():
+    return parrun.Pool(1)
+
+
+def test_the_same_mistakes_raise_the_same_errors_as_on_the_local_pool(dpool, pool, client):
+    a = parrun.zeros(4)
+    a.release()
+    for p in (pool, dpool):
+        with pytest.raises(parrun._shm.ReleasedArrayError):
+            p.submit(np.copyto, a, 1.0).result(TIMEOUT)
+        with pytest.raises(parrun._shm.ReleasedArrayError):
+            p.map(np.sqrt, a)
+        with pytest.raises(parrun._shm.ReleasedArrayError):
+            p.map(np.sqrt, np.ones(4), out=a)
+        with pytest.raises(RuntimeError, match="pools do not nest"):
+            p.submit(_start_a_pool).result(TIMEOUT)
+    for bad, err in (("2", TypeError), (0, ValueError)):
+        with pytest.raises(err, match="blas_threads"):
+            parrun.Pool(backend="dask", client=client, blas_threads=bad)
+
+
+def test_last_stats_of_a_failed_map_are_that_map_s(dpool):
+    def fail_late(t):
+        if t[0] >= 900:
+            raise ValueError("late")
+        return t
+    dpool.map(np.sqrt, np.arange(10.0))
+    with pytest.raises(ValueError, match="late"):
+        dpool.map(fail_late, np.arange(1000.0), grain=100)
+    assert dpool.last_stats.items == 1000

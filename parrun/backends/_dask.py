@@ -55,7 +55,7 @@ import cloudpickle
 import numpy as np
 
 import parrun
-from parrun import _protocol
+from parrun import _protocol, _shm, _worker
 from parrun._checks import (
     accepts_out,
     check_arrays,
@@ -65,6 +65,7 @@ from parrun._checks import (
     check_ufunc_out,
     store_result,
 )
+from parrun._pool import _count, _overlaps_across_rows
 
 try:
     import distributed
@@ -140,6 +141,8 @@ class _ValuePickler(cloudpickle.Pickler):
         # as a plain array, without its mask or its meaning of ``*``.
         if type(obj) in _PLAIN_ARRAYS and not obj.dtype.hasobject:
             shared = parrun.is_shared(obj)
+            if shared:
+                _shm.check_not_released(obj)  # (as the local pool refuses it)
             if shared or obj.nbytes >= EXTERNAL_BYTES:
                 self.arrays.append(obj)
                 self.shared.append(shared)
@@ -344,11 +347,41 @@ def _call_tracked(fn_p: _Payload, fn_ext: tuple, args_p: _Payload | None, args_e
             _changes(args_p, asrc, atab) if args_p is not None else ())
 
 
-def _result_value(v: Any) -> Any:
-    """A task's result, with an array that lives in this worker's shared memory copied out."""
-    if isinstance(v, np.ndarray) and parrun.is_shared(v):
-        return np.array(v)
-    return v
+class _ResultPickler(cloudpickle.Pickler):
+    """cloudpickle with the shared arrays a result holds by value: their segments are this
+    worker's (on another machine, maybe), and go when it releases them."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, parrun.SharedArray):
+            return np.array(obj).__reduce_ex__(5)
+        return super().reducer_override(obj)
+
+
+@dataclass(frozen=True)
+class _Pickled:
+    """A result pickled on the worker: one that Dask failed to pickle there made Dask's
+    next calls on that client fail too (an AssertionError on a later map)."""
+
+    blob: bytes
+
+
+def _result_value(v: Any, what: str = "the result of the task") -> Any:
+    """A task's result (``what``) as it travels: an array as it is (an array in this
+    worker's shared memory, copied out); anything else pickled here, so that an object that
+    cannot be is this task's ``TypeError``."""
+    if type(v) in _PLAIN_ARRAYS:
+        return np.array(v) if parrun.is_shared(v) else v
+    buf = io.BytesIO()
+    try:
+        _ResultPickler(buf, protocol=5).dump(v)
+    except Exception as e:
+        raise TypeError(f"{what} could not be pickled: {type(e).__name__}: {e}") from None
+    return _Pickled(buf.getvalue())
+
+
+def _unpacked(v: Any) -> Any:
+    """A result as ``_result_value`` sent it, here."""
+    return pickle.loads(v.blob) if isinstance(v, _Pickled) else v
 
 
 @dataclass(frozen=True)
@@ -396,18 +429,24 @@ def _pickles(e: BaseException) -> bool:
 
 def _carrying(body: Callable[..., Any], *args: Any) -> Any:
     """``body(*args)`` in a Dask task, with what Dask cannot carry raised as ``_Carried``."""
-    try:
+    _worker.IN_TASK.on = True  # (a Pool started by fn: "pools do not nest", not Dask's
+    try:  # daemonic-process assertion)
         return body(*args)
     except BaseException as e:
-        if isinstance(e, Exception) and _pickles(e):
+        # A CancelledError of fn's own goes carried: as it is, it reads as a task that Dask
+        # cancelled (lost with its worker), and was run again.
+        if isinstance(e, Exception) and _pickles(e) and not isinstance(
+                e, (cf.CancelledError, FutureCancelledError)):
             raise
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         # Only the exception travels (its text traceback beside it): its context may be
         # what does not pickle.
         e.__traceback__ = e.__cause__ = e.__context__ = None
-        exc = e if not isinstance(e, Exception) and _pickles(e) else parrun.ParrunError(
+        exc = e if _pickles(e) else parrun.ParrunError(
             f"{type(e).__qualname__}: {e} (the original exception could not be pickled)")
         carried = _Carried(exc, tb)
+    finally:
+        _worker.IN_TASK.on = False
     # Raised here, outside the handler, so that it has no context (Dask pickles that too).
     raise carried
 
@@ -470,8 +509,8 @@ def _piece(spec: _MapSpec, fn_p: _Payload, fn_ext: tuple, red_p: _Payload | None
     value, changes, _ = _call_tracked(fn_p, fn_ext, None, (), run,
                                       restore if saved is not None else None)
     worker = distributed.get_worker()
-    return _PieceResult(lo, _result_value(value), changes, os.getpid(), worker.address,
-                        time.perf_counter_ns() - t0)
+    return _PieceResult(lo, _result_value(value, f"the partial result of rows {lo}:{lo + n}"),
+                        changes, os.getpid(), worker.address, time.perf_counter_ns() - t0)
 
 
 def _run_task(blas_threads: int | None, fn_p: _Payload, fn_ext: tuple, args_p: _Payload,
@@ -544,13 +583,23 @@ _delivering = threading.local()
 
 class _TaskFuture(cf.Future):
     """The ``concurrent.futures.Future`` of a task on Dask; ``cancel()`` cancels the Dask
-    task too (until it has finished)."""
+    task too, unless it runs on a worker or has finished (``running_keys``: the keys of the
+    Dask tasks running now), as a local pool's task can be cancelled only until it starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, running_keys: Callable[[], set[str]] | None = None) -> None:
         super().__init__()
         self._dask: Any = None
+        self._running_keys = running_keys
 
     def cancel(self) -> bool:
+        d = self._dask
+        if not self.done() and d is not None and self._running_keys is not None and (
+                d.done() or d.key in self._running_keys()):
+            return False  # (Dask would drop it, and what it writes, while it runs on)
+        return self._cancel()
+
+    def _cancel(self) -> bool:
+        """Cancel, running or not (``terminate``, and tasks known not to have started)."""
         with self._condition:
             pending = not self.done()
             if not super().cancel():
@@ -602,11 +651,16 @@ class _Tasks:
         for f in live:
             d = f._dask
             if d is None or not (d.done() or d.key in running):
-                f.cancel()
+                f._cancel()
 
     def cancel_all(self) -> None:
         for f in self.outstanding():
-            f.cancel()
+            f._cancel()
+
+    @staticmethod
+    def in_callback() -> bool:
+        """True in a thread delivering a task's result (running its done-callbacks)."""
+        return bool(getattr(_delivering, "on", 0))
 
 
 class _Fetcher(threading.Thread):
@@ -695,8 +749,8 @@ class DaskPool(parrun.Pool):
         if (client is None) == (address is None):
             raise TypeError("parrun.Pool(backend='dask') needs client=distributed.Client(...) "
                             "or address='tcp://host:port' (one of them)")
-        if blas_threads is not None and blas_threads < 1:
-            raise ValueError(f"blas_threads must be None or greater than 0, got {blas_threads}")
+        if blas_threads is not None:
+            blas_threads = _count("blas_threads", blas_threads, 1, " (or None)")
         if timeout <= 0:
             raise ValueError(f"timeout must be greater than 0, got {timeout}")
         if retries:
@@ -926,6 +980,8 @@ class DaskPool(parrun.Pool):
         p = _ValuePickler(buf)
         try:
             p.dump(obj)
+        except _shm.ReleasedArrayError:
+            raise
         except Exception as e:
             raise TypeError(f"{what} could not be pickled for the Dask cluster (cloudpickle): "
                             f"{type(e).__name__}: {e}") from e
@@ -1004,6 +1060,7 @@ class DaskPool(parrun.Pool):
 
     def _run_open(self, fn: Any, arrays: tuple, *, out: Any, grain: Any, reduce: Any,
                   initial: Any) -> Any:
+        since = time.perf_counter()
         check_fn(fn, reduce)
         arrs = check_arrays(arrays)
         n = arrs[0].shape[0]
@@ -1019,8 +1076,14 @@ class DaskPool(parrun.Pool):
         if out is not None:
             out = check_out(out, n)
             check_ufunc_out(fn, arrs, out)
+            _shm.check_not_released(out)  # (as the local pool refuses it)
+            # Rows of out that overlap other rows of an input: the input as it was, copied
+            # now (a piece sent again after a lost worker read rows already written).
+            arrs = [np.array(a) if _overlaps_across_rows(a, out) else a for a in arrs]
+        for a in arrs:
+            _shm.check_not_released(a)
         if n == 0:  # nothing to split: learn the result's type from fn, as the local pool does
-            self.last_stats = parrun.JobStats(0, 0, 0, 0.0, ())
+            self.last_stats = parrun.JobStats(0, 0, 0, time.perf_counter() - since, ())
             if reduce is not None:
                 if initial is _NOTHING:
                     raise ValueError("map_reduce of empty arrays with no initial value")
@@ -1039,48 +1102,50 @@ class DaskPool(parrun.Pool):
                         reduce=reduce is not None, blas_threads=self.blas_threads)
         self._threads = self._count_threads()
         bounds = _split(n, row_bytes, tile, self._threads, explicit=grain is not None)
-        t0 = time.perf_counter()
         acc, allocated = initial, None
         early: dict[int, Any] = {}  # pieces that finished before rows 0:...
         per_worker: dict[str, list[int]] = {}
+        resent = [0]  # pieces sent again after their workers were lost
         try:
             sent = [*arrs, out] if spec.out_sent else arrs
             def reship() -> tuple[_Shipped, _Shipped | None]:
                 return (self._ship(fn, "fn"),
                         self._ship(reduce, "reduce") if reduce is not None else None)
 
-            for r in self._run_pieces(spec, fn_s, red_s, sent, bounds, reship):
+            for r in self._run_pieces(spec, fn_s, red_s, sent, bounds, reship, resent):
                 w = per_worker.setdefault(r.address, [r.pid, 0, 0, 0])
                 w[1] += bounds[r.lo] - r.lo
                 w[2] += 1
                 w[3] += r.busy_ns
                 _apply_changes(fn_s.arrays, r.fn_changes)
+                value = _unpacked(r.value)
                 if reduce is not None:
-                    acc = r.value if acc is _NOTHING else reduce(acc, r.value)
+                    acc = value if acc is _NOTHING else reduce(acc, value)
                     continue
                 if out is None:
                     # As on the local pool, the first rows' result decides out's dtype and
                     # shape: pieces that finish before it wait here.
-                    early[r.lo] = r.value
+                    early[r.lo] = value
                     if 0 not in early:
                         continue
                     first = early[0]
                     out = allocated = parrun.empty((n, *first.shape[1:]), first.dtype)
-                for lo, value in (early.items() if early else ((r.lo, r.value),)):
+                for lo, v in (early.items() if early else ((r.lo, value),)):
                     # Each piece chose its dtype from its own first tile: check, never cast.
-                    store_result(out[lo:bounds[lo]], value, lo, bounds[lo],
-                                 allocated is not None)
+                    store_result(out[lo:bounds[lo]], v, lo, bounds[lo], allocated is not None)
                 early.clear()
         except BaseException:
             if allocated is not None:
                 allocated.release()
             raise
-        wall = time.perf_counter() - t0
-        self.last_stats = parrun.JobStats(
-            items=n, pieces=len(bounds), steals=0, wall_s=wall,
-            workers=tuple(parrun.WorkerStats(k, w[0], w[1], w[2], 0, w[3] / 1e9,
-                                             max(0.0, wall - w[3] / 1e9))
-                          for k, w in enumerate(per_worker.values())))
+        finally:  # (a failed call's too, as on the local pool)
+            wall = time.perf_counter() - since
+            self.last_stats = parrun.JobStats(
+                items=n, pieces=len(bounds), steals=0, wall_s=wall,
+                workers=tuple(parrun.WorkerStats(k, w[0], w[1], w[2], 0, w[3] / 1e9,
+                                                 max(0.0, wall - w[3] / 1e9))
+                              for k, w in enumerate(per_worker.values())),
+                recovered=resent[0])
         if reduce is not None:
             if acc is _NOTHING:
                 raise ValueError("map_reduce of empty arrays with no initial value")
@@ -1090,10 +1155,11 @@ class DaskPool(parrun.Pool):
     def _run_pieces(self, spec: _MapSpec, fn_s: _Shipped, red_s: _Shipped | None,
                     arrs: list[np.ndarray], bounds: dict[int, int],
                     reship: Callable[[], tuple[_Shipped, _Shipped | None]],
-                    ) -> Iterator[_PieceResult]:
+                    resent: list[int]) -> Iterator[_PieceResult]:
         """Scatter each piece, run a task on it, yield the results as they complete; send a
         piece again if its input was lost with a worker, with the functions shipped again
-        (``reship``: their big arrays may have been lost with it too)."""
+        (``reship``: their big arrays may have been lost with it too), counted in
+        ``resent[0]``."""
         client = self._client
         red = (red_s.payload, red_s.external) if red_s is not None else (None, ())
         lost_rounds: dict[int, int] = {}
@@ -1144,6 +1210,7 @@ class DaskPool(parrun.Pool):
                     fn_s, red_s = reship()  # cached on the cluster unless lost
                     red = (red_s.payload, red_s.external) if red_s is not None else (None, ())
                     ac.update(send([f.lo]))
+                    resent[0] += 1
         except distributed.KilledWorker as e:
             raise parrun.BrokenPool(f"Dask gave up on a piece whose workers kept dying: "
                                     f"{e}") from e
@@ -1165,7 +1232,7 @@ class DaskPool(parrun.Pool):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        f = _TaskFuture()
+        f = _TaskFuture(self._running_keys)
         try:
             fn_s = self._ship(fn, "fn")
             local = frozenset(id(a) for a in (*args, *kwargs.values())
@@ -1212,6 +1279,7 @@ class DaskPool(parrun.Pool):
             value, fn_changes, args_changes = result
             _apply_changes(fn_s.arrays, fn_changes)
             _apply_changes(args_s.arrays, args_changes)
+            value = _unpacked(value)
             if f.set_running_or_notify_cancel():
                 f.set_result(value)
 
