@@ -550,7 +550,10 @@ class Pool:
                 if self._tasks is None:
                     from ._tasks import TaskService
 
-                    self._tasks = TaskService(self, self.retries)
+                    # (Ctrl-C as its thread started left that thread and its arena to the
+                    # process: the pool never saw them)
+                    with _sigint_deferred():
+                        self._tasks = TaskService(self, self.retries)
                 tasks = self._tasks
         return tasks.submit(fn, args, kwargs)
 

@@ -23,6 +23,7 @@ the random bits) and segments are created with mode 0600.
 from __future__ import annotations
 
 import _posixshmem
+import _thread
 import bisect
 import ctypes
 import importlib
@@ -34,8 +35,11 @@ import os
 import pickle
 import re
 import secrets
+import signal
+import subprocess
 import sys
 import threading
+import time
 import types
 import weakref
 from collections.abc import Iterable
@@ -166,6 +170,8 @@ class _Mapping:
     def __del__(self) -> None:
         try:
             _libc.munmap(self.addr, self.size)  # type: ignore[union-attr]
+        except KeyboardInterrupt:  # (raised as munmap returned: the mapping is gone)
+            _interrupt_later()
         except Exception:  # pragma: no cover - interpreter teardown
             pass
 
@@ -195,13 +201,24 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
     """shm_open a new segment (exclusive, mode 0600) and reserve its pages; (name, fd, size)."""
     name = _new_name()
     size = max(int(nbytes), 1)  # mmap refuses a length of 0
+    if not _tracker_checked:
+        _tracker_apart()
     # Tell the resource tracker first: a process killed at any instant after shm_open then
     # leaves nothing behind (the tracker ignores a name that was never created). Registering
     # after shm_open leaked the segment when SIGKILL came in between.
     resource_tracker.register("/" + name, "shared_memory")
     try:
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    except OSError:  # nothing made (the name is ours: 96 random bits)
+        resource_tracker.unregister("/" + name, "shared_memory")
+        raise
     except BaseException:
+        # Ctrl-C (a signal's exception) as shm_open returned: the segment may exist, with
+        # no one left to unlink it once unregistered (it outlived the process).
+        try:
+            _posixshmem.shm_unlink("/" + name)
+        except OSError:
+            pass
         resource_tracker.unregister("/" + name, "shared_memory")
         raise
     try:
@@ -223,6 +240,57 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
         _unlink(name)
         raise
     return name, fd, size
+
+
+_tracker_checked = False
+_tracker_lock = threading.Lock()
+_tracker_process: list[subprocess.Popen] = []  # kept: never waited for here
+
+
+def _tracker_apart() -> None:
+    """Start multiprocessing's resource tracker, the process that unlinks this process's
+    segments if it dies, in a session of its own, unless one runs already.
+
+    Started by multiprocessing, it shares the process group of the program, and dies with
+    it when the group is signalled: a terminal hanging up (SIGHUP, which it does not ignore)
+    or ``kill -9 -PGID`` left every segment in /dev/shm until reboot. The same tracker,
+    started as multiprocessing would start it, but with ``setsid``; multiprocessing then
+    finds it running and uses it. It still ends once this process (and every child holding
+    its pipe) is gone, after unlinking what they left."""
+    global _tracker_checked
+    with _tracker_lock:
+        if _tracker_checked:
+            return
+        _tracker_checked = True
+    rt = getattr(resource_tracker, "_resource_tracker", None)
+    if rt is None or not all(hasattr(rt, a) for a in ("_lock", "_fd", "_pid")):
+        return  # pragma: no cover - another multiprocessing: its own tracker, as before
+    from multiprocessing import spawn, util
+
+    with rt._lock:
+        if rt._fd is not None or rt._pid is not None:  # running (or inherited): leave it
+            return
+        r, w = os.pipe()
+        try:
+            args = [spawn.get_executable(),
+                    *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                    "-c",
+                    f"from multiprocessing.resource_tracker import main;main({r})"]
+            # As multiprocessing: blocked until it ignores them (inherited through exec).
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                             {signal.SIGINT, signal.SIGTERM})
+            try:
+                proc = subprocess.Popen(args, pass_fds=(r,), start_new_session=True,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        except Exception:  # pragma: no cover - multiprocessing starts one as before
+            os.close(w)
+            return
+        finally:
+            os.close(r)
+        rt._fd, rt._pid = w, proc.pid
+        _tracker_process.append(proc)
 
 
 class _Segment:
@@ -291,29 +359,58 @@ def _unlink(name: str) -> None:
 
 
 def _raw_gone(name: str) -> None:
-    """The last view of an owned segment died: unlink it, and forget it was released."""
-    _release_name(name)
-    with _lock:
-        _released.pop(name, None)
+    """The last view of an owned segment died: unlink it, and forget it was released (a
+    finalizer: see ``_interrupt_later``)."""
+    try:
+        _release_name(name)
+        with _lock:
+            _released.pop(name, None)
+    except KeyboardInterrupt:
+        _interrupt_later()
+
+
+def _interrupt_later() -> None:
+    """Ctrl-C's ``KeyboardInterrupt`` raised in a finalizer (where Python only prints
+    "Exception ignored"): raise it again in the main thread once the finalizer is done, as
+    though the signal came a moment later. Swallowed, it let a loop of maps run on."""
+    def again() -> None:
+        time.sleep(INTERRUPT_AGAIN_S)
+        _thread.interrupt_main()
+
+    try:
+        _thread.start_new_thread(again, ())
+    except Exception:  # pragma: no cover - interpreter teardown
+        pass
+
+
+# Seconds after a finalizer caught Ctrl-C that it is raised again (the finalizer has ended).
+INTERRUPT_AGAIN_S = 0.002
 
 
 def _release_name(name: str) -> None:
     """Unlink an owned segment (idempotent); the memory goes when its last mapping does."""
-    with _lock:
-        seg = _owned.pop(name, None)
-        if seg is None:
-            return
-        _index_remove(name)
-        if seg.raw_ref() is not None:  # released while views of it live: remember where
-            _released[name] = (seg.start, seg.start + seg.size)
-        if seg.owner_pid != os.getpid():  # inherited through fork: not ours to unlink
-            return
-        for log in _subscribers:
-            log._names.append(name)
-    if seg.fd >= 0:
-        os.close(seg.fd)
-        seg.fd = -1
-    _unlink(name)
+    seg = None
+    try:
+        with _lock:
+            seg = _owned.pop(name, None)
+            if seg is None:
+                return
+            _index_remove(name)
+            if seg.raw_ref() is not None:  # released while views of it live: remember where
+                _released[name] = (seg.start, seg.start + seg.size)
+            if seg.owner_pid != os.getpid():  # inherited through fork: not ours to unlink
+                seg = None
+                return
+            for log in _subscribers:
+                log._names.append(name)
+        if seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+    finally:
+        # Also when Ctrl-C lands in between: out of _owned, nothing else would unlink it
+        # (until the process exits).
+        if seg is not None:
+            _unlink(name)
 
 
 def unlink_orphans(prefix: str) -> int:

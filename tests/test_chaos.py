@@ -34,7 +34,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from conftest import AS_AT_A_TERMINAL, TIMEOUT, shm_segments, wait_until
+from conftest import AS_AT_A_TERMINAL, TIMEOUT, shm_segments, take_down_if_hung, wait_until
 
 import parrun
 
@@ -750,3 +750,26 @@ def test_ctrl_c_while_waiting_on_a_future_leaves_the_pool_usable():
     assert latency < 1.0, latency
     assert after[:2] == ["after", "512"] and int(after[2]) >= 150, after
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
+def test_a_signal_to_the_whole_process_group_leaves_no_segment(sig):
+    """A terminal hanging up (SIGHUP to the job's process group) or ``kill -9 -PGID`` also
+    hit multiprocessing's resource tracker, in the same group: every segment stayed in
+    /dev/shm until reboot. parrun starts the tracker in a session of its own."""
+    src = ("import numpy as np, parrun, time; x = parrun.asshared(np.ones(10**6)); "
+           "parrun.map(np.sqrt, x); print('ready', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", src], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        assert shm_segments(p.pid)
+        os.killpg(p.pid, sig)
+        p.wait(TIMEOUT)
+        assert wait_until(lambda: not shm_segments(p.pid), timeout=10), shm_segments(p.pid)
+    finally:
+        take_down_if_hung(p)
+        p.stdout.close()
+        for name in shm_segments(p.pid):  # (a failure's: not left to the next test)
+            os.unlink(f"/dev/shm/{name}")

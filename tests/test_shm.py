@@ -289,3 +289,92 @@ def test_thousands_of_shared_arrays_hold_no_open_files():
     r = subprocess.run([sys.executable, "-c", MANY_ARRAYS_FEW_FILES], capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and r.stdout.split() == ["ok"], r.stderr[-3000:]
+
+
+class _ThenCtrlC:
+    """``fn``'s result, with Ctrl-C (a real SIGINT) landing as it returns."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return out
+
+
+def test_ctrl_c_as_shm_open_returns_leaves_no_segment(monkeypatch):
+    """The segment existed, unregistered from the tracker, with no one to unlink it: it
+    outlived the process."""
+    import types
+
+    from parrun import _shm
+
+    real = _shm._posixshmem
+    before = shm_segments(os.getpid())
+    monkeypatch.setattr(_shm, "_posixshmem", types.SimpleNamespace(
+        shm_open=_ThenCtrlC(real.shm_open), shm_unlink=real.shm_unlink))
+    with pytest.raises(KeyboardInterrupt):
+        parrun.empty(10)
+    monkeypatch.setattr(_shm, "_posixshmem", real)
+    assert shm_segments(os.getpid()) == before
+
+
+def test_ctrl_c_inside_release_still_unlinks_the_segment(monkeypatch):
+    """Out of the owned table, the segment was left for the tracker at exit."""
+    from parrun import _shm
+
+    a = parrun.empty(1000)
+    name = _shm.handle_of(a)[0]
+    monkeypatch.setattr(_shm, "_index_remove", _ThenCtrlC(_shm._index_remove))
+    with pytest.raises(KeyboardInterrupt):
+        a.release()
+    monkeypatch.undo()
+    assert name not in shm_segments(os.getpid())
+
+
+def test_ctrl_c_in_a_shared_array_s_finalizer_is_not_swallowed(monkeypatch):
+    """Raised in ``__del__`` (unmapping) or the segment's finalizer, Python only printed
+    "Exception ignored" and the program ran on: it is raised again just after."""
+    import time
+
+    from parrun import _shm
+
+    class Libc:  # munmap, then Ctrl-C
+        munmap = _ThenCtrlC(_shm._libc.munmap)
+    for where in ("__del__", "finalizer"):
+        a = parrun.asshared(np.ones(1000))
+        name = _shm.handle_of(a)[0]
+        if where == "__del__":
+            monkeypatch.setattr(_shm, "_libc", Libc)
+        else:
+            monkeypatch.setattr(_shm, "_index_remove", _ThenCtrlC(_shm._index_remove))
+        with pytest.raises(KeyboardInterrupt):
+            del a
+            gc.collect()
+            time.sleep(2.0)  # (before: it ran to its end)
+        monkeypatch.undo()
+        assert name not in shm_segments(os.getpid()), where
+
+
+def test_ctrl_c_as_the_task_thread_starts_leaves_no_thread_or_arena(monkeypatch):
+    """The pool never saw them: the next submit made another of each, and close() left
+    the first for the life of the process."""
+    import threading
+
+    real = threading.Thread.start
+
+    def start(self):
+        real(self)
+        if self.name == "parrun-tasks":
+            signal.raise_signal(signal.SIGINT)
+    with parrun.Pool(1) as p:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises(KeyboardInterrupt):
+            p.submit(pow, 2, 3)
+        monkeypatch.undo()
+        assert p.submit(pow, 2, 3).result(TIMEOUT) == 8
+        assert sum(t.name == "parrun-tasks" for t in threading.enumerate()) == 1
+    assert wait_until(lambda: not any(t.name == "parrun-tasks"
+                                      for t in threading.enumerate()))
+    assert not shm_segments(os.getpid())
