@@ -68,7 +68,12 @@ from ._checks import (
 )
 from ._errors import BrokenPool, PoolClosedError, WorkerCrashed, describe_exit
 from ._functions import pickle_function
-from ._process import default_start_method, forget_forkserver, process_class
+from ._process import (
+    default_start_method,
+    drop_dead_forkserver,
+    forget_forkserver,
+    process_class,
+)
 from ._scheduler import ControlBlock, control_size, initial_ranges
 from ._worker import TARGET_PIECE_NS
 
@@ -343,11 +348,17 @@ class Pool:
         st_r, st_w = self._ctx.Pipe(duplex=False)
         cpu = self._cpus[slot % len(self._cpus)] if self._cpus else None
         tag = secrets.token_hex(4)
-        proc = self._Process(
-            target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
-            args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads, cpu,
-                  self._initializer, tag))
-        proc.start()
+        for attempt in (1, 2):
+            proc = self._Process(
+                target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
+                args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads,
+                      cpu, self._initializer, tag))
+            try:
+                proc.start()
+                break
+            except (EOFError, ConnectionError):  # the fork server died: a new one, once
+                if attempt == 2 or not drop_dead_forkserver():
+                    raise
         cmd_r.close()
         st_w.close()
         return _WorkerHandle(slot, proc, cmd_w, st_r, tag)

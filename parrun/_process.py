@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import signal
 import threading
 from typing import Any
 
@@ -118,3 +119,32 @@ def forget_forkserver() -> None:
             os.close(fd)
     except Exception:  # pragma: no cover - internals differ: a pool there fails as before
         pass
+
+
+def drop_dead_forkserver() -> bool:
+    """The fork server refused or dropped a start (it died: a terminal's Ctrl-C reaches it
+    too while it still imports numpy, before it ignores SIGINT): make sure it is gone, and
+    forget it, so that the next start launches a new one. multiprocessing notices a dead
+    server only once it has exited; a start right after the Ctrl-C met the dying one
+    (``EOFError: unexpected EOF``). False if there was no server to drop."""
+    try:
+        from multiprocessing import forkserver
+
+        fs = forkserver._forkserver
+        with fs._lock:  # type: ignore[attr-defined]
+            pid = fs._forkserver_pid  # type: ignore[attr-defined]
+            if pid is None:
+                return False
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
+            fs._forkserver_pid = fs._forkserver_address = None  # type: ignore[attr-defined]
+            fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
+            if fd is not None:
+                os.close(fd)
+        return True
+    except Exception:  # pragma: no cover - internals differ: the start fails as before
+        return False

@@ -773,3 +773,41 @@ def test_a_signal_to_the_whole_process_group_leaves_no_segment(sig):
         p.stdout.close()
         for name in shm_segments(p.pid):  # (a failure's: not left to the next test)
             os.unlink(f"/dev/shm/{name}")
+
+
+CTRL_C_AT_THE_FIRST_START = textwrap.dedent("""
+    import os, signal, sys, threading, numpy as np, parrun
+    from multiprocessing import forkserver
+    if sys.argv[1] == "terminal":  # Ctrl-C at a terminal: SIGINT to the whole group, as
+        # the fork server is still importing numpy (it dies of it)
+        threading.Timer(0.1, os.killpg, (os.getpgid(0), signal.SIGINT)).start()
+        try:
+            parrun.map(np.sqrt, np.arange(10.0))
+        except KeyboardInterrupt:
+            pass
+    else:  # the same, made certain: the server's first connection is dropped
+        real = forkserver.connect_to_new_process
+
+        def dropped(fds):
+            forkserver.connect_to_new_process = real
+            forkserver.ensure_running()
+            raise EOFError("unexpected EOF")
+        forkserver.connect_to_new_process = dropped
+    print("retry", parrun.map(np.sqrt, np.arange(4.0)).tolist(), flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["terminal", "dropped"])
+def test_a_start_after_the_fork_server_died_starts_a_new_one(how):
+    """The retry right after a terminal's Ctrl-C met the dying server: ``EOFError:
+    unexpected EOF``, or ``ConnectionRefusedError``."""
+    p = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL + CTRL_C_AT_THE_FIRST_START,
+                          how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        take_down_if_hung(p)
+    assert "retry [0.0, 1.0, 1.4142135623730951, 1.7320508075688772]" in out, err[-2000:]
+    assert p.returncode == 0, err[-2000:]
