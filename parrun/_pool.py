@@ -377,32 +377,38 @@ class Pool:
                                      f"{w.pid}); the pool cannot start") from msg.error
             except EOFError:
                 pass
-        w.process.join(0.5)
-        raise WorkerCrashed(
+        if not ready:
+            # Killed: a hung initializer's worker outlived close() (its handle dropped)
+            w.process.kill()
+        w.process.join(STOP_TIMEOUT if not ready else 0.5)
+        raise _StartFailed(
             f"worker {w.slot} (pid {w.pid}) failed to start: "
-            f"{describe_exit(w.process.exitcode) if ready else 'timed out'}",
+            + (describe_exit(w.process.exitcode) if ready else
+               f"not ready after {START_TIMEOUT:g} s (a hung initializer?); killed"),
             pid=w.pid, exitcode=w.process.exitcode)
 
     def _replace(self, slot: int) -> None:
         if self._terminating:  # terminate() killed it: a call in flight fails, none restarts
             raise BrokenPool("the pool was terminated")
-        with _sigint_deferred():  # Ctrl-C here once left the pool broken for good
-            self._generation += 1
-            old = self._workers[slot]
-            for attempt in range(1, START_TRIES + 1):
+        old = self._workers[slot]
+        for attempt in range(1, START_TRIES + 1):
+            with _sigint_deferred():  # Ctrl-C here once left the pool broken for good
+                self._generation += 1
                 w = self._launch(slot)
                 # In place before the old handle closes: an interrupt (SIGALRM's, say) never
                 # leaves a closed handle in the pool; one not ready is seen by _replace_dead.
                 self._workers[slot] = w
                 if old is not None:
                     _close_handle(old)
-                old = w
-                try:
-                    self._await_ready(w)
-                    return
-                except WorkerCrashed:  # died while starting (an initializer failure is final)
-                    if attempt == START_TRIES:
-                        raise
+            old = w
+            try:
+                # Not deferred: Ctrl-C waited out START_TRIES x START_TIMEOUT for a hung
+                # initializer. Interrupted, the worker is awaited again by _replace_dead.
+                self._await_ready(w)
+                return
+            except _StartFailed:  # died while starting (an initializer failure is final)
+                if attempt == START_TRIES:
+                    raise
 
     def _replace_dead(self, tolerate: bool = False) -> set[int]:
         """Replace the workers that have died since the last call (one poll, ~1 us). A dead
@@ -904,6 +910,8 @@ class Pool:
                                          cost_key=cost_key)
                 assert self.last_stats is not None
                 return [p for part in partials for p in part], self.last_stats
+            except _StartFailed:  # not fn's doing: its replacement would not start
+                raise
             except WorkerCrashed as e:
                 if attempt == MAX_DEATHS_PER_CALL:
                     raise WorkerCrashed(
@@ -954,7 +962,8 @@ class Pool:
                     lost += self._cb.unfinished(slot)
                     old = self._workers[slot]
                     crashed.append((slot, old.pid, old.process.exitcode))
-                    self._replace(slot)
+                    if result.interrupted is None:  # (else the next call's _replace_dead:
+                        self._replace(slot)  # Ctrl-C waited for a slow initializer)
                 if result.interrupted is not None:
                     raise result.interrupted
                 if error is not None or red is not None or collect or not lost:
@@ -1266,6 +1275,10 @@ def _fold(reduce, partials: list[Any], initial: Any) -> Any:
 def _row_bytes(arrays: list[np.ndarray]) -> int:
     """Bytes of one row (along axis 0) of all the inputs together."""
     return sum(a.itemsize * math.prod(a.shape[1:]) for a in arrays)
+
+
+class _StartFailed(WorkerCrashed):
+    """A worker (a replacement) did not start: it died, or was not ready in time."""
 
 
 @contextlib.contextmanager

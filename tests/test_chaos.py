@@ -811,3 +811,78 @@ def test_a_start_after_the_fork_server_died_starts_a_new_one(how):
         take_down_if_hung(p)
     assert "retry [0.0, 1.0, 1.4142135623730951, 1.7320508075688772]" in out, err[-2000:]
     assert p.returncode == 0, err[-2000:]
+
+
+INTERRUPT_SLOW_REPLACEMENT = textwrap.dedent("""
+    import os, signal, tempfile, threading, time
+    import numpy as np, parrun
+    flag = tempfile.mktemp()
+
+    def init(flag):  # slow in replacement workers only
+        if os.path.exists(flag):
+            time.sleep(20)
+
+    def slow(t):
+        time.sleep(0.02)
+        return t + 1
+    pool = parrun.Pool(2, initializer=init, initargs=(flag,))
+    open(flag, "w").close()
+    print("pids", *pool.pids, flush=True)
+    threading.Timer(0.2, os.kill, (pool.pids[0], signal.SIGKILL)).start()
+    x = np.arange(1000.0)
+    try:
+        pool.map(slow, x, grain=1)
+    except KeyboardInterrupt:
+        print("interrupted", time.monotonic(), flush=True)
+    os.remove(flag)
+    y = pool.map(slow, x[:20])
+    print("after", bool((y == x[:20] + 1).all()), len(set(pool.pids)), flush=True)
+    pool.close()
+""")
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_is_not_held_back_by_a_replacement_that_starts_slowly():
+    """A worker died mid-map and its replacement's initializer took 20 s: Ctrl-C waited
+    for it (up to 3 x 60 s for one that hangs). The replacement waits for the next call."""
+    _pids, latency, after = _interrupt(INTERRUPT_SLOW_REPLACEMENT, 1.0)
+    assert latency < 1.0, latency
+    assert after == ["after", "True", "2"], after
+
+
+HUNG_INITIALIZER = textwrap.dedent("""
+    import os, signal, sys, tempfile, time
+    import numpy as np, parrun, psutil
+    import parrun._pool
+    parrun._pool.START_TIMEOUT = 1.0  # (60 s by default)
+    flag = tempfile.mktemp()
+
+    def init(flag):  # hangs, in replacement workers only
+        if os.path.exists(flag):
+            time.sleep(1000)
+    pool = parrun.Pool(2, initializer=init, initargs=(flag,))
+    open(flag, "w").close()
+    os.kill(pool.pids[0], signal.SIGKILL)
+    time.sleep(0.2)
+    try:
+        pool.map(np.negative, np.arange(100.0))
+    except parrun.WorkerCrashed as e:
+        print("error:", e, flush=True)
+    pool.close()
+    os.remove(flag)
+    time.sleep(0.5)
+    me = psutil.Process()
+    print("left:", [c.pid for c in me.children(recursive=True) if c.ppid() != me.pid
+                    and c.status() != psutil.STATUS_ZOMBIE], flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_a_replacement_whose_initializer_hangs_fails_clearly_and_is_killed():
+    """It said "4 workers died running the first piece of map ... fn probably ends its
+    process" (no worker ran fn) after 4 x 3 tries, and close() left the hung workers."""
+    r = subprocess.run([sys.executable, "-c", HUNG_INITIALIZER], capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert "not ready after 1 s (a hung initializer?); killed" in r.stdout, r.stdout + r.stderr
+    assert "fn probably" not in r.stdout
+    assert "left: []" in r.stdout, r.stdout
