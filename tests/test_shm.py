@@ -292,13 +292,18 @@ def test_thousands_of_shared_arrays_hold_no_open_files():
 
 
 class _ThenCtrlC:
-    """``fn``'s result, with Ctrl-C (a real SIGINT) landing as it returns."""
+    """``fn``'s result, with Ctrl-C landing as it returns: SIGINT's handler raising
+    ``KeyboardInterrupt`` there (``raised``), or a real SIGINT, whose handler runs at the
+    interpreter's next check."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, raised: bool = True):
         self.fn = fn
+        self.raised = raised
 
     def __call__(self, *args, **kwargs):
         out = self.fn(*args, **kwargs)
+        if self.raised:
+            raise KeyboardInterrupt
         signal.raise_signal(signal.SIGINT)
         return out
 
@@ -363,18 +368,22 @@ def test_ctrl_c_as_the_task_thread_starts_leaves_no_thread_or_arena(monkeypatch)
     import threading
 
     real = threading.Thread.start
+    before_segments = shm_segments(os.getpid())
 
-    def start(self):
+    def start(self):  # a real SIGINT: the pool holds it while it makes the thread
         real(self)
         if self.name == "parrun-tasks":
             signal.raise_signal(signal.SIGINT)
+
+    def task_threads():  # (other pools' too: this module's pool fixture has one)
+        return {t for t in threading.enumerate() if t.name == "parrun-tasks"}
+    before = task_threads()
     with parrun.Pool(1) as p:
         monkeypatch.setattr(threading.Thread, "start", start)
         with pytest.raises(KeyboardInterrupt):
             p.submit(pow, 2, 3)
         monkeypatch.undo()
         assert p.submit(pow, 2, 3).result(TIMEOUT) == 8
-        assert sum(t.name == "parrun-tasks" for t in threading.enumerate()) == 1
-    assert wait_until(lambda: not any(t.name == "parrun-tasks"
-                                      for t in threading.enumerate()))
-    assert not shm_segments(os.getpid())
+        assert len(task_threads() - before) == 1
+    assert wait_until(lambda: task_threads() <= before)
+    assert not shm_segments(os.getpid()) - before_segments
