@@ -1002,7 +1002,13 @@ class Pool:
         # imports or a JIT compile).
         items_run = sum(t[0] for t in totals) - sum(t[0] for t in base)
         busy_ns = sum(t[3] for t in totals) - sum(t[3] for t in base)
-        if cost_key and items_run and error is None:
+        known = self._cost.get(cost_key) if cost_key else None
+        if cost_key and items_run and error is None and (
+                known is None or busy_ns >= MIN_SHARE_S * 1e9 or busy_ns < known * items_run):
+            # A dearer cost a row is learned from a job of some length only: a few cheap
+            # rows cost mostly the call (map's 8 first rows of np.sqrt: 30x the cost a row
+            # of the rest, which then woke both workers for 30 us of work, one of them too
+            # late: ~10 steals a call).
             self._cost[cost_key] = busy_ns / items_run
             self._cost.move_to_end(cost_key)
             while len(self._cost) > FN_CACHE_SIZE:
