@@ -72,6 +72,7 @@ from ._process import (
     default_start_method,
     drop_dead_forkserver,
     forget_forkserver,
+    forkserver_pid,
     process_class,
 )
 from ._scheduler import ControlBlock, control_size, initial_ranges
@@ -353,11 +354,15 @@ class Pool:
                 target=_worker.main, name=f"parrun-worker-{slot}", daemon=True,
                 args=(slot, cmd_r, st_w, self._control_name, self.workers, self.blas_threads,
                       cpu, self._initializer, tag))
+            server = forkserver_pid()
             try:
                 proc.start()
                 break
-            except (EOFError, ConnectionError):  # the fork server died: a new one, once
-                if attempt == 2 or not drop_dead_forkserver():
+            except (EOFError, ConnectionRefusedError, ConnectionResetError):
+                # The fork server died (not a worker killed as it read its start data:
+                # BrokenPipeError): a new one, once
+                # (no server as the start began: the one it launched)
+                if attempt == 2 or not drop_dead_forkserver(server or forkserver_pid()):
                     raise
         cmd_r.close()
         st_w.close()

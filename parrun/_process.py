@@ -18,8 +18,8 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import signal
 import threading
+import time
 from typing import Any
 
 # Keys of multiprocessing's preparation data that make a child import the parent's __main__.
@@ -121,30 +121,54 @@ def forget_forkserver() -> None:
         pass
 
 
-def drop_dead_forkserver() -> bool:
-    """The fork server refused or dropped a start (it died: a terminal's Ctrl-C reaches it
-    too while it still imports numpy, before it ignores SIGINT): make sure it is gone, and
-    forget it, so that the next start launches a new one. multiprocessing notices a dead
-    server only once it has exited; a start right after the Ctrl-C met the dying one
-    (``EOFError: unexpected EOF``). False if there was no server to drop."""
+def forkserver_pid() -> int | None:
+    """The pid of this process's fork server, if it has one running (or not yet waited for)."""
+    try:
+        from multiprocessing import forkserver
+
+        return forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - internals differ
+        return None
+
+
+# Seconds a start that failed talking to the fork server waits for it to exit.
+FORKSERVER_EXIT_S = 2.0
+
+
+def drop_dead_forkserver(pid: int | None) -> bool:
+    """A start failed talking to the fork server ``pid`` (its pid as the start began): True
+    if a start may be tried again, because that server has been replaced meanwhile (another
+    thread's start did it), or it has exited (within ``FORKSERVER_EXIT_S``) and is now
+    forgotten, so that the next start launches a new one. A terminal's Ctrl-C reaches the
+    server too while it still imports numpy (before it ignores SIGINT), and multiprocessing
+    notices a dead server only once it has exited: the start right after the Ctrl-C met the
+    dying one (``EOFError: unexpected EOF``). False if it still runs: the failure was
+    something else, and a working server (other pools' workers fork from it) is left be."""
+    if pid is None:
+        return False
     try:
         from multiprocessing import forkserver
 
         fs = forkserver._forkserver
-        with fs._lock:  # type: ignore[attr-defined]
-            pid = fs._forkserver_pid  # type: ignore[attr-defined]
-            if pid is None:
+        deadline = time.monotonic() + FORKSERVER_EXIT_S
+        while True:
+            with fs._lock:  # type: ignore[attr-defined]
+                if fs._forkserver_pid != pid:  # type: ignore[attr-defined]
+                    return True
+                try:
+                    gone = os.waitpid(pid, os.WNOHANG)[0] != 0
+                except ChildProcessError:
+                    gone = True
+                if gone:
+                    fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
+                    fs._forkserver_pid = None  # type: ignore[attr-defined]
+                    fs._forkserver_address = None  # type: ignore[attr-defined]
+                    fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
+                    if fd is not None:
+                        os.close(fd)
+                    return True
+            if time.monotonic() > deadline:
                 return False
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
-            fs._forkserver_pid = fs._forkserver_address = None  # type: ignore[attr-defined]
-            fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
-            if fd is not None:
-                os.close(fd)
-        return True
+            time.sleep(0.01)
     except Exception:  # pragma: no cover - internals differ: the start fails as before
         return False

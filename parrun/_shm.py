@@ -36,7 +36,6 @@ import pickle
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -244,7 +243,6 @@ def _create_fd(nbytes: int) -> tuple[str, int, int]:
 
 _tracker_checked = False
 _tracker_lock = threading.Lock()
-_tracker_process: list[subprocess.Popen] = []  # kept: never waited for here
 
 
 def _tracker_apart() -> None:
@@ -256,7 +254,8 @@ def _tracker_apart() -> None:
     or ``kill -9 -PGID`` left every segment in /dev/shm until reboot. The same tracker,
     started as multiprocessing would start it, but with ``setsid``; multiprocessing then
     finds it running and uses it. It still ends once this process (and every child holding
-    its pipe) is gone, after unlinking what they left."""
+    its pipe) is gone, after unlinking what they left. One that multiprocessing started
+    before (for a stdlib ``SharedMemory``, a lock of a spawn context) is used as it is."""
     global _tracker_checked
     with _tracker_lock:
         if _tracker_checked:
@@ -272,25 +271,24 @@ def _tracker_apart() -> None:
             return
         r, w = os.pipe()
         try:
-            args = [spawn.get_executable(),
-                    *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                    "-c",
-                    f"from multiprocessing.resource_tracker import main;main({r})"]
-            # As multiprocessing: blocked until it ignores them (inherited through exec).
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                             {signal.SIGINT, signal.SIGTERM})
-            try:
-                proc = subprocess.Popen(args, pass_fds=(r,), start_new_session=True,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            exe = spawn.get_executable()
+            args = [exe, *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                    "-c", f"from multiprocessing.resource_tracker import main;main({r})"]
+            os.set_inheritable(r, True)
+            # (posix_spawn, not subprocess: a Popen kept for ever warns at exit that its
+            # process still runs.) SIGINT and SIGTERM blocked until it ignores them, as
+            # multiprocessing starts it; stdin and stdout on /dev/null, stderr ours.
+            pid = os.posix_spawn(exe, args, os.environ, setsid=True,
+                                 setsigmask={signal.SIGINT, signal.SIGTERM},
+                                 file_actions=[
+                                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
         except Exception:  # pragma: no cover - multiprocessing starts one as before
             os.close(w)
             return
         finally:
             os.close(r)
-        rt._fd, rt._pid = w, proc.pid
-        _tracker_process.append(proc)
+        rt._fd, rt._pid = w, pid
 
 
 class _Segment:
@@ -375,7 +373,13 @@ def _interrupt_later() -> None:
     though the signal came a moment later. Swallowed, it let a loop of maps run on."""
     def again() -> None:
         time.sleep(INTERRUPT_AGAIN_S)
-        _thread.interrupt_main()
+        if callable(signal.getsignal(signal.SIGINT)):
+            # A real SIGINT, to the main thread: it also cuts short a blocking call there
+            # (interrupt_main only sets the flag that a sleep, say, checks when it ends).
+            signal.pthread_kill(threading.main_thread().ident,  # type: ignore[arg-type]
+                                signal.SIGINT)
+        else:  # pragma: no cover - no Python handler: as interrupt_main decides
+            _thread.interrupt_main()
 
     try:
         _thread.start_new_thread(again, ())

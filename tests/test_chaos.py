@@ -785,12 +785,13 @@ CTRL_C_AT_THE_FIRST_START = textwrap.dedent("""
             parrun.map(np.sqrt, np.arange(10.0))
         except KeyboardInterrupt:
             pass
-    else:  # the same, made certain: the server's first connection is dropped
+    else:  # the same, made certain: the server dies as the first start talks to it
         real = forkserver.connect_to_new_process
 
         def dropped(fds):
             forkserver.connect_to_new_process = real
             forkserver.ensure_running()
+            os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
             raise EOFError("unexpected EOF")
         forkserver.connect_to_new_process = dropped
     print("retry", parrun.map(np.sqrt, np.arange(4.0)).tolist(), flush=True)
@@ -886,3 +887,27 @@ def test_a_replacement_whose_initializer_hangs_fails_clearly_and_is_killed():
     assert "not ready after 1 s (a hung initializer?); killed" in r.stdout, r.stdout + r.stderr
     assert "fn probably" not in r.stdout
     assert "left: []" in r.stdout, r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_start_failing_for_another_reason_leaves_the_working_fork_server_be():
+    """A start's EOFError or broken pipe with the server alive (a worker killed as it read
+    its start data, say) killed the server, and with it the other pools' workers."""
+    from multiprocessing import forkserver
+
+    real = forkserver.connect_to_new_process
+
+    def dropped(fds):
+        forkserver.connect_to_new_process = real
+        raise EOFError("unexpected EOF")
+    with parrun.Pool(1) as a:
+        pids, server = a.pids, forkserver._forkserver._forkserver_pid
+        forkserver.connect_to_new_process = dropped
+        try:
+            with pytest.raises(EOFError):
+                parrun.Pool(1)
+        finally:
+            forkserver.connect_to_new_process = real
+        assert forkserver._forkserver._forkserver_pid == server
+        assert a.map(np.sqrt, np.arange(4.0)).tolist() == [0.0, 1.0, 2.0 ** 0.5, 3.0 ** 0.5]
+        assert a.pids == pids
