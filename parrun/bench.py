@@ -182,19 +182,29 @@ def cost_of(i: int) -> int:
     return 21 * q + r * (r - 1) // 2
 
 
+class Unordered(list):
+    """A method's results in no fixed order (``imap_unordered``; the static splits' lists a
+    share): checked as a set, each value once. The others' are checked item by item."""
+
+
 def _check_items(ret: Any, n: int) -> str | None:
-    """The irregular workload's check: every item's value, once each, in any order (the
-    static splits return a list a share)."""
-    got: list[int] = []
+    """The irregular workload's check: item i's value at i, or, for an ``Unordered`` result,
+    every item's value once (a value tells its item: ``cost_of`` grows with i)."""
+    want = [cost_of(i) for i in range(n)]
+    if not isinstance(ret, Unordered):
+        got = [int(v) for v in ret]
+        if got == want:
+            return None
+        bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), n))
+        return f"{len(got)} values of {n}; first wrong at item {bad}"
+    flat: list[int] = []
     for r in ret:
         if isinstance(r, (list, tuple, np.ndarray)) and np.ndim(r) > 0:
-            got.extend(int(v) for v in r)
+            flat.extend(int(v) for v in r)
         else:
-            got.append(int(r))
-    want = sorted(cost_of(i) for i in range(n))
-    if sorted(got) != want:
-        return f"{len(got)} values of {n}, not the items' (as a set)" if len(got) != n \
-            else "values differ from the items'"
+            flat.append(int(r))
+    if sorted(flat) != want:
+        return f"{len(flat)} values of {n}, not the items' (as a set)"
     return None
 
 
@@ -677,13 +687,13 @@ def irregular_workload(quick: bool, pools, items: int | None = None) -> Workload
         if how == "halves":
             return lambda: p.map(_cost, items, chunksize=-(-n // w))
         if how == "cyclic":
-            return lambda: p.map(_cost_chunk, [items[k::w] for k in range(w)])
+            return lambda: Unordered(p.map(_cost_chunk, [items[k::w] for k in range(w)]))
         if how == "oracle":
             shares = lpt_shares(n, w)
-            return lambda: p.map(_cost_chunk, shares, chunksize=1)
+            return lambda: Unordered(p.map(_cost_chunk, shares, chunksize=1))
         if how == "chunks":
             return lambda: p.map(_cost, items)
-        return lambda: list(p.imap_unordered(_cost, items, chunksize=1))
+        return lambda: Unordered(p.imap_unordered(_cost, items, chunksize=1))
 
     def executor(make):
         def method(w):
@@ -1080,14 +1090,15 @@ def _fill(arrays: list[np.ndarray], value: Any) -> None:
 
 
 def _same_pixels(ref: np.ndarray) -> Callable[[Any], str | None]:
-    """A check: the escape times equal ``ref``'s but for at most 1 pixel in 1,000 (kernels
-    compiled apart may round a point on the set's edge the other way)."""
+    """A check: the escape times equal ``ref``'s but for at most 1 pixel in 100,000 (40 of
+    2000x2000: kernels compiled apart might round a point on the set's edge the other way;
+    none did here, numba's three kernels and the Python one). A row left unwritten fails."""
     def check(ret: Any) -> str | None:
         got = np.asarray(ret)
         if got.shape != ref.shape:
             return f"shape {got.shape}, expected {ref.shape}"
         bad = int(np.count_nonzero(got != ref))
-        return None if bad * 1000 <= ref.size else f"{bad} of {ref.size} pixels differ"
+        return None if bad * 100_000 <= ref.size else f"{bad} of {ref.size} pixels differ"
     return check
 
 

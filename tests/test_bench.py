@@ -584,7 +584,7 @@ def test_each_workload_s_check_passes_its_reference_and_fails_a_wrong_answer():
                     wrong = np.array(right)
                     flat = wrong.reshape(-1)
                     if name == "mandelbrot":
-                        flat[::100] += 1
+                        wrong[-1] = -1  # one row left unwritten
                     else:
                         flat[len(flat) // 2] += 0.1
                 problem = wl.check(wrong)
@@ -593,7 +593,9 @@ def test_each_workload_s_check_passes_its_reference_and_fails_a_wrong_answer():
             finally:
                 for c in wl.cleanup:
                     c()
-    assert B._check_items([[B.cost_of(2), B.cost_of(0)], [B.cost_of(1)]], 3) is None
+    assert B._check_items(B.Unordered([[B.cost_of(2), B.cost_of(0)], [B.cost_of(1)]]), 3) is None
+    assert B._check_items([B.cost_of(1), B.cost_of(0), B.cost_of(2)], 3)  # misplaced
+    assert B._check_items([B.cost_of(i) for i in range(3)], 3) is None
     assert [B.cost_of(i) for i in range(60)] == [B._cost(i) for i in range(60)]
 
 

@@ -82,6 +82,11 @@ FETCH_STOP_TIMEOUT = 5.0
 # Seconds close() lets the tasks already running finish before it cancels them: as the local
 # pool, running tasks finish first, but a task that hangs must not hang close() for ever.
 CLOSE_TIMEOUT = 60.0
+# cancel() asks the workers which tasks run, for at most this many seconds (a task on a
+# worker that does not answer counts as not running: cancelled, as Dask does), and reuses an
+# answer for this long.
+CANCEL_ASK_S = 1.0
+CANCEL_ANSWER_S = 0.05
 # Arrays at least this big travel as Dask data of their own (keyed by content, sent once per
 # worker, reused across calls) instead of inside a pickle. Smaller ones cost less to send
 # with each task than a scatter round trip (~1 ms) and a hash.
@@ -351,8 +356,11 @@ class _ResultPickler(cloudpickle.Pickler):
     """cloudpickle with the shared arrays a result holds by value: their segments are this
     worker's (on another machine, maybe), and go when it releases them."""
 
+    found_shared = False
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, parrun.SharedArray):
+            self.found_shared = True
             return np.array(obj).__reduce_ex__(5)
         return super().reducer_override(obj)
 
@@ -360,28 +368,41 @@ class _ResultPickler(cloudpickle.Pickler):
 @dataclass(frozen=True)
 class _Pickled:
     """A result pickled on the worker: one that Dask failed to pickle there made Dask's
-    next calls on that client fail too (an AssertionError on a later map)."""
+    next calls on that client fail too (an AssertionError on a later map). Its arrays' data
+    stays out of the pickle (``buffers``, as byte arrays)."""
 
     blob: bytes
+    buffers: tuple = ()
 
 
 def _result_value(v: Any, what: str = "the result of the task") -> Any:
     """A task's result (``what``) as it travels: an array as it is (an array in this
-    worker's shared memory, copied out); anything else pickled here, so that an object that
-    cannot be is this task's ``TypeError``."""
+    worker's shared memory, copied out). Anything else is pickled here first, so that an
+    object that cannot be is this task's ``TypeError`` (its arrays' data out of band: not
+    copied); then it goes as it is, for Dask to serialize (its own array frames: a 200 MB
+    array in a tuple took 3x the time through our pickle), unless it holds shared arrays:
+    then as that pickle, which has them by value."""
     if type(v) in _PLAIN_ARRAYS:
         return np.array(v) if parrun.is_shared(v) else v
     buf = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    pickler = _ResultPickler(buf, protocol=5, buffer_callback=buffers.append)
     try:
-        _ResultPickler(buf, protocol=5).dump(v)
+        pickler.dump(v)
     except Exception as e:
         raise TypeError(f"{what} could not be pickled: {type(e).__name__}: {e}") from None
-    return _Pickled(buf.getvalue())
+    if not pickler.found_shared:
+        return v
+    return _Pickled(buf.getvalue(), tuple(np.frombuffer(b.raw(), np.uint8) for b in buffers))
 
 
 def _unpacked(v: Any) -> Any:
-    """A result as ``_result_value`` sent it, here."""
-    return pickle.loads(v.blob) if isinstance(v, _Pickled) else v
+    """A result as ``_result_value`` sent it, here (its arrays writable, as a result's are
+    on the local pool)."""
+    if not isinstance(v, _Pickled):
+        return v
+    return pickle.loads(v.blob, buffers=[b if b.flags.writeable else np.array(b)
+                                         for b in v.buffers])
 
 
 @dataclass(frozen=True)
@@ -777,6 +798,7 @@ class DaskPool(parrun.Pool):
         self._token = secrets.token_hex(6)
         self._cache_bytes = 0
         self._cache_lock = threading.RLock()
+        self._running_seen: tuple[float, set[str]] = (-1e9, set())  # (when, keys): cancel()
         self._fetch: _Fetcher | None = None
         t0 = time.perf_counter()
         self._owns_client = client is None
@@ -851,19 +873,33 @@ class DaskPool(parrun.Pool):
         return (f"<parrun.backends.DaskPool scheduler={getattr(where, 'address', None)!r} "
                 f"threads={getattr(self, '_threads', 0)} {state}>")
 
-    def _running_keys(self) -> set[str]:
+    def _running_keys(self, timeout: float | None = None) -> set[str]:
         """The keys of the Dask tasks running on the workers now; none if the workers do not
-        answer within ``timeout`` (a lost or hung worker must not hang ``close``)."""
+        answer within ``timeout`` (default: the pool's; a lost or hung worker must not hang
+        ``close``)."""
         try:
             if self._client.status != "running":
                 return set()
             # callback_timeout bounds the call (Client.sync's), and is not passed to the
             # function; a worker that fails to answer is left out.
             per_worker = self._client.run(_running_keys, on_error="ignore",
-                                          callback_timeout=self.timeout)
+                                          callback_timeout=timeout or self.timeout)
         except Exception:  # the client closing, a timeout
             return set()
         return {k for keys in per_worker.values() for k in keys}
+
+    def _running_now(self) -> set[str]:
+        """``_running_keys`` for ``cancel()``: asked within ``CANCEL_ASK_S`` (a worker that
+        does not answer, stopped or holding the GIL, blocked each cancel for ``timeout``),
+        and one answer serves the cancels of the next ``CANCEL_ANSWER_S`` (an executor's map
+        cancels many at once)."""
+        with self._cache_lock:
+            at, keys = self._running_seen
+        if time.monotonic() - at > CANCEL_ANSWER_S:
+            keys = self._running_keys(CANCEL_ASK_S)
+            with self._cache_lock:
+                self._running_seen = (time.monotonic(), keys)
+        return keys
 
     def close(self) -> None:
         """Cancel the tasks that have not started (those running finish first, for up to
@@ -1232,7 +1268,7 @@ class DaskPool(parrun.Pool):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        f = _TaskFuture(self._running_keys)
+        f = _TaskFuture(self._running_now)
         try:
             fn_s = self._ship(fn, "fn")
             local = frozenset(id(a) for a in (*args, *kwargs.values())
