@@ -1210,14 +1210,16 @@ def _counts(m: Method, workers: list[int]) -> list[int]:
     return [w for w in workers if not m.max_workers or w <= m.max_workers]
 
 
-def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict[str, Any]:
+def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int,
+             progress: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
     """Time every (method, workers) of ``wl`` ``repeat`` times, interleaved: each round runs
     every one of them once, starting one further along each round. A slow minute on a shared
     machine then falls on all methods alike instead of on whichever was being timed, so the
     ratios the tables print compare runs made side by side. Each (method, workers) runs
     ``warmup`` times untimed first (at least once: the first run's answer is checked against
     the workload's reference). A method that raises, or answers wrong, is reported as failed
-    (with the error) and the others go on."""
+    (with the error) and the others go on. ``progress(name, runs)``: a bar (``update(1)``,
+    ``close()``) that ticks at each timed run of the workload."""
     rows: dict[str, Any] = {}
     calls: list[tuple[str, str, Callable[[], Any]]] = []
     warmup = max(1, warmup)  # (the first untimed run checks the result)
@@ -1251,27 +1253,38 @@ def _measure(wl: Workload, workers: list[int], repeat: int, warmup: int) -> dict
                 calls.append((m.name, str(w), fn))
         except Exception as e:
             fail(m.name, e)
-    for r in range(repeat):
-        k = r % len(calls) if calls else 0
-        for name, wk, fn in calls[k:] + calls[:k]:
-            if "times_s" not in rows[name]:
-                continue  # failed earlier in this round
-            t = time.perf_counter()
-            try:
-                fn()
-            except Exception as e:
-                fail(name, e)
-                continue
-            rows[name]["times_s"][wk].append(time.perf_counter() - t)
-    for m in wl.methods:
-        if m.make is not None and m.exclusive:
+    exclusive = [m for m in wl.methods if m.make is not None and m.exclusive]
+    bar = progress(wl.name, repeat * (len(calls) + sum(len(_counts(m, workers))
+                                                      for m in exclusive))) if progress else None
+    try:
+        for r in range(repeat):
+            k = r % len(calls) if calls else 0
+            for name, wk, fn in calls[k:] + calls[:k]:
+                if "times_s" not in rows[name]:
+                    continue  # failed earlier in this round
+                t = time.perf_counter()
+                try:
+                    fn()
+                except Exception as e:
+                    fail(name, e)
+                    continue
+                rows[name]["times_s"][wk].append(time.perf_counter() - t)
+                if bar is not None:
+                    bar.update(1)
+        for m in exclusive:
+            assert m.make is not None
             try:
                 for w in _counts(m, workers):
                     fn = m.make(w)
                     _verify(wl, m, fn)
                     rows[m.name]["times_s"][str(w)] = _times(fn, repeat, warmup - 1)
+                    if bar is not None:
+                        bar.update(repeat)
             except Exception as e:
                 fail(m.name, e)
+    finally:
+        if bar is not None:
+            bar.close()
     return rows
 
 
@@ -1303,11 +1316,17 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                                "command": command,
                                "workloads": {}}
     bar = None
+    runs: Callable[[str, int], Any] | None = None
     if progress:
         try:
             from tqdm import tqdm
 
             bar = tqdm(total=len(suites), unit="workload", file=sys.stderr)
+
+            def workload_runs(name: str, total: int) -> Any:  # one workload's timed runs
+                return tqdm(total=total, desc=name, unit="run", leave=False, position=1,
+                            file=sys.stderr)
+            runs = workload_runs
         except ImportError:
             bar = None
     pools = {w: parrun.Pool(w) for w in workers}
@@ -1324,7 +1343,7 @@ def run(suites: list[str], workers: list[int], repeat: int, quick: bool,
                 results["workloads"][name] = {"error": _failed(e)}
             else:
                 try:
-                    rows = _measure(wl, workers, repeat, warmup)
+                    rows = _measure(wl, workers, repeat, warmup, runs)
                 finally:
                     for c in wl.cleanup:
                         c()

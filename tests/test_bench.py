@@ -470,6 +470,27 @@ def test_runs_are_interleaved_so_methods_are_timed_side_by_side():
     assert list(rows) == ["serial", "a", "one pool", "b", "c"]  # the table keeps its order
 
 
+def test_the_progress_bar_ticks_at_every_timed_run():
+    class Bar:
+        def __init__(self, name, total):
+            self.name, self.total, self.n, self.closed = name, total, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+    bars: list = []
+    M = parrun.bench.Method
+    wl = parrun.bench.Workload("toy", "items/s", 1, [
+        M("serial", lambda w: (lambda: None), scales=False), M("a", lambda w: (lambda: None)),
+        M("one pool", lambda w: (lambda: None), exclusive=True)])
+    parrun.bench._measure(wl, [1, 2], repeat=3, warmup=1, progress=Bar)
+    (bar,) = bars
+    assert (bar.name, bar.total, bar.n, bar.closed) == ("toy", 15, 15, True)
+
+
 def test_a_method_that_raises_is_reported_and_the_others_go_on():
     log: list[tuple[str, int]] = []
     runs = {"late": 0}
