@@ -360,8 +360,8 @@ class Pool:
                 break
             except (EOFError, ConnectionRefusedError, ConnectionResetError):
                 # The fork server died (not a worker killed as it read its start data:
-                # BrokenPipeError): a new one, once
-                # (no server as the start began: the one it launched)
+                # BrokenPipeError): a new one, once. (No server as the start began: the
+                # one this start launched.)
                 if attempt == 2 or not drop_dead_forkserver(server or forkserver_pid()):
                     raise
         cmd_r.close()
