@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -595,10 +596,10 @@ TASK_PIECE_MAX = 256
 SPIN_S = 200e-6
 
 
-def _spin(cmd) -> None:
+def _spin(poller: select.poll) -> None:
     end = time.perf_counter() + SPIN_S
     while time.perf_counter() < end:
-        if cmd.poll():
+        if poller.poll(0):  # (~0.3 us; cmd.poll() builds a selector each call: ~2 us)
             return
         os.sched_yield()
 
@@ -644,10 +645,12 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
             status.send_bytes(cloudpickle.dumps(P.InitFailed(slot, exception_for_transport(e))))
             sys.exit(1)
     status.send_bytes(pickle.dumps(P.Ready(slot, os.getpid())))
+    poller = select.poll()  # the command pipe: a message, or the parent gone (POLLHUP)
+    poller.register(cmd.fileno(), select.POLLIN)
     while True:
         try:
-            if not cmd.poll():
-                _spin(cmd)
+            if not poller.poll(0):
+                _spin(poller)
             data = cmd.recv_bytes()
         except (EOFError, OSError):  # the parent is gone
             break
