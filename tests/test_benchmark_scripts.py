@@ -156,6 +156,20 @@ def test_bench_mlp_slices(tmp_path):
         assert f"--size: d,h, two positive integers, got '{bad}'" in r.stderr
 
 
+def test_bench_small(tmp_path):
+    out = tmp_path / "s.json"
+    r = _run("bench_small.py", "--calls", "5", "--warm", "3", "--sizes", "1e3,2e3", "--json",
+             str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 7 and "submit(pow, 2, 3)" in cases
+    for res in cases.values():
+        assert set(res) == {"parrun", "serial", "threads"}
+        assert all(0 < v["min_us"] <= v["median_us"] for v in res.values())
+    assert "chain, out, 2e+03" in r.stdout and "parrun / threads" in r.stdout
+    r = _run("bench_small.py", "--sizes", "1", code=2)
+    assert "each at least --workers (2)" in r.stderr
+
+
 @pytest.mark.timeout(180)
 def test_bench_pieces(tmp_path):
     out = tmp_path / "p.json"
@@ -244,7 +258,8 @@ def test_bench_map_fails_a_method_that_writes_nothing(monkeypatch):
                                          ("bench_map.py", ("--n", "0")),
                                          ("bench_irregular.py", ("--workers", "0")),
                                          ("bench_irregular.py", ("--trials", "0")),
-                                         ("bench_tasks.py", ("--repeat", "0"))])
+                                         ("bench_tasks.py", ("--repeat", "0")),
+                                         ("bench_small.py", ("--calls", "0"))])
 def test_scripts_refuse_counts_below_one_with_a_usage_error(script, args):
     # They crashed (StatisticsError, IndexError, "min() arg is an empty sequence").
     r = _run(script, *args, code=2)
