@@ -1133,11 +1133,11 @@ class Pool:
                     ready = [c for c in (spin_on[fd] for fd, _ in spin_poll.poll(0))
                              if c in pending]
                     if not ready:
+                        # (No sched_yield here: on a loaded machine it handed the core to a
+                        # busy process for a whole tick, ~4 ms, every map of 1,000 rows,
+                        # against 0.6-3 ms; the worker queued behind us waits at most
+                        # SPIN_S, until we sleep.)
                         if time.perf_counter() < spin_until:
-                            # A worker woken by our write is often queued on our own core
-                            # (a pipe write is a sync wake-up): let it run. (Without, 3 of 8
-                            # fresh pools ran small maps 2.5x slower, for their whole life.)
-                            os.sched_yield()
                             continue
                         spin_until = 0
                         ready = _wait(list(pending) + list(sentinels), timeout)
