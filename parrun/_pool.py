@@ -1084,6 +1084,7 @@ class Pool:
         spin_until = time.perf_counter() + SPIN_S
         spin_poll = select.poll()
         spin_on: dict[int, Any] = {}  # the status pipes polled while spinning, by fd
+        spin_set: set[Any] = set()  # (the same pipes)
         gone: dict[int, float] = {}  # slot -> when its process was seen dead
         while pending:
             try:
@@ -1126,8 +1127,9 @@ class Pool:
                     # Short jobs finish within microseconds: poll before paying for a sleep and a
                     # wake-up (tens of microseconds each).
                     # (select.poll: Connection.poll builds a selector a call, ~2 us each)
-                    if not set(spin_on.values()).issuperset(pending):  # (late workers too)
+                    if not spin_set.issuperset(pending):  # (late workers too)
                         spin_poll, spin_on = select.poll(), {c.fileno(): c for c in pending}
+                        spin_set = set(pending)
                         for fd in spin_on:
                             spin_poll.register(fd, select.POLLIN)
                     ready = [c for c in (spin_on[fd] for fd, _ in spin_poll.poll(0))
