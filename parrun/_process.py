@@ -111,14 +111,19 @@ def forget_forkserver() -> None:
         fs = forkserver._forkserver
         if fs._forkserver_pid is None:  # type: ignore[attr-defined]
             return
-        fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
-        fs._forkserver_pid = fs._forkserver_address = None  # type: ignore[attr-defined]
-        fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
+        _forget(fs)
         fs._lock = threading.Lock()  # type: ignore[attr-defined]  # held by another thread?
-        if fd is not None:
-            os.close(fd)
     except Exception:  # pragma: no cover - internals differ: a pool there fails as before
         pass
+
+
+def _forget(fs: Any) -> None:
+    """Clear multiprocessing's record of fork server ``fs`` and close our end of its 'alive'
+    pipe: the next start launches a new server."""
+    fd = fs._forkserver_alive_fd
+    fs._forkserver_pid = fs._forkserver_address = fs._forkserver_alive_fd = None
+    if fd is not None:
+        os.close(fd)
 
 
 def forkserver_pid() -> int | None:
@@ -160,12 +165,7 @@ def drop_dead_forkserver(pid: int | None) -> bool:
                 except ChildProcessError:
                     gone = True
                 if gone:
-                    fd = fs._forkserver_alive_fd  # type: ignore[attr-defined]
-                    fs._forkserver_pid = None  # type: ignore[attr-defined]
-                    fs._forkserver_address = None  # type: ignore[attr-defined]
-                    fs._forkserver_alive_fd = None  # type: ignore[attr-defined]
-                    if fd is not None:
-                        os.close(fd)
+                    _forget(fs)
                     return True
             if time.monotonic() > deadline:
                 return False

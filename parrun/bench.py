@@ -171,9 +171,14 @@ def _check_tasks(ret: list, n: int) -> str | None:
     """The tasks workload's check: task i returned i (futures are read here, untimed)."""
     got = [r.result() if isinstance(r, cf.Future) else r for r in ret]
     if got != list(range(n)):
-        bad = next((i for i, (a, b) in enumerate(zip(got, range(n))) if a != b), min(len(got), n))
-        return f"{len(got)} results of {n}; first wrong at task {bad}"
+        return f"{len(got)} results of {n}; first wrong at task {_first_wrong(got, range(n))}"
     return None
+
+
+def _first_wrong(got: list, want: Any) -> int:
+    """The first index where ``got`` and ``want`` differ (or the shorter one's length)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                min(len(got), len(want)))
 
 
 def cost_of(i: int) -> int:
@@ -195,8 +200,7 @@ def _check_items(ret: Any, n: int) -> str | None:
         got = [int(v) for v in ret]
         if got == want:
             return None
-        bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), n))
-        return f"{len(got)} values of {n}; first wrong at item {bad}"
+        return f"{len(got)} values of {n}; first wrong at item {_first_wrong(got, want)}"
     flat: list[int] = []
     for r in ret:
         if isinstance(r, (list, tuple, np.ndarray)) and np.ndim(r) > 0:

@@ -61,6 +61,7 @@ from parrun._checks import (
     check_arrays,
     check_first_result,
     check_fn,
+    check_grain,
     check_out,
     check_ufunc_out,
     store_result,
@@ -1102,11 +1103,7 @@ class DaskPool(parrun.Pool):
         n = arrs[0].shape[0]
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in arrs)
         if grain is not None:
-            if isinstance(grain, bool) or not isinstance(grain, (int, np.integer)):
-                raise TypeError(f"grain must be an int, got {type(grain).__name__}")
-            if grain < 1:
-                raise ValueError(f"grain must be greater than 0, got {grain}")
-            tile = int(grain)
+            tile = check_grain(grain)
         else:
             tile = max(1, TILE_BYTES // max(1, row_bytes))
         if out is not None:
