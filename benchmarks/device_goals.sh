@@ -14,16 +14,19 @@
 #    hidden in 4 slices" and the equal static shares beside the peers.
 # 4. bench_irregular.py at W workers, 2000 items (the issue's size; the first runs had 1000),
 #    5 trials of fresh pools, efficiency split into the machine's part and the scheduler's.
+# Eight files, the most the device tool brings back: the machine (`parrun info`, lscpu) heads
+# the cores file, and the plot is drawn afterwards from the JSON (`python -m parrun bench
+# --from-json goals_nn_16core.json --plot goals_nn_16core.png`).
 # W and COUNTS override the worker counts (W=2 COUNTS=1,2 for a dry run on 2 cores).
 source "$(dirname "$0")/device_env.sh"  # cd to the root, $out, $py, PYTHONPATH
 w=${W:-16}
 counts=${COUNTS:-1,4,8,16}
 start=$(date +%s)
 stamp() { echo "# exit status $1, $(( $(date +%s) - start )) s since the script began" >> "$2"; }
-{ "$py" -m parrun info; echo; lscpu; } > "$out/goals_16core_info.txt" 2>&1
 f=$out/goals_cores_16core
+{ "$py" -m parrun info; echo; lscpu; echo; } > "$f.txt" 2>&1
 timeout --foreground -k 10 60 "$py" benchmarks/bench_cores.py --workers "1,$w" \
-    --kernels python,sgemm --json "$f.json" > "$f.txt" 2>&1
+    --kernels python,sgemm --json "$f.json" >> "$f.txt" 2>&1
 stamp $? "$f.txt"
 f=$out/goals_mlp_slices_16core
 timeout --foreground -k 10 90 "$py" benchmarks/bench_mlp_slices.py --workers "$w" --repeat 15 \
@@ -34,8 +37,6 @@ f=$out/goals_nn_16core
 timeout --foreground -k 30 200 "$py" -m parrun bench --workers "$counts" --suite mlp,attention \
     --repeat 3 --warmup 1 --no-progress --json "$f.json" > "$f.txt" 2>&1
 stamp $? "$f.txt"
-"$py" -m parrun bench --from-json "$f.json" --plot "$f.png" > /dev/null 2>&1 \
-    || echo "# no plot" >> "$f.txt"
 f=$out/goals_irregular_16core
 timeout --foreground -k 10 190 "$py" benchmarks/bench_irregular.py --workers "$w" --trials 5 \
     --items 2000 --json "$f.json" > "$f.txt" 2>&1
