@@ -9,8 +9,11 @@ interleave call by call (a slow moment of this shared machine falls on all alike
 median and the fastest call of each are printed, in microseconds:
 
 - ``sqrt, out``: ``pool.map(np.sqrt, x, out=o)`` (float64);
-- ``sqrt, no out``: ``pool.map(np.sqrt, x)``, its result released each call (the first rows
-  run first to learn the output: a second job, and a segment made and freed a call);
+- ``sqrt, no out``: ``y = pool.map(np.sqrt, x)``, as in a loop: the last call's result is
+  dropped as the new one is bound, and the pool keeps its segment for the next call (the
+  first rows run first to learn the output: a second job);
+- ``sqrt, no out, released``: the same, with ``y.release()`` each call: a segment made and
+  unlinked a call;
 - ``chain, out``: ``tanh(1.7x + 0.3)**2 - 0.5x`` (Python operators on arrays) into ``o``;
 - ``submit``: ``pool.submit(pow, 2, 3).result()``, one round trip.
 
@@ -76,17 +79,21 @@ def chain_into(a: np.ndarray, d: np.ndarray) -> None:
 
 def one_size(pool: parrun.Pool, tp: ThreadPoolExecutor, w: int, n: int, calls: int,
              warm: int) -> dict[str, dict]:
-    """The three map cases for ``n`` float64 elements, each result checked."""
+    """The map cases for ``n`` float64 elements, each result checked."""
     x = parrun.asshared(np.random.default_rng(0).random(n))
     o = parrun.empty(n)
     xp = np.array(x).view(np.ndarray)
     op = np.empty(n)
     got: list[np.ndarray] = []
+    released: list[np.ndarray] = []
 
     def no_out() -> None:
+        got[:] = [pool.map(np.sqrt, x)]  # the last call's result goes now
+
+    def no_out_released() -> None:
         y = pool.map(np.sqrt, x)
-        got[:] = [np.array(y)]
         y.release()
+        released[:] = [y]  # (still readable here after release)
     runs = {  # name: (methods, the right answer, parrun's last one)
         f"sqrt, out, {n:.0e}": ({"parrun": lambda: pool.map(np.sqrt, x, out=o),
                                  "serial": lambda: np.sqrt(xp, out=op),
@@ -97,6 +104,11 @@ def one_size(pool: parrun.Pool, tp: ThreadPoolExecutor, w: int, n: int, calls: i
                                     "threads": lambda: split(tp, w, sqrt_into, xp,
                                                              np.empty(n))},
                                    np.sqrt, lambda: got[0]),
+        f"sqrt, no out, released, {n:.0e}": ({"parrun": no_out_released,
+                                              "serial": lambda: np.sqrt(xp),
+                                              "threads": lambda: split(tp, w, sqrt_into, xp,
+                                                                       np.empty(n))},
+                                             np.sqrt, lambda: released[0]),
         f"chain, out, {n:.0e}": ({"parrun": lambda: pool.map(chain, x, out=o),
                                   "serial": lambda: chain(xp),
                                   "threads": lambda: split(tp, w, chain_into, xp, op)},
@@ -112,6 +124,8 @@ def one_size(pool: parrun.Pool, tp: ThreadPoolExecutor, w: int, n: int, calls: i
     finally:
         x.release()
         o.release()
+        got.clear()
+        released.clear()
     return out
 
 

@@ -323,6 +323,8 @@ class Pool:
         # too: np.exp's cost per 1-element row once sent 48 rows of 3 MB to one worker.
         self._cost: OrderedDict[tuple[bytes, int], float] = OrderedDict()
         self._released = _shm.ReleaseLog()
+        # Segments this pool's maps made, kept for its next maps once no view of them is left
+        self._recycler = _shm.Recycler(_shm.recycle_limit())
         seg, raw = _shm.create_segment(control_size(workers), keep_fd=True)
         self._control_name = seg.name
         self._control_raw = raw
@@ -339,6 +341,7 @@ class Pool:
         except BaseException:
             self._terminate_all()
             _shm.release_segment(self._control_name)
+            self._recycler.close()
             raise
         self.startup_s = time.perf_counter() - t0
         _live_pools.add(self)
@@ -456,8 +459,9 @@ class Pool:
             _close_handle(w)
 
     def _own_segments(self) -> set[str]:
-        """Names of the segments the pool itself holds (control block, task arena)."""
-        names = {self._control_name}
+        """Names of the segments the pool itself holds (control block, task arena, and those
+        it keeps for its next maps)."""
+        names = {self._control_name} | self._recycler.names
         if self._tasks is not None and self._tasks.arena_seg is not None:
             names.add(self._tasks.arena_seg.name)
         return names
@@ -515,6 +519,7 @@ class Pool:
                 w.process.join(max(0.0, deadline - time.monotonic()))
             self._terminate_all()
             _shm.release_segment(self._control_name)
+            self._recycler.close()
             _live_pools.discard(self)
 
     def terminate(self) -> None:
@@ -550,6 +555,7 @@ class Pool:
                 self._stopped = True
                 self._terminate_all()
                 _shm.release_segment(self._control_name)
+                self._recycler.close()
                 _live_pools.discard(self)
 
     # -- tasks ----------------------------------------------------------------------------
@@ -778,7 +784,7 @@ class Pool:
                     h, a = None, np.array(a)
                 if h is None:
                     _shm.check_not_released(a)
-                    a = _shm.asshared(a)
+                    a = _shm.scratch_copy(a, self._recycler)
                     temps.append(a)
                     h = _shm.handle_of(a)
                 ins.append(h)
@@ -814,15 +820,20 @@ class Pool:
                             pieces, probe = self._probe(
                                 fn_key, fn_data, tuple(ins), start, grain, True,
                                 cost_key if adaptive else None)
-                        target = allocated = _allocate_from_probe(pieces, n)
+                        # (fn(..., out=) may leave parts of a kept segment as they were:
+                        # zeroed, as a new one is, unless fn is a bare ufunc)
+                        target = allocated = _allocate_from_probe(
+                            pieces, n, self._recycler,
+                            zeroed=takes_out and not isinstance(fn, np.ufunc))
                     out_h = _shm.handle_of(target)
                     if out_h is None:
                         _shm.check_not_released(target)
                         # fn(..., out=) may read out or leave parts of it (a partial of a
                         # ufunc with where=); a bare ufunc, called with no where=, writes all.
                         reads = takes_out and not isinstance(fn, np.ufunc)
-                        copy_back, target = target, (_shm.asshared(target) if reads else
-                                                     _shm.empty(target.shape, target.dtype))
+                        copy_back, target = target, (
+                            _shm.scratch_copy(target, self._recycler) if reads else
+                            _shm.scratch(target.shape, target.dtype, self._recycler))
                         temps.append(target)
                         out_h = _shm.handle_of(target)
                     if allocated is None:
@@ -843,12 +854,12 @@ class Pool:
             allocated = None
             return target
         except BaseException:
+            # Workers may still be at work on them (an interrupted map): never recycled
             if allocated is not None:
                 allocated.release()
-            raise
-        finally:
             for t in temps:
                 t.release()
+            raise
 
     def _stretch_stats(self, since: float) -> None:
         """``last_stats``, its wall time up to now from ``since`` (the workers idle meanwhile)."""
@@ -1357,13 +1368,18 @@ def _shares_memory(a: np.ndarray, b: np.ndarray) -> bool:
         return True
 
 
-def _allocate_from_probe(pieces: list[tuple[int, int, Any]], n: int) -> np.ndarray:
+def _allocate_from_probe(pieces: list[tuple[int, int, Any]], n: int,
+                         recycler: _shm.Recycler | None = None,
+                         zeroed: bool = True) -> np.ndarray:
     """Allocate ``out`` for ``n`` rows from the probe's ``(lo, hi, result)`` pieces, the
-    first of which starts at row 0 (its result gives the shape and dtype), and store them."""
+    first of which starts at row 0 (its result gives the shape and dtype), and store them.
+    With a recycler, maybe in a segment it kept (holding old values unless ``zeroed``)."""
     pieces = sorted(pieces, key=lambda p: p[0])
     lo, hi, res = pieces[0]
     res = check_first_result(res, lo, hi)
-    out = _shm.empty((n, *res.shape[1:]), res.dtype)
+    shape = (n, *res.shape[1:])
+    out = (_shm.empty(shape, res.dtype) if recycler is None else
+           _shm.scratch(shape, res.dtype, recycler, zeroed))
     try:
         out[lo:hi] = res
         for lo, hi, res in pieces[1:]:

@@ -161,7 +161,8 @@ def test_bench_small(tmp_path):
     r = _run("bench_small.py", "--calls", "5", "--warm", "3", "--sizes", "1e3,2e3", "--json",
              str(out))
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 7 and "submit(pow, 2, 3)" in cases
+    assert len(cases) == 9 and "submit(pow, 2, 3)" in cases
+    assert "sqrt, no out, released, 2e+03" in cases
     for res in cases.values():
         assert set(res) == {"parrun", "serial", "threads"}
         assert all(0 < v["min_us"] <= v["median_us"] for v in res.values())

@@ -781,10 +781,16 @@ def test_worker_segfault_is_recovered():
         y.release()
 
 
-def test_temporary_copies_are_released(pool):
-    before = shm_segments(os.getpid())
-    pool.map(np.negative, np.ones(1000), out=np.empty(1000))
-    assert shm_segments(os.getpid()) == before
+def test_temporary_copies_are_kept_for_the_next_map_then_freed():
+    with parrun.Pool(2) as p:
+        before = shm_segments(os.getpid())
+        p.map(np.negative, np.ones(1000), out=np.empty(1000))
+        kept = shm_segments(os.getpid()) - before  # a copy of the input, one of out
+        assert len(kept) == 2
+        for _ in range(3):
+            p.map(np.negative, np.ones(1000), out=np.empty(1000))
+            assert shm_segments(os.getpid()) - before == kept
+    assert not (shm_segments(os.getpid()) & kept)
 
 
 def test_numba_kernel(pool):

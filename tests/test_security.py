@@ -178,7 +178,8 @@ def test_an_array_larger_than_dev_shm_fails_clearly_and_leaves_nothing():
     assert "/dev/shm" in msg and "GiB" in msg and "free of" in msg, msg
     assert "No space left" in msg and "leaked segments" in msg, msg
     assert isinstance(info.value, OSError)
-    assert shm_segments(os.getpid()) == before
+    # (what pools kept for their next maps was freed first, to make room)
+    assert shm_segments(os.getpid()) <= before
 
 
 @pytest.fixture
@@ -203,22 +204,24 @@ def full_shm(monkeypatch):
 
 
 @pytest.mark.parametrize("fails", ["input copy", "output", "output temporary"])
-def test_map_when_a_segment_cannot_be_created(pool, full_shm, fails):
+def test_map_when_a_segment_cannot_be_created(full_shm, fails):
     shared = parrun.asshared(np.arange(3000.0))
     plain = np.arange(3000.0)
     try:
-        full_shm(0)
-        with pytest.raises(parrun.SharedMemoryError, match="/dev/shm"):
-            if fails == "input copy":
-                pool.map(np.negative, plain)
-            elif fails == "output":
-                pool.map(np.negative, shared)
-            else:
-                pool.map(np.negative, shared, out=np.empty(3000))
-        full_shm(10**9)
-        y = pool.map(np.negative, plain)
-        np.testing.assert_array_equal(y, -plain)
-        y.release()
+        # A new pool: one that kept segments from earlier maps would need no new one
+        with parrun.Pool(1) as pool:
+            full_shm(0)
+            with pytest.raises(parrun.SharedMemoryError, match="/dev/shm"):
+                if fails == "input copy":
+                    pool.map(np.negative, plain)
+                elif fails == "output":
+                    pool.map(np.negative, shared)
+                else:
+                    pool.map(np.negative, shared, out=np.empty(3000))
+            full_shm(10**9)
+            y = pool.map(np.negative, plain)
+            np.testing.assert_array_equal(y, -plain)
+            y.release()
     finally:
         shared.release()
 
