@@ -147,7 +147,7 @@ def main() -> None:
         ap.error(f"--sizes: each at least --workers ({w}), got {args.sizes}")
     cases: dict[str, dict] = {}
     print(f"per call, us: median (fastest) of {args.calls}; {w} workers or threads")
-    print(f"{'case':<24} {'parrun':>18} {'serial':>16} {'threads':>16}  parrun / threads")
+    print(f"{'case':<31} {'parrun':>18} {'serial':>16} {'threads':>16}  parrun / threads")
     with parrun.Pool(w) as pool, ThreadPoolExecutor(w) as tp:
         for n in sizes:
             cases.update(one_size(pool, tp, w, n, args.calls, args.warm))
@@ -168,7 +168,7 @@ def main() -> None:
 def _print(name: str, res: dict[str, dict[str, float]]) -> None:
     cells = [f"{r['median_us']:8.1f} ({r['min_us']:6.1f})" for r in res.values()]
     ratio = res["parrun"]["median_us"] / res["threads"]["median_us"]
-    print(f"{name:<24} {cells[0]:>18} {cells[1]:>16} {cells[2]:>16}  {ratio:8.2f}x",
+    print(f"{name:<31} {cells[0]:>18} {cells[1]:>16} {cells[2]:>16}  {ratio:8.2f}x",
           flush=True)
 
 
