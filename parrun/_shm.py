@@ -414,14 +414,26 @@ def _recycle(name: str) -> bool:
     return True
 
 
-def _drop(seg: _Segment) -> None:
+def _drop(seg: _Segment, free_pages: bool = False) -> None:
     """Unlink a segment a recycler kept (it is in no index) and let it be unmapped; the
-    pools tell their workers to unmap it too."""
+    pools tell their workers to unmap it too, at their next job. With ``free_pages``, its
+    pages go now: tmpfs keeps them while any process maps it, and the workers do until then
+    (no one touches a kept segment's pages, so none of them can fault on it)."""
     try:
         with _lock:
             for log in _subscribers:
                 log._names.append(seg.name)
         seg.mapping = None
+        if free_pages:
+            try:
+                fd = _posixshmem.shm_open("/" + seg.name, os.O_RDWR, mode=0o600)
+            except OSError:
+                pass
+            else:
+                try:
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(fd)
     finally:
         _unlink(seg.name)
 
@@ -447,15 +459,17 @@ class Recycler:
 
     def _keep(self, seg: _Segment) -> list[_Segment] | None:
         """Under ``_lock``: keep ``seg``, returning the segments to drop to make room, or
-        None to refuse it."""
-        if not self._open or self._pid != os.getpid() or seg.size > self.limit:
+        None to refuse it (closed, too big, or /dev/shm short of room: a worker's big
+        result, made there, could not free what is kept here)."""
+        if (not self._open or self._pid != os.getpid() or _pages(seg.size) > self.limit
+                or _shm_short()):
             return None
         self._free[seg.name] = seg
-        self._bytes += seg.size
+        self._bytes += _pages(seg.size)
         evicted = []
-        while self._bytes > self.limit:
+        while self._bytes > self.limit or len(self._free) > RECYCLE_MAX_SEGMENTS:
             _, old = self._free.popitem(last=False)
-            self._bytes -= old.size
+            self._bytes -= _pages(old.size)
             evicted.append(old)
         return evicted
 
@@ -470,17 +484,28 @@ class Recycler:
             if not fits:
                 return None
             seg = min(fits, key=lambda g: g.size)
-            del self._free[seg.name]
-            self._bytes -= seg.size
-            raw = (np.asarray(seg.mapping) if _libc is not None
-                   else np.frombuffer(seg.mapping, dtype=np.uint8))  # pragma: no cover
-            _owned[seg.name] = seg
-            _index_add(seg.start, seg.size, seg.name)
-            seg._watch(raw)
+            try:
+                del self._free[seg.name]
+                self._bytes -= _pages(seg.size)
+                raw = (np.asarray(seg.mapping) if _libc is not None
+                       else np.frombuffer(seg.mapping, dtype=np.uint8))  # pragma: no cover
+                _owned[seg.name] = seg
+                _index_add(seg.start, seg.size, seg.name)
+                seg._watch(raw)
+            except BaseException:
+                # (Ctrl-C, say) out of the store and not handed out: in neither table,
+                # nothing would unlink it until the process exits
+                self._bytes = sum(_pages(g.size) for g in self._free.values())
+                if seg.name not in self._free:
+                    if _owned.get(seg.name) is seg:
+                        del _owned[seg.name]
+                        _index_remove(seg.name)
+                    _drop(seg)
+                raise
         return seg, seg.take_raw()
 
-    def clear(self) -> None:
-        """Unlink every kept segment (when /dev/shm is short of room, say); in a child of
+    def clear(self, free_pages: bool = False) -> None:
+        """Unlink every kept segment (``free_pages``: see ``_drop``); in a child of
         ``os.fork()``, nothing (they are the parent's)."""
         with _lock:
             if self._pid != os.getpid():
@@ -489,28 +514,71 @@ class Recycler:
             self._free.clear()
             self._bytes = 0
         for seg in segs:
-            _drop(seg)
+            _drop(seg, free_pages)
 
     def close(self) -> None:
         """Keep nothing more, and unlink what is kept. Idempotent."""
         self._open = False
         self.clear()
 
+    def _forget_in_child(self) -> None:
+        """In a child of ``os.fork()``: drop the inherited mappings of what the parent keeps
+        (they held its /dev/shm space for as long as the child lived), unlinking nothing."""
+        for seg in self._free.values():
+            seg.mapping = None
+        self._free.clear()
+        self._bytes = 0
+
 
 _recyclers: weakref.WeakSet[Recycler] = weakref.WeakSet()
 
 
 def _clear_recyclers() -> bool:
-    """Unlink every segment the pools of this process keep; False if they kept none."""
+    """/dev/shm is full: unlink every segment the pools of this process keep, their pages
+    freed now; False if they kept none."""
     with _lock:
         recs = [r for r in _recyclers if r._free and r._pid == os.getpid()]
     for rec in recs:
-        rec.clear()
+        rec.clear(free_pages=True)
     return bool(recs)
 
 
+def _before_fork() -> None:
+    """A child of ``os.fork()`` inherits every array alive now, outside any pickle: such a
+    segment is never recycled (the next map would write over what the child reads)."""
+    with _lock:
+        for seg in _owned.values():
+            if seg.recycler is not None:
+                seg.recycler = None
+                seg.mapping = None
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_recyclers):
+        rec._forget_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
 # A kept segment may be up to twice the size asked for, or this many bytes.
 RECYCLE_SLACK_BYTES = 64 << 10
+# At most this many kept segments a pool (each is a mapping here and in every worker).
+RECYCLE_MAX_SEGMENTS = 64
+_PAGE = mmap.PAGESIZE
+
+
+def _pages(size: int) -> int:
+    """The /dev/shm space a segment of ``size`` bytes takes: whole pages."""
+    return -(-size // _PAGE) * _PAGE
+
+
+def _shm_short() -> bool:
+    """Less than a quarter of /dev/shm is free."""
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:  # pragma: no cover - no /dev/shm to look at
+        return False
+    return st.f_bavail < st.f_blocks // 4
 
 
 def recycle_limit() -> int:

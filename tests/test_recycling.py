@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import signal
 import time
 
 import numpy as np
@@ -168,8 +169,13 @@ def test_no_room_in_dev_shm_frees_what_the_pools_keep(monkeypatch):
             return real(nbytes)
 
         monkeypatch.setattr(_shm, "_create_fd", full_once)
-        a = parrun.empty(4 << 20, np.uint8)  # bigger than what is kept: a new segment
-        assert len(calls) == 2 and not rec.names and name not in mine()
+        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)  # as a worker's mapping holds it
+        try:
+            a = parrun.empty(4 << 20, np.uint8)  # bigger than what is kept: a new segment
+            assert len(calls) == 2 and not rec.names and name not in mine()
+            assert os.fstat(fd).st_size == 0  # its pages freed, though still open
+        finally:
+            os.close(fd)
         a.release()
     finally:
         rec.close()
@@ -191,3 +197,116 @@ def test_a_child_of_os_fork_leaves_the_segments_its_parent_keeps():
         y = pool.map(np.sqrt, parrun.asshared(np.full(N, 9.0)))  # takes it back, intact
         assert y.segment in kept
         np.testing.assert_array_equal(y, np.full(N, 3.0))
+
+
+def test_a_child_of_os_fork_reads_what_it_inherited_while_the_parent_maps_on():
+    with parrun.Pool(1) as pool:
+        y = pool.map(np.sqrt, parrun.asshared(np.full(N, 4.0)))  # 2.0 everywhere
+        go_r, go_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: waits for the parent's next map, then reads y
+            try:
+                signal.alarm(30)
+                os.read(go_r, 1)
+                os.write(res_w, repr(float(y.sum())).encode())
+            finally:
+                os._exit(0)
+        os.close(go_r)
+        os.close(res_w)
+        try:
+            name = y.segment
+            del y
+            gc.collect()
+            z = pool.map(np.sqrt, parrun.asshared(np.full(N, 9.0)))  # y's segment, if kept
+            os.write(go_w, b"x")
+            got = os.read(res_r, 100)
+            assert z.segment != name
+            assert float(got) == 2.0 * N
+        finally:
+            os.close(go_w)  # (the child's read ends, whatever happened)
+            os.close(res_r)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_a_child_of_os_fork_does_not_map_what_the_pool_keeps():
+    with parrun.Pool(1) as pool:
+        pool.map(np.sqrt, parrun.asshared(np.full(N, 4.0)))
+        kept = pool._recycler.names
+        assert kept
+        r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(ready_w, b"x")  # (past os.fork(), its hooks run)
+                os.read(r, 1)  # (until the parent has looked)
+            finally:
+                os._exit(0)
+        try:
+            os.read(ready_r, 1)
+            os.close(ready_r)
+            os.close(ready_w)
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+            assert not [n for n in kept if n in maps]  # it held their space for its life
+        finally:
+            os.write(w, b"x")
+            os.waitpid(pid, 0)
+            os.close(r)
+            os.close(w)
+
+
+def test_the_recycler_counts_pages_and_keeps_at_most_64_segments():
+    rec = _shm.Recycler(limit=1 << 30)
+    small = _shm.Recycler(limit=3 * mmap_page())
+    try:
+        arrays = [_shm.scratch((8,), np.dtype(np.uint8), rec) for _ in range(70)]
+        names = [a.segment for a in arrays]
+        while arrays:
+            arrays.pop(0)
+        assert rec.names == set(names[6:])  # 64: the first 6 dropped, unlinked
+        assert not (set(names[:6]) & mine())
+        arrays = [_shm.scratch((1,), np.dtype(np.uint8), small) for _ in range(4)]
+        while arrays:
+            arrays.pop(0)
+        assert len(small.names) == 3  # a byte takes a page of /dev/shm
+    finally:
+        rec.close()
+        small.close()
+
+
+def mmap_page() -> int:
+    import mmap
+    return mmap.PAGESIZE
+
+
+def test_nothing_is_kept_while_dev_shm_is_short_of_room(monkeypatch):
+    monkeypatch.setattr(_shm, "_shm_short", lambda: True)
+    with parrun.Pool(1) as pool:
+        y = pool.map(np.sqrt, parrun.asshared(np.full(N, 4.0)))
+        name = y.segment
+        del y
+        gc.collect()
+        assert name not in mine() and not pool._own_segments() & {name}
+
+
+def test_ctrl_c_as_a_kept_segment_is_taken_back_leaves_nothing(monkeypatch):
+    rec = _shm.Recycler(limit=1 << 30)
+    try:
+        a = _shm.scratch((1000,), np.dtype(np.float64), rec)
+        name = a.segment
+        del a
+        assert rec.names == {name}
+        real = _shm._index_add
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_shm, "_index_add", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _shm.scratch((1000,), np.dtype(np.float64), rec)
+        monkeypatch.setattr(_shm, "_index_add", real)
+        assert name not in mine() and not rec.names and name not in _shm._owned
+    finally:
+        rec.close()
