@@ -339,6 +339,11 @@ class _Segment:
         weakref.finalize(raw, _raw_gone, self.name)
         self.raw_first: np.ndarray | None = raw  # handed to the creator by take_raw()
 
+    def never_recycle(self) -> None:
+        """Unlink it when its last view dies, as a segment no pool made (see Recycling)."""
+        self.recycler = None
+        self.mapping = None
+
     @classmethod
     def new(cls, nbytes: int, keep_fd: bool = False,
             recycler: Recycler | None = None) -> _Segment:
@@ -548,9 +553,7 @@ def _before_fork() -> None:
     segment is never recycled (the next map would write over what the child reads)."""
     with _lock:
         for seg in _owned.values():
-            if seg.recycler is not None:
-                seg.recycler = None
-                seg.mapping = None
+            seg.never_recycle()
 
 
 def _after_fork_in_child() -> None:
@@ -818,9 +821,8 @@ def _escaped(name: str) -> None:
     """A handle of segment ``name`` was pickled: whoever gets it may map the segment at any
     time, so it is never recycled (see Recycling)."""
     seg = _owned.get(name)
-    if seg is not None and seg.recycler is not None:
-        seg.recycler = None
-        seg.mapping = None
+    if seg is not None:
+        seg.never_recycle()
 
 
 def handle_of(arr: np.ndarray) -> tuple | None:
