@@ -1235,6 +1235,8 @@ class DaskPool(parrun.Pool):
                         continue
                     if f not in lost and not _lost(f):
                         raise _remote_error(f)
+                    if client.status != "running":
+                        raise self._cluster_lost(None)
                     k = lost_rounds[f.lo] = lost_rounds.get(f.lo, 0) + 1
                     if k > RESEND_ROUNDS:
                         raise parrun.BrokenPool(
@@ -1321,6 +1323,11 @@ class DaskPool(parrun.Pool):
             if d.status == "finished":
                 deliver(d.result())
                 return
+            if _lost(d) and not self._closed and self._client.status != "running":
+                # Cancelled by a client that lost its scheduler: sent again now, the task
+                # could land after the client's close cancels its futures, and wait forever
+                # (seen once in CI).
+                raise self._cluster_lost(None)
             if _lost(d) and not self._closed and resent < RESEND_ROUNDS:
                 s2 = self._ship((args, kwargs), "the task's arguments",
                                 frozenset(id(a) for a in (*args, *kwargs.values())
