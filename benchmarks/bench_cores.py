@@ -92,15 +92,13 @@ UNIT = {"sgemm": "GFLOP/s", "copy": "GB/s"}
 def _child(kernel: str, repeat: int, cpu: int | None, barrier: Any, conn: Any) -> None:
     """Send the job's times, or what went wrong (the barrier broken: the others stop
     waiting at once)."""
-    from threadpoolctl import threadpool_limits
-
-    from parrun._worker import _die_with_parent
+    from parrun._worker import _die_with_parent, limit_blas
 
     try:
         _die_with_parent()
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
-        threadpool_limits(1)
+        limit_blas(1)  # (threadpool_limits alone left OpenBLAS's threads polling ~0.1 s)
         job = KERNELS[kernel]()  # each process builds its own inputs: nothing shared
         job()
         times = []

@@ -85,15 +85,35 @@ def _keep_heap() -> None:
         pass
 
 
-def _limit_blas(threads: int | None) -> None:
+def limit_blas(threads: int | None) -> None:
+    """Limit this process's BLAS to ``threads`` threads (None: leave it as it is).
+
+    In a forked child, setting OpenBLAS's thread count starts its thread pool again (fork
+    leaves it down), and each of those threads, one per core less one, then polls for work
+    with ``sched_yield`` for about 0.1 s of CPU before it sleeps: measured, a worker's
+    thread took 0.1 s of CPU after the pool started, and its own idle loop, yielding to it,
+    waited ~4 ms (a tick) for a job sent meanwhile. With one thread the pool is never used,
+    so it is shut down again at once (what OpenBLAS itself does before a fork); a later
+    limit above one starts it again."""
     if threads is None:
         return
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
 
-        threadpool_limits(limits=threads)
+        ctl = ThreadpoolController()
+        ctl.limit(limits=threads)
     except Exception:  # pragma: no cover - threadpoolctl cannot see this BLAS
-        pass
+        return
+    if threads != 1:
+        return
+    for lib in ctl.lib_controllers:
+        shutdown = getattr(getattr(lib, "dynlib", None), "blas_thread_shutdown_", None)
+        if lib.internal_api == "openblas" and shutdown is not None and \
+                getattr(lib, "threading_layer", None) == "pthreads":
+            try:
+                shutdown()
+            except Exception:  # pragma: no cover - a build without it
+                pass
 
 
 def _unpickle_function(data: bytes) -> Any:
@@ -592,7 +612,9 @@ TASK_PIECE_MAX = 256
 
 # Seconds a worker polls for its next command before it sleeps (yielding the core to any other
 # runnable process in between). Longer wastes cycles of idle workers; shorter makes a caller
-# that sends jobs back to back pay a wake-up each time.
+# that sends jobs back to back pay a wake-up each time. (Under Linux's EEVDF scheduler a task
+# that yields waits behind a busy one for its whole slice: OpenBLAS's polling thread, before
+# limit_blas stopped it, kept a job sent during the spin waiting ~4 ms.)
 SPIN_S = 200e-6
 
 
@@ -627,7 +649,7 @@ def main(slot: int, cmd, status, control_name: str, nslots: int,
     # task may start processes of its own (multiprocessing refuses that to a daemon), as in
     # ProcessPoolExecutor's workers; parrun's own pools refuse to nest (IN_WORKER).
     mp.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
-    _limit_blas(blas_threads)
+    limit_blas(blas_threads)
     _keep_heap()
     if cpu is not None:
         try:

@@ -751,9 +751,11 @@ _SPLIT: list = []  # (fn, consts) of the workload being measured, inherited by f
 
 
 def _one_blas_thread() -> None:
-    from threadpoolctl import threadpool_limits
+    # As parrun's workers limit theirs: threadpool_limits(1) alone, in a forked worker, left
+    # OpenBLAS's restarted threads polling for ~0.1 s of CPU each, beside the work.
+    from parrun._worker import limit_blas
 
-    threadpool_limits(1)
+    limit_blas(1)
 
 
 def _split_block(blocks: tuple) -> np.ndarray:
