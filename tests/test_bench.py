@@ -767,6 +767,34 @@ def test_ctrl_c_in_a_fork_hook_still_ends_the_run():
     assert "Exception ignored" not in r.stderr, r.stderr[-3000:]
 
 
+CTRL_C_WHILE_MPIRE_FORKS = """
+import os, signal, time
+import mpire.pool
+import parrun.bench as B
+B._on_signals()
+B._mpire_pool(1).terminate()  # (the bench's mpire pools: it starts its workers later)
+try:
+    with mpire.pool.DisableKeyboardInterruptSignal():  # as mpire forks each worker
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    time.sleep(3)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_mpire_starts_a_worker_still_ends_the_run():
+    """mpire set SIGINT to SIG_IGN while it forked a worker: a Ctrl-C then was dropped, and
+    the bench ran to its end (1 run in ~12 of the Ctrl-C test above: 47 s, exit 0)."""
+    pytest.importorskip("mpire")
+    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_MPIRE_FORKS], capture_output=True,
+                       text=True, timeout=30)
+    assert r.stdout.strip() == "interrupted", (r.stdout, r.stderr[-3000:])
+
+
 REPLACED_WORKER = """
 import multiprocessing as mp, os, signal, sys, time
 import parrun.bench as B
