@@ -989,9 +989,9 @@ def asshared(a: Any, dtype: Any = None) -> SharedArray:
 
 
 def scratch(shape: tuple[int, ...], dtype: np.dtype, recycler: Recycler,
-            zeroed: bool = False) -> SharedArray:
-    """A C-ordered shared array for a pool's map to fill (see Recycling): a segment the
-    pool kept if one fits, whose memory holds old values unless ``zeroed``, else a new one."""
+            zeroed: bool = False, order: Literal["C", "F"] = "C") -> SharedArray:
+    """A shared array for a pool's map to fill (see Recycling): a segment the pool kept if
+    one fits, whose memory holds old values unless ``zeroed``, else a new one."""
     dtype = _check_dtype(dtype)
     nbytes = _nbytes(shape, dtype)
     got = recycler.take(nbytes)
@@ -1001,12 +1001,14 @@ def scratch(shape: tuple[int, ...], dtype: np.dtype, recycler: Recycler,
         raw = got[1]
         if zeroed:
             raw[:nbytes] = 0
-    return np.ndarray(shape, dtype, buffer=raw).view(SharedArray)
+    return np.ndarray(shape, dtype, buffer=raw, order=order).view(SharedArray)
 
 
 def scratch_copy(a: np.ndarray, recycler: Recycler) -> SharedArray:
-    """A shared copy of ``a`` (C order) in a segment the pool may recycle (see scratch)."""
-    out = scratch(a.shape, a.dtype, recycler)
+    """A shared copy of ``a`` in a segment the pool may recycle (see scratch): in F order
+    if ``a`` is F-contiguous only, as ``asshared`` copies (fn sees the layout it was given)."""
+    f_only = a.flags.f_contiguous and not a.flags.c_contiguous
+    out = scratch(a.shape, a.dtype, recycler, order="F" if f_only else "C")
     np.copyto(out, a, casting="no")
     return out
 

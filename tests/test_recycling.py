@@ -68,6 +68,28 @@ def test_a_loop_of_maps_without_out_reuses_its_segments_and_gets_every_answer():
     assert not (mine() & kept), "the pool closed with segments it kept still in /dev/shm"
 
 
+def _column_major(a, out=None):
+    """1 where this row block is laid out column by column (F order), in ``out`` if given."""
+    flag = float(a.strides[0] < a.strides[1]) + (2 * (out.strides[0] < out.strides[1])
+                                                  if out is not None and out.ndim == 2 else 0)
+    if out is None:
+        return np.full(len(a), flag)
+    out[:] = flag
+    return out
+
+
+def test_plain_f_ordered_arrays_reach_fn_in_f_order():
+    # Copied into C-ordered segments once segments were reused (asshared, before, kept F
+    # order): fn saw another layout than it was given.
+    a = np.asfortranarray(np.arange(600.0).reshape(200, 3))
+    out = np.asfortranarray(np.zeros((200, 3)))
+    with parrun.Pool(2) as pool:
+        for _ in range(2):  # a new segment, then a kept one
+            np.testing.assert_array_equal(pool.map(_column_major, a), np.ones(200))
+            got = pool.map(_column_major, a, out=out)
+            assert got is out and (out == 3).all(), out[:3]
+
+
 def test_holes_that_fn_leaves_in_a_reused_output_read_as_zeros():
     a = parrun.asshared(np.where(np.arange(N) % 3 == 0, -1.0, 4.0))
     with parrun.Pool(2) as pool:
