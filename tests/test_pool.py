@@ -653,7 +653,7 @@ def test_a_new_pools_idle_workers_burn_no_cpu_in_blas_threads():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_blas_threads_above_one_still_start_blas_threads(threads):
+def test_blas_threads_gives_blas_that_many_threads(threads):
     def blas(a):
         from threadpoolctl import threadpool_info
 
@@ -1823,7 +1823,8 @@ def test_a_cheap_map_with_no_out_wakes_one_worker_and_steals_nothing():
     # Its first 8 rows cost mostly the call: taken as the cost a row, it woke both workers
     # for 30 us of work, one of them too late: ~10 steals and 14 pieces a call, 1.8x the time.
     # Once ~1 run in 3 after tests/test_recycling.py (each call 13 pieces, 8 ms): the
-    # workers' idle spin yielded the core, and Linux's EEVDF let the sent job wait a tick.
+    # workers' idle spin yielded the core to OpenBLAS's polling thread (see limit_blas),
+    # and Linux's EEVDF let the sent job wait a tick behind it.
     x = parrun.asshared(np.random.default_rng(0).random(2000))
     try:
         with parrun.Pool(2) as p:
