@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -731,29 +732,15 @@ def test_a_count_past_the_cpus_this_process_may_use_is_refused():
     assert r.returncode == 2 and "measures only oversubscription" in r.stderr, r.stderr[-3000:]
 
 
-SIGNAL_IN_A_FORK_HOOK = """
-import os, signal, time
-import parrun.bench as B
-B._on_signals()
-
-
-def hook():  # Ctrl-C lands in an at-fork hook (logging's has one), where Python ignores
-    os.kill(os.getpid(), signal.SIGINT)  # exceptions: the handler's KeyboardInterrupt too
-    time.sleep(0.05)
-
-
-os.register_at_fork(after_in_parent=hook)
-try:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    time.sleep(3)
-    print("not interrupted", flush=True)
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-os._exit(0)
-"""
+def _interrupted_after(setup: str, body: str) -> subprocess.CompletedProcess:
+    """Run ``setup``, then ``body`` (which sends the process SIGINT somewhere awkward) with
+    the bench's signal handling on; stdout says whether the run was interrupted."""
+    script = (f"import os, signal, time\nimport parrun.bench as B\nB._on_signals()\n"
+              f"{setup}\ntry:\n{textwrap.indent(body, '    ')}\n    time.sleep(3)\n"
+              "    print('not interrupted', flush=True)\nexcept KeyboardInterrupt:\n"
+              "    print('interrupted', flush=True)\nos._exit(0)\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
 
 
 @pytest.mark.timeout(60)
@@ -761,28 +748,14 @@ def test_ctrl_c_in_a_fork_hook_still_ends_the_run():
     """The handler's exception, raised where Python ignores exceptions, was printed as
     "Exception ignored" and the run went on until the watchdog killed it 10 s later (seen
     once in the suite: a signal during a fork, in logging's at-fork hook)."""
-    r = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_FORK_HOOK], capture_output=True,
-                       text=True, timeout=30)
+    r = _interrupted_after(
+        "def hook():  # Ctrl-C in an at-fork hook (logging's has one), where Python ignores\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # exceptions: the handler's too\n"
+        "    time.sleep(0.05)\n"
+        "os.register_at_fork(after_in_parent=hook)",
+        "pid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)")
     assert r.stdout.strip() == "interrupted", (r.stdout, r.stderr[-3000:])
     assert "Exception ignored" not in r.stderr, r.stderr[-3000:]
-
-
-CTRL_C_WHILE_MPIRE_FORKS = """
-import os, signal, time
-import mpire.pool
-import parrun.bench as B
-B._on_signals()
-B._mpire_pool(1).terminate()  # (the bench's mpire pools: it starts its workers later)
-try:
-    with mpire.pool.DisableKeyboardInterruptSignal():  # as mpire forks each worker
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-    time.sleep(3)
-    print("not interrupted", flush=True)
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-os._exit(0)
-"""
 
 
 @pytest.mark.timeout(60)
@@ -790,8 +763,11 @@ def test_ctrl_c_while_mpire_starts_a_worker_still_ends_the_run():
     """mpire set SIGINT to SIG_IGN while it forked a worker: a Ctrl-C then was dropped, and
     the bench ran to its end (1 run in ~12 of the Ctrl-C test above: 47 s, exit 0)."""
     pytest.importorskip("mpire")
-    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_MPIRE_FORKS], capture_output=True,
-                       text=True, timeout=30)
+    r = _interrupted_after(
+        "import mpire.pool\n"
+        "B._mpire_pool(1).terminate()  # (the bench's mpire pools: workers start later)",
+        "with mpire.pool.DisableKeyboardInterruptSignal():  # as mpire forks each worker\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.05)")
     assert r.stdout.strip() == "interrupted", (r.stdout, r.stderr[-3000:])
 
 
