@@ -485,7 +485,7 @@ class Recycler:
             if not self._free or self._pid != os.getpid():
                 return None
             cap = max(2 * nbytes, RECYCLE_SLACK_BYTES)
-            fits = [g for g in list(self._free.values()) if nbytes <= g.size <= cap]
+            fits = [g for g in self._free.values() if nbytes <= g.size <= cap]
             if not fits:
                 return None
             seg = min(fits, key=lambda g: g.size)
@@ -982,10 +982,15 @@ def asshared(a: Any, dtype: Any = None) -> SharedArray:
     arr = np.asarray(a, dtype=dtype)
     if locate(arr) is not None:
         return arr.view(SharedArray)
-    f_only = arr.flags.f_contiguous and not arr.flags.c_contiguous
-    out = empty(arr.shape, arr.dtype, "F" if f_only else "C")
+    out = empty(arr.shape, arr.dtype, _copy_order(arr))
     np.copyto(out, arr, casting="no")
     return out
+
+
+def _copy_order(a: np.ndarray) -> Literal["C", "F"]:
+    """The order of a shared copy of ``a``: F if ``a`` is F-contiguous only (fn then sees
+    the layout it was given), else C."""
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
 def scratch(shape: tuple[int, ...], dtype: np.dtype, recycler: Recycler,
@@ -1005,10 +1010,9 @@ def scratch(shape: tuple[int, ...], dtype: np.dtype, recycler: Recycler,
 
 
 def scratch_copy(a: np.ndarray, recycler: Recycler) -> SharedArray:
-    """A shared copy of ``a`` in a segment the pool may recycle (see scratch): in F order
-    if ``a`` is F-contiguous only, as ``asshared`` copies (fn sees the layout it was given)."""
-    f_only = a.flags.f_contiguous and not a.flags.c_contiguous
-    out = scratch(a.shape, a.dtype, recycler, order="F" if f_only else "C")
+    """A shared copy of ``a``, laid out as ``asshared`` copies, in a segment the pool may
+    recycle (see scratch)."""
+    out = scratch(a.shape, a.dtype, recycler, order=_copy_order(a))
     np.copyto(out, a, casting="no")
     return out
 
